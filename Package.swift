@@ -1,0 +1,64 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Tandem",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "tandemd", targets: ["tandemd"]),
+        .executable(name: "tandemctl", targets: ["tandemctl"]),
+        .executable(name: "tandem-sim", targets: ["tandem-sim"]),
+        .executable(name: "tandem-bench", targets: ["tandem-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // System C libraries, each behind a small shim header.
+        .systemLibrary(
+            name: "CLZ4", path: "Sources/CLZ4", pkgConfig: "liblz4",
+            providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(
+            name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(
+            name: "COpenSSL", path: "Sources/COpenSSL", pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]),
+        // CRC32C with the SSE4.2 instruction where the CPU has it, a table otherwise.
+        .target(
+            name: "CCRC32C", path: "Sources/CCRC32C",
+            cSettings: [.unsafeFlags(["-O3"])]),
+
+        .target(name: "TandemModel", dependencies: ["CCRC32C"], swiftSettings: strict),
+        .target(name: "TandemWAL", dependencies: ["TandemModel"], swiftSettings: strict),
+        .target(
+            name: "TandemStore",
+            dependencies: ["TandemModel", "TandemWAL", "CSQLite", "CLZ4", "COpenSSL"],
+            swiftSettings: strict),
+
+        .executableTarget(
+            name: "tandemd",
+            dependencies: ["TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/tandemd", swiftSettings: strict),
+        .executableTarget(
+            name: "tandemctl",
+            dependencies: ["TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/tandemctl", swiftSettings: strict),
+        .executableTarget(
+            name: "tandem-sim",
+            dependencies: ["TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/tandem-sim", swiftSettings: strict),
+        .executableTarget(
+            name: "tandem-bench",
+            dependencies: ["TandemWAL", "TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/tandem-bench", swiftSettings: strict),
+
+        .testTarget(name: "TandemWALTests", dependencies: ["TandemWAL"], swiftSettings: strict),
+        .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,706 @@
+import Foundation
+import Glibc
+import TandemModel
+
+/// One site's durable, segmented write-ahead log.
+///
+/// Appends from many callers are gathered by one writer thread into batches; each batch
+/// is one `pwrite` and one `fdatasync`, and an append is reported durable only after the
+/// fsync covering it returned success (group commit). After an fsync error the log is
+/// fail-stop. Opening the log recovers it: a torn final batch is cut off, damage to
+/// anything earlier is reported as corruption and nothing is truncated.
+///
+/// Thread safety: all state is guarded by `lock`; blocking I/O happens on the writer
+/// thread, or on the caller's thread for maintenance (which first drains the writer).
+public final class WriteAheadLog: @unchecked Sendable {
+    public let directory: String
+    public let clusterID: ClusterID
+    public let options: WALOptions
+
+    /// A segment as known in memory. Its `fd` is shared by readers (positional I/O).
+    struct Segment {
+        var name: String
+        var fd: FileDescriptor
+        var firstLSN: LSN
+        var previousTerm: Term
+        var headerCRC: UInt32
+        var isReset: Bool
+        /// Offset just after the last durable batch.
+        var end: Int
+        /// Body CRC of the last batch (or the header CRC): the next batch chains to it.
+        var chainCRC: UInt32
+        var lastLSN: LSN
+        var lastTerm: Term
+        /// Offsets of batches and their first LSNs, for reads.
+        var batchOffsets: [Int] = []
+        var batchFirstLSNs: [UInt64] = []
+        var path: String
+    }
+
+    struct Pending {
+        var records: [LogRecord]
+        var bytes: Int
+        var completion: @Sendable (Result<LSN, WALError>) -> Void
+    }
+
+    private let lock = NSCondition()
+    private var segments: [Segment] = []
+    private var pending: [Pending] = []
+    private var pendingBytes = 0
+    private var writing = false
+    private var maintenance = false
+    private var isClosed = false
+    private var failure: WALError?
+    /// The next LSN an append must carry (counts queued records).
+    private var queuedNextLSN: LSN
+    private var queuedLastTerm: Term
+    /// Runs of equal term: (first LSN of the run, term), ascending. Durable records only.
+    private var termRuns: [(lsn: LSN, term: Term)] = []
+    private var writer: Thread?
+    private let writerDone = NSCondition()
+    private var writerExited = false
+
+    /// What the last open found.
+    public let recovery: RecoveryReport
+
+    // MARK: Opening
+
+    /// Creates an empty log in `directory` (created if missing). Refuses a directory
+    /// that already holds segments: a log is never replaced by accident.
+    public static func create(directory: String, clusterID: ClusterID, options: WALOptions = WALOptions()) throws -> WriteAheadLog {
+        try options.validate()
+        do { try Durable.makeDirectory(directory) } catch { throw WALError.io("create \(directory): \(error)") }
+        if try !segmentNames(in: directory).isEmpty { throw WALError.alreadyExists(directory) }
+        let seg = try createSegment(directory: directory, clusterID: clusterID, options: options,
+                                    firstLSN: LSN(1), previousTerm: .zero, isReset: false)
+        return WriteAheadLog(directory: directory, clusterID: clusterID, options: options, segments: [seg], termRuns: [], report: RecoveryReport())
+    }
+
+    /// Opens and recovers the log in `directory`.
+    public static func open(directory: String, clusterID: ClusterID, options: WALOptions = WALOptions()) throws -> WriteAheadLog {
+        try options.validate()
+        var report = RecoveryReport()
+        let (segs, runs) = try recover(directory: directory, clusterID: clusterID, options: options, report: &report)
+        return WriteAheadLog(directory: directory, clusterID: clusterID, options: options, segments: segs, termRuns: runs, report: report)
+    }
+
+    /// Whether `directory` holds log segments.
+    public static func exists(directory: String) -> Bool {
+        ((try? segmentNames(in: directory)) ?? []).isEmpty == false
+    }
+
+    private init(directory: String, clusterID: ClusterID, options: WALOptions, segments: [Segment],
+                 termRuns: [(lsn: LSN, term: Term)], report: RecoveryReport) {
+        self.directory = directory
+        self.clusterID = clusterID
+        self.options = options
+        self.segments = segments
+        self.recovery = report
+        let last = segments[segments.count - 1]
+        queuedNextLSN = last.lastLSN.next
+        queuedLastTerm = last.lastTerm
+        self.termRuns = termRuns
+        let thread = Thread { [self] in self.writerLoop() }
+        thread.name = "tandem-wal-writer"
+        writer = thread
+        thread.start()
+    }
+
+    deinit {
+        // close() is the orderly path; this only makes sure the thread ends.
+        lock.lock()
+        isClosed = true
+        lock.broadcast()
+        lock.unlock()
+    }
+
+    /// Stops accepting appends, finishes the queued ones, and stops the writer thread.
+    public func close() {
+        lock.lock()
+        isClosed = true
+        lock.broadcast()
+        lock.unlock()
+        writerDone.lock()
+        while !writerExited { writerDone.wait() }
+        writerDone.unlock()
+    }
+
+    // MARK: State
+
+    /// The first LSN still in the log (after prefix removal); `lastLSN + 1` when empty.
+    public var firstLSN: LSN { lock.withLock { segments[0].firstLSN } }
+    /// The last durable record's LSN (0 when the log never held a record).
+    public var lastLSN: LSN { lock.withLock { segments[segments.count - 1].lastLSN } }
+    /// The last durable record's term.
+    public var lastTerm: Term { lock.withLock { segments[segments.count - 1].lastTerm } }
+    /// Total bytes of the segment files' contents (not counting preallocated zeros).
+    public var byteSize: Int { lock.withLock { segments.reduce(0) { $0 + $1.end } } }
+    public var segmentCount: Int { lock.withLock { segments.count } }
+    /// The error that stopped the log, if any.
+    public var failed: WALError? { lock.withLock { failure } }
+
+    /// The term of the record at `lsn`, or of the record before the first retained one.
+    /// nil when `lsn` is outside the retained log.
+    public func term(at lsn: LSN) -> Term? {
+        lock.withLock {
+            let first = segments[0].firstLSN
+            if lsn == first.previous { return segments[0].previousTerm }
+            guard lsn >= first, lsn <= segments[segments.count - 1].lastLSN else { return nil }
+            var result: Term?
+            for run in termRuns where run.lsn <= lsn { result = run.term }
+            return result
+        }
+    }
+
+    // MARK: Appending
+
+    /// Queues records for the next batch. `completion` runs on the writer thread once the
+    /// records are durable (with the last LSN) or have failed. Records must follow the
+    /// log: consecutive LSNs, terms that never go down.
+    public func append(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
+        lock.lock()
+        if let error = admissionError(records) {
+            lock.unlock()
+            completion(.failure(error))
+            return
+        }
+        enqueue(records, completion: completion)
+        lock.unlock()
+    }
+
+    /// Appends records and returns once they are durable, with the last LSN.
+    @discardableResult
+    public func append(_ records: [LogRecord]) async throws -> LSN {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<LSN, any Error>) in
+            append(records) { result in c.resume(with: result.mapError { $0 as any Error }) }
+        }
+    }
+
+    /// Appends one record at the next LSN (assigned here, atomically) and returns once it
+    /// is durable. For single-writer use such as benchmarks and tools.
+    @discardableResult
+    public func append(term: Term, kind: RecordKind, payload: [UInt8]) async throws -> LSN {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<LSN, any Error>) in
+            lock.lock()
+            let record = LogRecord(term: max(term, queuedLastTerm), lsn: queuedNextLSN, kind: kind, payload: payload)
+            if let error = admissionError([record]) {
+                lock.unlock()
+                c.resume(throwing: error)
+                return
+            }
+            enqueue([record]) { result in c.resume(with: result.mapError { $0 as any Error }) }
+            lock.unlock()
+        }
+    }
+
+    /// Why `records` cannot be queued now, if they cannot. Caller holds the lock.
+    private func admissionError(_ records: [LogRecord]) -> WALError? {
+        if isClosed { return .closed }
+        if let failure { return failure }
+        var expected = queuedNextLSN
+        var term = queuedLastTerm
+        var bytes = 0
+        for r in records {
+            guard r.lsn == expected else { return .nonContiguous(expected: expected, got: r.lsn) }
+            guard r.term >= term else { return .termRegression(lsn: r.lsn, term: r.term, previous: term) }
+            guard r.payload.count <= options.maxRecordBytes else {
+                return .recordTooLarge(size: r.payload.count, limit: options.maxRecordBytes)
+            }
+            expected = expected.next
+            term = r.term
+            bytes += WALFormat.recordHeaderSize + r.payload.count
+        }
+        if pendingBytes + bytes > options.maxQueuedBytes && pendingBytes > 0 {
+            return .queueFull(queuedBytes: pendingBytes, limit: options.maxQueuedBytes)
+        }
+        return nil
+    }
+
+    private func enqueue(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
+        var bytes = 0
+        for r in records { bytes += WALFormat.recordHeaderSize + r.payload.count }
+        if let last = records.last {
+            queuedNextLSN = last.lsn.next
+            queuedLastTerm = last.term
+        }
+        pending.append(Pending(records: records, bytes: bytes, completion: completion))
+        pendingBytes += bytes
+        lock.signal()
+    }
+
+    // MARK: The writer thread
+
+    private func writerLoop() {
+        while true {
+            lock.lock()
+            while (pending.isEmpty || maintenance) && !(isClosed && pending.isEmpty) {
+                lock.wait()
+            }
+            if pending.isEmpty {
+                lock.unlock()
+                break
+            }
+            // Take as many queued appends as fit in one batch (at least one).
+            var taken: [Pending] = []
+            var bytes = 0
+            while let first = pending.first, taken.isEmpty || bytes + first.bytes <= options.maxBatchBytes {
+                taken.append(pending.removeFirst())
+                bytes += first.bytes
+            }
+            pendingBytes -= bytes
+            writing = true
+            let stopped = failure
+            var tail = segments[segments.count - 1]
+            lock.unlock()
+
+            var result: Result<LSN, WALError>
+            var rolled: Segment?
+            if let stopped {
+                result = .failure(stopped)
+            } else {
+                var records: [LogRecord] = []
+                records.reserveCapacity(taken.reduce(0) { $0 + $1.records.count })
+                for p in taken { records.append(contentsOf: p.records) }
+                do {
+                    rolled = try writeBatch(records[...], into: &tail)
+                    result = .success(records[records.count - 1].lsn)
+                } catch let error as WALError {
+                    result = .failure(error)
+                } catch {
+                    result = .failure(.io("\(error)"))
+                }
+            }
+
+            lock.lock()
+            writing = false
+            switch result {
+            case .success:
+                if rolled != nil {
+                    // `tail` is the new segment; the old one already holds its final state.
+                    segments.append(tail)
+                } else {
+                    segments[segments.count - 1] = tail
+                }
+                for p in taken {
+                    for r in p.records where termRuns.last?.term != r.term {
+                        termRuns.append((r.lsn, r.term))
+                    }
+                }
+            case .failure(let error):
+                switch error {
+                case .diskFull:
+                    // Nothing reached the live segment: later appends may still succeed,
+                    // but the queued ones were numbered after the failed ones.
+                    failQueuedAfterGap(error)
+                default:
+                    if failure == nil { failure = error.asFailStop }
+                }
+            }
+            let queuedFailure = failure
+            let toFail = queuedFailure != nil ? pending : []
+            if queuedFailure != nil {
+                pending.removeAll()
+                pendingBytes = 0
+            }
+            lock.broadcast()
+            lock.unlock()
+
+            for p in taken {
+                // Each appender learns the last LSN of its own records.
+                p.completion(result.map { _ in p.records[p.records.count - 1].lsn })
+            }
+            if let queuedFailure { for p in toFail { p.completion(.failure(queuedFailure)) } }
+        }
+        writerDone.lock()
+        writerExited = true
+        writerDone.broadcast()
+        writerDone.unlock()
+    }
+
+    /// After a batch failed without touching the log, every queued append behind it has
+    /// the wrong LSNs: fail them too and renumber from the durable end. Caller holds lock.
+    private func failQueuedAfterGap(_ error: WALError) {
+        let queued = pending
+        pending.removeAll()
+        pendingBytes = 0
+        let last = segments[segments.count - 1]
+        queuedNextLSN = last.lastLSN.next
+        queuedLastTerm = last.lastTerm
+        for p in queued { p.completion(.failure(error)) }
+    }
+
+    /// Writes one batch at the end of `tail`, rolling to a new segment when it does not
+    /// fit; returns the old tail when it rolled (and `tail` is then the new segment).
+    private func writeBatch(_ records: ArraySlice<LogRecord>, into tail: inout Segment) throws -> Segment? {
+        var old: Segment?
+        var batch = WALFormat.encodeBatch(records, previousCRC: tail.chainCRC)
+        if tail.end + batch.bytes.count > options.segmentSize && !tail.batchOffsets.isEmpty {
+            let fresh: Segment
+            do {
+                fresh = try Self.createSegment(directory: directory, clusterID: clusterID, options: options,
+                                              firstLSN: records[records.startIndex].lsn, previousTerm: tail.lastTerm, isReset: false)
+            } catch let e as SystemError where e.isDiskFull {
+                throw WALError.diskFull("creating a new log segment: \(e)")
+            }
+            old = tail
+            tail = fresh
+            batch = WALFormat.encodeBatch(records, previousCRC: tail.chainCRC)
+        }
+        do {
+            try tail.fd.write(batch.bytes, at: tail.end)
+            if let code = options.fsyncFault?(tail.path) { throw SystemError("fdatasync", path: tail.path, code: code) }
+            try tail.fd.syncData()
+        } catch {
+            // Whatever reached the file is not durable and never will be reported so.
+            throw WALError.failed("\(error)")
+        }
+        tail.batchOffsets.append(tail.end)
+        tail.batchFirstLSNs.append(records[records.startIndex].lsn.rawValue)
+        tail.end += batch.bytes.count
+        tail.chainCRC = batch.bodyCRC
+        tail.lastLSN = records[records.endIndex - 1].lsn
+        tail.lastTerm = records[records.endIndex - 1].term
+        if let old {
+            // The old segment list entry stays as it was; return it so the caller keeps it.
+            return old
+        }
+        return nil
+    }
+
+    // MARK: Reading
+
+    /// Reads durable records from `from` on, stopping once `maxBytes` of payload and
+    /// headers have been gathered (always at least one record when one exists). Every
+    /// record's checksum is verified.
+    public func read(from: LSN, maxBytes: Int) throws -> [LogRecord] {
+        lock.lock()
+        defer { lock.unlock() }
+        let first = segments[0].firstLSN
+        let last = segments[segments.count - 1].lastLSN
+        guard from >= first, from <= last.next else { throw WALError.unavailable(requested: from, first: first, last: last) }
+        var out: [LogRecord] = []
+        var bytes = 0
+        var lsn = from
+        guard var si = segments.lastIndex(where: { $0.firstLSN <= lsn }) else { return [] }
+        while si < segments.count, lsn <= last {
+            let seg = segments[si]
+            if seg.lastLSN < lsn { si += 1; continue }
+            // The batch holding `lsn`: the last with first LSN <= lsn.
+            var lo = 0, hi = seg.batchFirstLSNs.count - 1
+            while lo < hi {
+                let mid = (lo + hi + 1) / 2
+                if seg.batchFirstLSNs[mid] <= lsn.rawValue { lo = mid } else { hi = mid - 1 }
+            }
+            var bi = lo
+            while bi < seg.batchOffsets.count {
+                let start = seg.batchOffsets[bi]
+                let end = bi + 1 < seg.batchOffsets.count ? seg.batchOffsets[bi + 1] : seg.end
+                let raw = try readChecked(seg, offset: start, length: end - start)
+                let done: Bool = raw.withUnsafeBytes { buf in
+                    var off = WALFormat.batchHeaderSize
+                    while off < buf.count {
+                        guard let (rec, next) = WALFormat.decodeRecord(buf, at: off, end: buf.count, verify: true) else {
+                            return true
+                        }
+                        off = next
+                        if rec.lsn < lsn { continue }
+                        out.append(rec)
+                        bytes += WALFormat.recordHeaderSize + rec.payload.count
+                        lsn = rec.lsn.next
+                        if bytes >= maxBytes { return true }
+                    }
+                    return false
+                }
+                if bytes >= maxBytes { return out }
+                if done {
+                    throw WALError.corruption(segment: seg.name, offset: start, lsn: lsn, reason: "record checksum mismatch on read")
+                }
+                bi += 1
+            }
+            si += 1
+        }
+        return out
+    }
+
+    private func readChecked(_ seg: Segment, offset: Int, length: Int) throws -> [UInt8] {
+        let raw: [UInt8]
+        do { raw = try seg.fd.read(count: length, at: offset) } catch { throw WALError.io("\(error)") }
+        guard raw.count == length else {
+            throw WALError.corruption(segment: seg.name, offset: offset, lsn: .zero, reason: "segment shorter than its index")
+        }
+        return raw
+    }
+
+    // MARK: Maintenance: suffix truncation, prefix removal, reset
+
+    /// Runs `body` with the writer drained and paused.
+    private func withWriterPaused<T>(_ body: () throws -> T) throws -> T {
+        lock.lock()
+        while maintenance || writing || !pending.isEmpty {
+            if failure != nil && !writing { break }
+            lock.wait()
+        }
+        if isClosed { lock.unlock(); throw WALError.closed }
+        maintenance = true
+        lock.unlock()
+        defer {
+            lock.lock()
+            maintenance = false
+            lock.broadcast()
+            lock.unlock()
+        }
+        return try body()
+    }
+
+    /// Removes every record after `lsn`, crash-safely: after a crash the log holds either
+    /// the old records or none after `lsn`, never a gap. Used by a deposed primary to drop
+    /// its unreplicated tail and by a follower whose log diverged.
+    public func truncateSuffix(after lsn: LSN) throws {
+        try withWriterPaused {
+            if let failure = self.failed { throw failure }
+            var segs = lock.withLock { segments }
+            guard lsn < segs[segs.count - 1].lastLSN else { return }
+            guard lsn >= segs[0].firstLSN.previous else {
+                throw WALError.unavailable(requested: lsn, first: segs[0].firstLSN, last: segs[segs.count - 1].lastLSN)
+            }
+            // Whole segments after the cut go first, newest first, so a crash midway
+            // leaves a contiguous prefix.
+            while segs.count > 1, segs[segs.count - 1].firstLSN > lsn {
+                let s = segs.removeLast()
+                try unlinkLogged(s.path)
+            }
+            try syncDirectory()
+            var s = segs[segs.count - 1]
+            if s.lastLSN > lsn {
+                let bi = s.batchFirstLSNs.lastIndex(where: { $0 <= lsn.next.rawValue }) ?? 0
+                let batchStart = s.batchOffsets.isEmpty ? WALFormat.segmentHeaderSize : s.batchOffsets[bi]
+                if s.batchFirstLSNs.isEmpty || s.batchFirstLSNs[bi] == lsn.next.rawValue {
+                    try cutSegment(&s, at: batchStart, keepingBatches: bi)
+                } else {
+                    try rewriteSegment(&s, batchIndex: bi, keepThrough: lsn)
+                }
+            }
+            segs[segs.count - 1] = s
+            lock.withLock {
+                segments = segs
+                queuedNextLSN = s.lastLSN.next
+                queuedLastTerm = s.lastTerm
+                while let last = termRuns.last, last.lsn > lsn { termRuns.removeLast() }
+            }
+        }
+    }
+
+    /// Cuts a segment at a batch boundary with ftruncate (atomic), then refills the
+    /// preallocation with zeros.
+    private func cutSegment(_ s: inout Segment, at offset: Int, keepingBatches count: Int) throws {
+        do {
+            try s.fd.truncate(to: offset)
+            try s.fd.sync()
+            if options.preallocate { try Self.zeroFill(s.fd, from: offset, to: options.segmentSize) }
+        } catch { throw WALError.failed("truncating \(s.path): \(error)") }
+        s.batchOffsets.removeSubrange(count...)
+        s.batchFirstLSNs.removeSubrange(count...)
+        s.end = offset
+        try recomputeTail(&s)
+    }
+
+    /// Rewrites a segment whose cut falls inside a batch: the prefix and the kept part of
+    /// that batch go to a temporary file, which replaces the segment by rename.
+    private func rewriteSegment(_ s: inout Segment, batchIndex bi: Int, keepThrough lsn: LSN) throws {
+        let batchStart = s.batchOffsets[bi]
+        let batchEnd = bi + 1 < s.batchOffsets.count ? s.batchOffsets[bi + 1] : s.end
+        let raw = try readChecked(s, offset: batchStart, length: batchEnd - batchStart)
+        var kept: [LogRecord] = []
+        raw.withUnsafeBytes { buf in
+            var off = WALFormat.batchHeaderSize
+            while off < buf.count, let (r, next) = WALFormat.decodeRecord(buf, at: off, end: buf.count, verify: true) {
+                if r.lsn <= lsn { kept.append(r) }
+                off = next
+            }
+        }
+        let prefix = try readChecked(s, offset: 0, length: batchStart)
+        let previousCRC = bi == 0 ? s.headerCRC : Self.bodyCRC(ofBatchAt: s.batchOffsets[bi - 1], in: s)
+        let batch = WALFormat.encodeBatch(kept[...], previousCRC: previousCRC)
+        let tmp = s.path + ".tmp"
+        do {
+            let fd = try FileDescriptor(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC)
+            try fd.write(prefix, at: 0)
+            try fd.write(batch.bytes, at: batchStart)
+            if options.preallocate { try Self.zeroFill(fd, from: batchStart + batch.bytes.count, to: options.segmentSize) }
+            try fd.sync()
+            try Durable.rename(tmp, to: s.path)
+            try syncDirectory()
+            s.fd = fd
+        } catch { throw WALError.failed("rewriting \(s.path): \(error)") }
+        s.batchOffsets.removeSubrange((bi + 1)...)
+        s.batchFirstLSNs.removeSubrange((bi + 1)...)
+        s.end = batchStart + batch.bytes.count
+        try recomputeTail(&s)
+    }
+
+    private static func bodyCRC(ofBatchAt offset: Int, in s: Segment) -> UInt32 {
+        guard let h = try? s.fd.read(count: WALFormat.batchHeaderSize, at: offset), h.count == WALFormat.batchHeaderSize else { return 0 }
+        return h.withUnsafeBytes { WALFormat.decodeBatchHeader($0, at: 0)?.bodyCRC ?? 0 }
+    }
+
+    /// Re-derives a segment's chain CRC, last LSN and last term from its last batch.
+    private func recomputeTail(_ s: inout Segment) throws {
+        guard let lastOffset = s.batchOffsets.last else {
+            s.chainCRC = s.headerCRC
+            s.lastLSN = s.firstLSN.previous
+            s.lastTerm = s.previousTerm
+            return
+        }
+        let raw = try readChecked(s, offset: lastOffset, length: s.end - lastOffset)
+        var lastRecord: LogRecord?
+        let header: WALFormat.BatchHeader? = raw.withUnsafeBytes { buf in
+            var off = WALFormat.batchHeaderSize
+            while off < buf.count, let (r, next) = WALFormat.decodeRecord(buf, at: off, end: buf.count, verify: false) {
+                lastRecord = r
+                off = next
+            }
+            return WALFormat.decodeBatchHeader(buf, at: 0)
+        }
+        guard let header, let lastRecord else {
+            throw WALError.corruption(segment: s.name, offset: lastOffset, lsn: .zero, reason: "unreadable batch after truncation")
+        }
+        s.chainCRC = header.bodyCRC
+        s.lastLSN = lastRecord.lsn
+        s.lastTerm = lastRecord.term
+    }
+
+    /// Removes whole segments whose records are all at or before `lsn` (covered by a
+    /// snapshot), oldest first, as `retention` allows. The active segment always stays.
+    /// Returns the number of segments removed.
+    @discardableResult
+    public func removePrefix(through lsn: LSN, retention: RetentionPolicy, now: Date = Date()) throws -> Int {
+        try withWriterPaused {
+            var segs = lock.withLock { segments }
+            var total = segs.reduce(0) { $0 + $1.end }
+            var removed = 0
+            while segs.count > 1, segs[0].lastLSN <= lsn {
+                let age = now.timeIntervalSince(Self.modificationDate(segs[0].path) ?? now)
+                guard total > retention.maxBytes || age > retention.maxAgeSeconds else { break }
+                try unlinkLogged(segs[0].path)
+                total -= segs[0].end
+                segs.removeFirst()
+                removed += 1
+            }
+            if removed > 0 { try syncDirectory() }
+            lock.withLock {
+                segments = segs
+                let first = segs[0].firstLSN
+                while termRuns.count > 1, termRuns[1].lsn <= first { termRuns.removeFirst() }
+            }
+            return removed
+        }
+    }
+
+    /// Replaces the whole log by an empty one that continues after `lsn` (whose record had
+    /// `term`): used when a snapshot at `lsn` has been installed. Crash-safe: the new
+    /// segment is marked as a reset, and recovery drops every segment before it.
+    public func reset(after lsn: LSN, term: Term) throws {
+        try withWriterPaused {
+            let old = lock.withLock { segments }
+            let fresh: Segment
+            do {
+                let tmpDir = directory
+                if old.contains(where: { $0.firstLSN == lsn.next }) {
+                    // Same file name: move the old one aside first (recovery ignores it).
+                    for s in old where s.firstLSN == lsn.next { try Durable.rename(s.path, to: s.path + ".obsolete") }
+                    try Durable.syncDirectory(tmpDir)
+                }
+                fresh = try Self.createSegment(directory: directory, clusterID: clusterID, options: options,
+                                               firstLSN: lsn.next, previousTerm: term, isReset: true)
+            } catch let e as WALError { throw e } catch { throw WALError.failed("reset: \(error)") }
+            for s in old {
+                try unlinkLogged(s.path)
+                try unlinkLogged(s.path + ".obsolete")
+            }
+            try syncDirectory()
+            lock.withLock {
+                segments = [fresh]
+                queuedNextLSN = lsn.next
+                queuedLastTerm = term
+                termRuns = []
+            }
+        }
+    }
+
+    private func unlinkLogged(_ path: String) throws {
+        do { try Durable.unlink(path) } catch { throw WALError.io("\(error)") }
+    }
+
+    private func syncDirectory() throws {
+        do { try Durable.syncDirectory(directory) } catch { throw WALError.failed("\(error)") }
+    }
+
+    static func modificationDate(_ path: String) -> Date? {
+        (try? FileManager.default.attributesOfItem(atPath: path))?[.modificationDate] as? Date
+    }
+
+    // MARK: Segment files
+
+    static func segmentNames(in directory: String) throws -> [String] {
+        guard FileManager.default.fileExists(atPath: directory) else { return [] }
+        do {
+            return try FileManager.default.contentsOfDirectory(atPath: directory)
+                .filter { WALFormat.parseSegmentFileName($0) != nil }
+                .sorted()
+        } catch { throw WALError.io("listing \(directory): \(error)") }
+    }
+
+    /// Creates a segment crash-safely: header and preallocation go to a temporary file
+    /// that is fsynced and renamed into place, then the directory is fsynced.
+    static func createSegment(directory: String, clusterID: ClusterID, options: WALOptions,
+                              firstLSN: LSN, previousTerm: Term, isReset: Bool) throws -> Segment {
+        let name = WALFormat.segmentFileName(firstLSN: firstLSN)
+        let path = directory + "/" + name
+        let tmp = path + ".tmp"
+        var header = WALFormat.SegmentHeader(clusterID: clusterID, firstLSN: firstLSN, previousTerm: previousTerm)
+        header.isReset = isReset
+        let (bytes, crc) = WALFormat.encodeSegmentHeader(header)
+        let fd = try FileDescriptor(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC)
+        do {
+            try fd.write(bytes, at: 0)
+            if options.preallocate { try zeroFill(fd, from: bytes.count, to: options.segmentSize) }
+            try fd.sync()
+            try Durable.rename(tmp, to: path)
+            try Durable.syncDirectory(directory)
+        } catch {
+            try? Durable.unlink(tmp)
+            throw error
+        }
+        return Segment(name: name, fd: fd, firstLSN: firstLSN, previousTerm: previousTerm, headerCRC: crc,
+                       isReset: isReset, end: WALFormat.segmentHeaderSize, chainCRC: crc,
+                       lastLSN: firstLSN.previous, lastTerm: previousTerm, path: path)
+    }
+
+    /// Writes real zeros (not a sparse hole): overwriting written blocks lets fdatasync
+    /// skip the metadata journal commit that extending a file or unwritten extents need.
+    static func zeroFill(_ fd: FileDescriptor, from start: Int, to end: Int) throws {
+        guard end > start else { return }
+        let chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var off = start
+        while off < end {
+            let n = min(chunk.count, end - off)
+            try chunk.withUnsafeBytes { try fd.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: off) }
+            off += n
+        }
+    }
+}
+
+extension WALError {
+    /// Any error from the live segment stops the log.
+    var asFailStop: WALError {
+        switch self {
+        case .failed: self
+        default: .failed(description)
+        }
+    }
+}
+
+extension WriteAheadLog {
+    /// Offsets of the batches of the last segment (crash tests use them to aim damage).
+    public var batchOffsetsForTesting: [Int] { lock.withLock { segments[segments.count - 1].batchOffsets } }
+}

@@ -1,0 +1,176 @@
+import Foundation
+import Testing
+import TandemModel
+@testable import TandemWAL
+
+@Suite("Write-ahead log")
+struct WALTests {
+    @Test("records appended are read back, also after reopening")
+    func appendReadReopen() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        let records = (1...500).map { record(UInt64($0), term: UInt64(1 + $0 / 200), size: $0 % 300) }
+        for chunk in stride(from: 0, to: records.count, by: 7) {
+            try await log.append(Array(records[chunk..<min(chunk + 7, records.count)]))
+        }
+        #expect(log.lastLSN == LSN(500))
+        #expect(log.segmentCount > 1, "a 64 KiB segment size must roll")
+        #expect(try readAll(log) == records)
+        #expect(log.term(at: LSN(199)) == Term(1))
+        #expect(log.term(at: LSN(200)) == Term(2))
+        log.close()
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(again.recovery.tornBytesRemoved == 0)
+        #expect(try readAll(again) == records)
+        #expect(again.term(at: LSN(450)) == Term(3))
+        #expect(try again.read(from: LSN(321), maxBytes: 1).map(\.lsn) == [LSN(321)])
+    }
+
+    @Test("concurrent appenders share fsyncs and every acknowledged record survives")
+    func groupCommit() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        let acknowledged = try await withThrowingTaskGroup(of: [LSN].self) { group in
+            for _ in 0..<32 {
+                group.addTask {
+                    var mine: [LSN] = []
+                    for _ in 0..<25 { mine.append(try await log.append(term: Term(1), kind: .changeset, payload: [1, 2, 3])) }
+                    return mine
+                }
+            }
+            var all: [LSN] = []
+            for try await part in group { all.append(contentsOf: part) }
+            return all
+        }
+        #expect(Set(acknowledged).count == 800)
+        log.close()
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(again.lastLSN == LSN(800))
+        #expect(again.recovery.records == 800)
+        #expect(again.recovery.records > 0)
+    }
+
+    @Test("appends that do not follow the log are refused with the reason")
+    func admission() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        var opts = smallOptions()
+        opts.maxRecordBytes = 100
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: opts)
+        defer { log.close() }
+        try await log.append([record(1, term: 2)])
+        await #expect(throws: WALError.nonContiguous(expected: LSN(2), got: LSN(3))) { try await log.append([record(3)]) }
+        await #expect(throws: WALError.termRegression(lsn: LSN(2), term: Term(1), previous: Term(2))) {
+            try await log.append([record(2, term: 1)])
+        }
+        await #expect(throws: WALError.recordTooLarge(size: 101, limit: 100)) { try await log.append([record(2, term: 2, size: 101)]) }
+        #expect(log.lastLSN == LSN(1))
+    }
+
+    @Test("a log from another cluster is refused")
+    func clusterMismatch() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        WriteAheadLog.createAndClose(dir.path)
+        let other = ClusterID.random()
+        #expect(throws: WALError.clusterMismatch(segment: "0000000000000001.wal", expected: other, found: testCluster)) {
+            _ = try WriteAheadLog.open(directory: dir.path, clusterID: other, options: smallOptions())
+        }
+        #expect(throws: WALError.alreadyExists(dir.path)) {
+            _ = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        }
+    }
+
+    @Test("an fsync error stops the log: that append and every later one fail")
+    func fsyncFailStop() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let syncs = Counter()
+        var opts = smallOptions()
+        opts.fsyncFault = { _ in syncs.increment() == 3 ? EIO : nil }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: opts)
+        defer { log.close() }
+        try await log.append([record(1)])
+        try await log.append([record(2)])
+        await #expect(throws: WALError.self) { try await log.append([record(3)]) }
+        #expect(log.failed != nil)
+        await #expect(throws: WALError.self) { try await log.append([record(3)]) }
+        await #expect(throws: WALError.self) { try await log.append([record(4)]) }
+        #expect(log.lastLSN == LSN(2), "nothing after the failed fsync is reported durable")
+        #expect(throws: WALError.self) { try log.truncateSuffix(after: LSN(1)) }
+        #expect(syncs.value == 3, "a failed fsync is never retried")
+    }
+
+    @Test("suffix truncation at a batch boundary and inside a batch, then appends continue")
+    func truncateSuffix() async throws {
+        for preallocate in [true, false] {
+            let dir = TempDir(); defer { dir.cleanup() }
+            let opts = smallOptions(preallocate: preallocate)
+            let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: opts)
+            var records: [LogRecord] = []
+            for b in 0..<40 {
+                let batch = (1...10).map { record(UInt64(b * 10 + $0), term: UInt64(1 + b / 10), size: 100) }
+                records.append(contentsOf: batch)
+                try await log.append(batch)
+            }
+            try log.truncateSuffix(after: LSN(250))  // boundary
+            #expect(log.lastLSN == LSN(250))
+            try log.truncateSuffix(after: LSN(243))  // inside a batch
+            #expect(log.lastLSN == LSN(243))
+            #expect(log.term(at: LSN(243)) == Term(3))
+            let replacement = (244...260).map { record(UInt64($0), term: 9, size: 50) }
+            try await log.append(replacement)
+            log.close()
+            let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: opts)
+            defer { again.close() }
+            #expect(try readAll(again) == Array(records[0..<243]) + replacement)
+            #expect(again.term(at: LSN(250)) == Term(9))
+            try again.truncateSuffix(after: LSN(0))
+            #expect(again.lastLSN == LSN(0))
+            try await again.append([record(1, term: 10)])
+            #expect(try readAll(again) == [record(1, term: 10)])
+        }
+    }
+
+    @Test("prefix removal honours snapshot coverage and retention; reset restarts after a snapshot")
+    func prefixAndReset() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        for b in 0..<60 { try await log.append((1...10).map { record(UInt64(b * 10 + $0), size: 200) }) }
+        let before = log.segmentCount
+        #expect(before >= 3)
+        // Retention by bytes keeps covered segments while the log is small enough.
+        #expect(try log.removePrefix(through: LSN(600), retention: RetentionPolicy(maxBytes: 1 << 30, maxAgeSeconds: 3600)) == 0)
+        // Age: pretend two hours passed.
+        let removed = try log.removePrefix(through: LSN(300), retention: RetentionPolicy(maxBytes: 1 << 30, maxAgeSeconds: 3600),
+                                           now: Date().addingTimeInterval(7200))
+        #expect(removed >= 1)
+        #expect(log.firstLSN <= LSN(301), "records after the snapshot are never removed")
+        #expect(log.term(at: log.firstLSN.previous) == Term(1))
+        #expect(throws: WALError.self) { try log.read(from: LSN(1), maxBytes: 100) }
+        let tail = try readAll(log)
+        #expect(tail.last?.lsn == LSN(600) && tail.first?.lsn == log.firstLSN)
+
+        try log.reset(after: LSN(1000), term: Term(7))
+        #expect(log.firstLSN == LSN(1001) && log.lastLSN == LSN(1000))
+        #expect(log.term(at: LSN(1000)) == Term(7))
+        try await log.append([record(1001, term: 7)])
+        log.close()
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(again.firstLSN == LSN(1001) && again.lastLSN == LSN(1001))
+        #expect(again.segmentCount == 1)
+    }
+}
+
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func increment() -> Int { lock.withLock { n += 1; return n } }
+    var value: Int { lock.withLock { n } }
+}
+
+extension WriteAheadLog {
+    static func createAndClose(_ path: String) {
+        (try? WriteAheadLog.create(directory: path, clusterID: testCluster, options: smallOptions()))?.close()
+    }
+}
