@@ -1,0 +1,245 @@
+import Foundation
+import TandemModel
+import TandemWAL
+
+/// A site's durable state: its write-ahead log, its state database and its latest local
+/// snapshot, kept consistent with each other across crashes.
+///
+/// Layout of the data directory:
+///
+///     wal/         log segments
+///     state/       CURRENT and the state database generation it names
+///     snapshots/   the latest local snapshot, `snapshot.tsnap`
+///
+/// The invariant it restores on open and keeps after each call: the database equals the
+/// result of applying the log from the start (or from the snapshot) up to its applied
+/// LSN, and every applied record above the committed LSN can be undone.
+///
+/// Thread safety: one owner at a time, like `StateStore`.
+public final class SiteStorage: @unchecked Sendable {
+    public let dataDirectory: String
+    public let clusterID: ClusterID
+    public let log: WriteAheadLog
+    public private(set) var store: StateStore
+    public let limits: StoreLimits
+    /// How the reconciliation at open went, for logs and tests.
+    public private(set) var openReport: [String] = []
+
+    var walDirectory: String { dataDirectory + "/wal" }
+    var stateDirectory: String { dataDirectory + "/state" }
+    var snapshotDirectory: String { dataDirectory + "/snapshots" }
+    public var snapshotPath: String { snapshotDirectory + "/snapshot.tsnap" }
+
+    /// Creates the storage of a new site. Refuses a data directory that already holds
+    /// any of it: a cluster is never bootstrapped by accident over existing data.
+    public static func bootstrap(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions(),
+                                 limits: StoreLimits = StoreLimits()) throws -> SiteStorage {
+        if WriteAheadLog.exists(directory: dataDirectory + "/wal") || StateStore.exists(directory: dataDirectory + "/state") {
+            throw StoreError.alreadyExists(dataDirectory)
+        }
+        let log = try WriteAheadLog.create(directory: dataDirectory + "/wal", clusterID: clusterID, options: walOptions)
+        let store = try StateStore.create(directory: dataDirectory + "/state", clusterID: clusterID, limits: limits)
+        try Durable.makeDirectory(dataDirectory + "/snapshots")
+        return SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits)
+    }
+
+    /// Opens existing storage and reconciles the database with the log.
+    public static func open(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions(),
+                            limits: StoreLimits = StoreLimits()) throws -> SiteStorage {
+        let log = try WriteAheadLog.open(directory: dataDirectory + "/wal", clusterID: clusterID, options: walOptions)
+        let store = try StateStore.open(directory: dataDirectory + "/state", clusterID: clusterID, limits: limits)
+        let site = SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits)
+        try site.reconcile()
+        return site
+    }
+
+    private init(dataDirectory: String, clusterID: ClusterID, log: WriteAheadLog, store: StateStore, limits: StoreLimits) {
+        self.dataDirectory = dataDirectory
+        self.clusterID = clusterID
+        self.log = log
+        self.store = store
+        self.limits = limits
+    }
+
+    public func close() { log.close() }
+
+    /// After a crash the database may be ahead of the log (the primary executed a write
+    /// whose record never became durable) or behind it (records not yet applied, or
+    /// SQLite's last transactions lost with synchronous=NORMAL). Ahead is undone; behind
+    /// is left for `applyCommitted`, since only the core knows what is committed.
+    private func reconcile() throws {
+        if FileManager.default.fileExists(atPath: installIntentPath) {
+            // A snapshot install was interrupted: finish it from the local copy.
+            openReport.append("finishing an interrupted snapshot install")
+            try finishInstall()
+            return
+        }
+        let last = log.lastLSN
+        if store.appliedLSN > last {
+            openReport.append("database ahead of the log (\(store.appliedLSN) > \(last)): undoing")
+            try rollbackStore(to: last)
+        }
+        if store.appliedLSN < log.firstLSN.previous {
+            // The log no longer holds what the database needs next: only a snapshot helps.
+            openReport.append("database behind the retained log: rebuilding from the local snapshot")
+            try rebuild(through: log.firstLSN.previous)
+        }
+    }
+
+    var installIntentPath: String { snapshotDirectory + "/INSTALLING" }
+
+    // MARK: The primary's path
+
+    /// Executes `batch` at the next LSN in `term` and returns once its record is durable
+    /// in the local log. The database changes at once, so the next write may run before
+    /// this one is durable or committed (pipelining).
+    public func execute(_ batch: WriteBatch, term: Term) throws -> (Execution, @Sendable () async throws -> LSN) {
+        let lsn = store.appliedLSN.next
+        guard log.lastLSN < lsn || log.lastLSN == store.appliedLSN else {
+            throw StoreError.outOfOrder(expected: log.lastLSN.next, got: lsn)
+        }
+        let execution = try store.execute(batch, lsn: lsn, term: term)
+        let log = self.log
+        let record = execution.record
+        let durable = DurableFuture()
+        log.append([record]) { durable.fulfil($0) }
+        return (execution, { try await durable.value() })
+    }
+
+    // MARK: Replicas' path
+
+    /// Appends records received from the primary to the local log (not yet applied).
+    public func appendReplicated(_ records: [LogRecord]) async throws {
+        guard !records.isEmpty else { return }
+        try await log.append(records)
+    }
+
+    /// Applies durable log records up to `lsn` (committed) to the database, in
+    /// transactions of up to `batch` records.
+    public func applyCommitted(through lsn: LSN, batch: Int = 512) throws {
+        let target = min(lsn, log.lastLSN)
+        store.markCommitted(through: target)
+        while store.appliedLSN < target {
+            let records = try log.read(from: store.appliedLSN.next, maxBytes: 4 << 20)
+            let slice = records.prefix { $0.lsn <= target }.prefix(batch)
+            guard !slice.isEmpty else { break }
+            try store.apply(Array(slice))
+        }
+        store.markCommitted(through: target)
+    }
+
+    /// Drops every record after `lsn` from the log and undoes it in the database: a
+    /// deposed primary's uncommitted tail, or a follower's diverged suffix.
+    public func truncate(after lsn: LSN) throws {
+        if store.appliedLSN > lsn { try rollbackStore(to: lsn) }
+        try log.truncateSuffix(after: lsn)
+    }
+
+    private func rollbackStore(to lsn: LSN) throws {
+        do {
+            try store.rollback(to: lsn)
+        } catch StoreError.needsRebuild(let why) {
+            openReport.append("rebuild: \(why)")
+            try rebuild(through: lsn)
+        }
+    }
+
+    /// Rebuilds the database from the latest local snapshot (or from empty) and the log,
+    /// through `lsn`.
+    public func rebuild(through lsn: LSN) throws {
+        if FileManager.default.fileExists(atPath: snapshotPath) {
+            let (info, _) = try SnapshotFormat.readHeader(path: snapshotPath)
+            if info.lsn <= lsn && log.firstLSN <= info.lsn.next {
+                store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID, limits: limits)
+                try applyCommitted(through: lsn)
+                return
+            }
+        }
+        guard log.firstLSN == LSN(1) else {
+            throw StoreError.needsRebuild("no local snapshot covers LSN \(log.firstLSN.previous): rebuild this site from its peers")
+        }
+        let name = try StateStore.nextGenerationName(directory: stateDirectory)
+        try StateStore.createDatabase(at: stateDirectory + "/" + name, clusterID: clusterID, appliedLSN: .zero, appliedTerm: .zero)
+        try StateStore.switchGeneration(directory: stateDirectory, to: name)
+        store = try StateStore.open(directory: stateDirectory, clusterID: clusterID, limits: limits)
+        try applyCommitted(through: lsn)
+    }
+
+    // MARK: Snapshots
+
+    /// Takes a local snapshot of the committed state and removes the log it covers, as
+    /// `retention` allows.
+    @discardableResult
+    public func takeSnapshot(retention: RetentionPolicy = RetentionPolicy(), progress: ((Int, Int) -> Void)? = nil) throws -> SnapshotInfo {
+        try Durable.makeDirectory(snapshotDirectory)
+        let info = try store.createSnapshot(at: snapshotPath, progress: progress)
+        try log.removePrefix(through: info.lsn, retention: retention)
+        return info
+    }
+
+    /// Installs a snapshot received from a peer: the database becomes its state, and the
+    /// log restarts after its LSN. Crash-safe in this order: a crash between the two is
+    /// finished by `open`'s reconciliation.
+    public func installSnapshot(from path: String, progress: ((Int, Int) -> Void)? = nil) throws {
+        let (info, _) = try SnapshotFormat.readHeader(path: path)
+        guard info.clusterID == clusterID else { throw StoreError.clusterMismatch(expected: clusterID, found: info.clusterID.description) }
+        try Durable.makeDirectory(snapshotDirectory)
+        if path != snapshotPath {
+            // Keep it as the local snapshot first: an interrupted install restarts from it.
+            try? FileManager.default.removeItem(atPath: snapshotPath + ".tmp")
+            try FileManager.default.copyItem(atPath: path, toPath: snapshotPath + ".tmp")
+            try FileDescriptor(path: snapshotPath + ".tmp", flags: O_RDONLY).sync()
+            try Durable.rename(snapshotPath + ".tmp", to: snapshotPath)
+        }
+        try Durable.writeFile(Array("\(info.lsn)\n".utf8), to: installIntentPath)
+        store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID,
+                                               limits: limits, progress: progress)
+        try log.reset(after: info.lsn, term: info.term)
+        try Durable.unlink(installIntentPath)
+        try Durable.syncDirectory(snapshotDirectory)
+    }
+
+    private func finishInstall() throws {
+        let (info, _) = try SnapshotFormat.readHeader(path: snapshotPath)
+        let undo = try store.undoDepth()
+        if store.appliedLSN != info.lsn || undo != 0 {
+            store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID, limits: limits)
+        }
+        try log.reset(after: info.lsn, term: info.term)
+        try Durable.unlink(installIntentPath)
+        try Durable.syncDirectory(snapshotDirectory)
+    }
+}
+
+/// A one-shot result that an async caller can wait for, fulfilled from any thread.
+final class DurableFuture: @unchecked Sendable {
+    // Guarded by `lock`.
+    private let lock = NSLock()
+    private var result: Result<LSN, WALError>?
+    private var waiter: CheckedContinuation<LSN, any Error>?
+
+    func fulfil(_ r: Result<LSN, WALError>) {
+        lock.lock()
+        if let waiter {
+            self.waiter = nil
+            lock.unlock()
+            waiter.resume(with: r.mapError { $0 as any Error })
+            return
+        }
+        result = r
+        lock.unlock()
+    }
+
+    func value() async throws -> LSN {
+        try await withCheckedThrowingContinuation { c in
+            lock.lock()
+            if let result {
+                lock.unlock()
+                c.resume(with: result.mapError { $0 as any Error })
+                return
+            }
+            waiter = c
+            lock.unlock()
+        }
+    }
+}

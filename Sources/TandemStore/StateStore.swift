@@ -1,0 +1,625 @@
+import CSQLite
+import Foundation
+import TandemModel
+
+/// One site's SQLite database of telehealth state.
+///
+/// - The primary runs each write batch as one SQLite transaction (`execute`), captures the
+///   changeset with the session extension, and logs that changeset, not the SQL: every
+///   non-deterministic expression is evaluated once. The transaction also stores the
+///   inverse changeset in `tandem_undo` and advances the applied LSN, so writes pipeline
+///   (the next runs before the previous commits) and an uncommitted tail can be undone.
+/// - Replicas apply committed records (`apply`): changeset (or schema SQL) and the
+///   applied LSN in one transaction, so a crash neither skips nor repeats a record.
+/// - Schema statements are logged as schema records and replayed in log order.
+///
+/// Thread safety: one owner uses a store at a time (the site's storage actor or the
+/// simulator's loop); it is @unchecked Sendable only so that owner may move threads.
+public final class StateStore: @unchecked Sendable {
+    public let directory: String
+    public let clusterID: ClusterID
+    public let limits: StoreLimits
+    let db: SQLiteConnection
+    let databasePath: String
+    private let authorizer = Authorizer()
+    private var updateMeta: PreparedStatement
+    private var insertUndo: PreparedStatement
+    public private(set) var appliedLSN: LSN
+    public private(set) var appliedTerm: Term
+    public private(set) var schemaVersion: Int
+    /// Highest LSN known committed; undo rows at or below it are pruned.
+    public internal(set) var committedLSN: LSN = .zero
+    private var prunedThrough: LSN = .zero
+
+    /// Testing seam: called inside the apply transaction after the changeset was applied
+    /// and before the applied LSN moves. Throwing here models a crash at that point.
+    public var crashPointAfterChangeset: (@Sendable (LSN) throws -> Void)?
+
+    static let currentFile = "CURRENT"
+
+    // MARK: Opening
+
+    /// Creates an empty state database. Refuses a directory that already holds one.
+    public static func create(directory: String, clusterID: ClusterID, limits: StoreLimits = StoreLimits()) throws(StoreError) -> StateStore {
+        if FileManager.default.fileExists(atPath: directory + "/" + currentFile) { throw .alreadyExists(directory) }
+        let name = generationName(1)
+        try createDatabase(at: directory + "/" + name, clusterID: clusterID, appliedLSN: .zero, appliedTerm: .zero)
+        try switchGeneration(directory: directory, to: name)
+        return try open(directory: directory, clusterID: clusterID, limits: limits)
+    }
+
+    /// Opens the state database of `directory`.
+    public static func open(directory: String, clusterID: ClusterID, limits: StoreLimits = StoreLimits()) throws(StoreError) -> StateStore {
+        guard let name = try currentGeneration(directory: directory) else { throw .notFound(directory) }
+        return try StateStore(directory: directory, databaseName: name, clusterID: clusterID, limits: limits)
+    }
+
+    public static func exists(directory: String) -> Bool {
+        FileManager.default.fileExists(atPath: directory + "/" + currentFile)
+    }
+
+    private init(directory: String, databaseName: String, clusterID: ClusterID, limits: StoreLimits) throws(StoreError) {
+        self.directory = directory
+        self.clusterID = clusterID
+        self.limits = limits
+        databasePath = directory + "/" + databaseName
+        guard FileManager.default.fileExists(atPath: databasePath) else { throw .notFound(databasePath) }
+        do {
+            db = try SQLiteConnection(path: databasePath, create: false)
+            try Self.configure(db, limits: limits)
+            sqlite3_set_authorizer(db.handle, authorizerCallback, Unmanaged.passUnretained(authorizer).toOpaque())
+            let meta = try db.rows("SELECT cluster_id, applied_lsn, applied_term, schema_version FROM tandem_meta WHERE id = 1")
+            guard let row = meta.first, case let .text(cid) = row[0], case let .integer(lsn) = row[1],
+                  case let .integer(term) = row[2], case let .integer(version) = row[3]
+            else { throw StoreError.io("\(databasePath): the tandem_meta row is missing or malformed") }
+            guard cid == clusterID.description else { throw StoreError.clusterMismatch(expected: clusterID, found: cid) }
+            appliedLSN = LSN(UInt64(lsn))
+            appliedTerm = Term(UInt64(term))
+            schemaVersion = Int(version)
+            updateMeta = try db.prepare("UPDATE tandem_meta SET applied_lsn = ?, applied_term = ?, schema_version = ? WHERE id = 1")
+            insertUndo = try db.prepare("INSERT INTO tandem_undo (lsn, kind, previous_term, inverse) VALUES (?, ?, ?, ?)")
+            if let minUndo = try db.rows("SELECT min(lsn) FROM tandem_undo").first?.first, case let .integer(m) = minUndo {
+                committedLSN = LSN(UInt64(m - 1))
+                prunedThrough = committedLSN
+            } else {
+                committedLSN = appliedLSN
+                prunedThrough = appliedLSN
+            }
+        } catch let e as StoreError {
+            throw e
+        } catch let e as SQLiteError {
+            throw .sqlite(e, statement: nil)
+        } catch {
+            throw .io("\(error)")
+        }
+    }
+
+    static func configure(_ db: SQLiteConnection, limits: StoreLimits) throws(SQLiteError) {
+        // WAL journal; synchronous=NORMAL because the write-ahead log, not SQLite, is the
+        // durable record: after a crash the database replays from its applied LSN.
+        try db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536")
+        sqlite3_limit(db.handle, SQLITE_LIMIT_LENGTH, Int32(clamping: limits.maxValueBytes + 1024))
+        sqlite3_limit(db.handle, SQLITE_LIMIT_SQL_LENGTH, Int32(clamping: limits.maxStatementBytes))
+        sqlite3_limit(db.handle, SQLITE_LIMIT_VARIABLE_NUMBER, Int32(clamping: limits.maxParameters))
+        sqlite3_limit(db.handle, SQLITE_LIMIT_ATTACHED, 0)
+    }
+
+    static func createDatabase(at path: String, clusterID: ClusterID, appliedLSN: LSN, appliedTerm: Term) throws(StoreError) {
+        do {
+            try Durable.makeDirectory((path as NSString).deletingLastPathComponent)
+            try? FileManager.default.removeItem(atPath: path)
+            let db = try SQLiteConnection(path: path, create: true)
+            try configure(db, limits: StoreLimits())
+            try db.exec("""
+                BEGIN;
+                CREATE TABLE tandem_meta (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    cluster_id TEXT NOT NULL,
+                    applied_lsn INTEGER NOT NULL,
+                    applied_term INTEGER NOT NULL,
+                    schema_version INTEGER NOT NULL);
+                CREATE TABLE tandem_undo (
+                    lsn INTEGER PRIMARY KEY,
+                    kind INTEGER NOT NULL,
+                    previous_term INTEGER NOT NULL,
+                    inverse BLOB);
+                COMMIT;
+                """)
+            _ = try db.rows("INSERT INTO tandem_meta VALUES (1, ?, ?, ?, 0)",
+                            [.text(clusterID.description), .integer(Int64(appliedLSN.rawValue)), .integer(Int64(appliedTerm.rawValue))])
+            try db.exec("PRAGMA wal_checkpoint(TRUNCATE)")
+        } catch let e as SQLiteError {
+            throw .sqlite(e, statement: nil)
+        } catch {
+            throw .io("\(error)")
+        }
+        try syncFile(path)
+    }
+
+    static func syncFile(_ path: String) throws(StoreError) {
+        do {
+            let fd = try FileDescriptor(path: path, flags: O_RDONLY)
+            try fd.sync()
+        } catch { throw .io("\(error)") }
+    }
+
+    // MARK: Generations (for crash-safe snapshot installs)
+
+    static func generationName(_ n: Int) -> String {
+        let s = String(n)
+        return "state-" + String(repeating: "0", count: max(0, 6 - s.count)) + s + ".sqlite"
+    }
+
+    static func currentGeneration(directory: String) throws(StoreError) -> String? {
+        let path = directory + "/" + currentFile
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        let name = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard name.hasPrefix("state-"), name.hasSuffix(".sqlite"), !name.contains("/") else {
+            throw .io("\(path) names \"\(name)\", not a state database")
+        }
+        return name
+    }
+
+    /// Points CURRENT at `name` atomically (temp file, fsync, rename, directory fsync),
+    /// then removes the other generations.
+    static func switchGeneration(directory: String, to name: String) throws(StoreError) {
+        do {
+            try Durable.writeFile(Array((name + "\n").utf8), to: directory + "/" + currentFile)
+        } catch { throw .io("\(error)") }
+        let others = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+            .filter { $0.hasPrefix("state-") && !$0.hasPrefix(name) }
+        for o in others { try? FileManager.default.removeItem(atPath: directory + "/" + o) }
+    }
+
+    static func nextGenerationName(directory: String) throws(StoreError) -> String {
+        let current = try currentGeneration(directory: directory) ?? generationName(0)
+        let n = Int(current.dropFirst("state-".count).prefix(6)) ?? 0
+        return generationName(n + 1)
+    }
+
+    // MARK: Executing writes (the primary)
+
+    /// Runs `batch` as one transaction and returns the log record (LSN `lsn`, term
+    /// `term`) that replicates it, with each statement's result. Nothing is changed when
+    /// it throws. `lsn` must follow the applied LSN.
+    public func execute(_ batch: WriteBatch, lsn: LSN, term: Term) throws(StoreError) -> Execution {
+        guard lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: lsn) }
+        try check(batch)
+        do { try db.exec("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
+        var session: OpaquePointer?
+        do {
+            guard sqlite3session_create(db.handle, "main", &session) == SQLITE_OK, let session else {
+                throw StoreError.sqlite(db.lastError, statement: nil)
+            }
+            guard sqlite3session_attach(session, nil) == SQLITE_OK else { throw StoreError.sqlite(db.lastError, statement: nil) }
+            var results: [StatementResult] = []
+            var isSchema: Bool?
+            var resultBytes = 0
+            for (i, s) in batch.statements.enumerated() {
+                let (result, ddl) = try run(s, index: i, mode: .write, resultBytes: &resultBytes)
+                if let isSchema, isSchema != ddl {
+                    throw StoreError.refused("schema statements (CREATE, ALTER, DROP) must be in a batch of their own, not mixed with data statements", statement: i)
+                }
+                isSchema = ddl
+                results.append(result)
+            }
+            let kind: RecordKind
+            let payload: [UInt8]
+            var inverse: [UInt8]?
+            if isSchema == true {
+                try requirePrimaryKeys()
+                kind = .schema
+                payload = SchemaPayload.encode(batch)
+            } else {
+                kind = .changeset
+                payload = try changeset(of: session)
+                inverse = try invert(payload, lsn: lsn)
+            }
+            sqlite3session_delete(session)
+            guard payload.count <= limits.maxChangesetBytes else {
+                throw StoreError.tooLarge(what: "the batch's changeset", size: payload.count, limit: limits.maxChangesetBytes)
+            }
+            try withInternal {
+                try pruneUndo()
+                insertUndo.reset()
+                try insertUndo.bind([.integer(Int64(lsn.rawValue)), .integer(Int64(kind.rawValue)),
+                                     .integer(Int64(appliedTerm.rawValue)), inverse.map { .blob($0) } ?? .null])
+                _ = try insertUndo.step()
+                let version = kind == .schema && batch.schemaVersion > 0 ? batch.schemaVersion : schemaVersion
+                try setApplied(lsn, term, version: version)
+                try db.exec("COMMIT")
+                schemaVersion = version
+            }
+            appliedLSN = lsn
+            appliedTerm = term
+            return Execution(record: LogRecord(term: term, lsn: lsn, kind: kind, payload: payload), results: results)
+        } catch {
+            if let session { sqlite3session_delete(session) }
+            rollbackTransaction()
+            throw Self.storeError(error)
+        }
+    }
+
+    private func check(_ batch: WriteBatch) throws(StoreError) {
+        guard !batch.statements.isEmpty else { throw .refused("a batch needs at least one statement", statement: nil) }
+        guard batch.statements.count <= limits.maxStatements else {
+            throw .refused("\(batch.statements.count) statements exceed the limit of \(limits.maxStatements) per batch", statement: nil)
+        }
+        for (i, s) in batch.statements.enumerated() {
+            let n = s.sql.utf8.count
+            guard n <= limits.maxStatementBytes else { throw .tooLarge(what: "statement \(i + 1)'s SQL", size: n, limit: limits.maxStatementBytes) }
+            guard s.params.count <= limits.maxParameters else {
+                throw .refused("\(s.params.count) parameters exceed the limit of \(limits.maxParameters)", statement: i)
+            }
+            for p in s.params where p.byteCount > limits.maxValueBytes {
+                throw .tooLarge(what: "a value bound to statement \(i + 1)", size: p.byteCount, limit: limits.maxValueBytes)
+            }
+        }
+    }
+
+    /// Prepares, binds and runs one user statement. Returns its result and whether it
+    /// was schema (DDL).
+    private func run(_ s: SQLStatement, index: Int, mode: Authorizer.Mode, resultBytes: inout Int) throws(StoreError) -> (StatementResult, Bool) {
+        authorizer.begin(mode)
+        defer { authorizer.mode = .internal }
+        var stmt: OpaquePointer?
+        var tail: UnsafePointer<CChar>?
+        let rc = s.sql.withCString { sqlite3_prepare_v2(db.handle, $0, -1, &stmt, &tail).also { _ in
+            // One statement per entry: anything after the first must be blank or comments.
+            if let tail, String(cString: tail).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty == false {
+                authorizer.extraText = true
+            }
+        } }
+        guard rc == SQLITE_OK else {
+            if let denial = authorizer.denial { throw .refused(denial, statement: index) }
+            throw .sqlite(db.lastError, statement: index)
+        }
+        guard let stmt else { throw .refused("the statement is empty", statement: index) }
+        let prepared = PreparedStatement(stmt, connection: db)
+        if authorizer.extraText {
+            throw .refused("one SQL statement per entry: send further statements as further entries", statement: index)
+        }
+        if mode == .read && !prepared.isReadOnly {
+            throw .refused("a query must not write: use execute", statement: index)
+        }
+        let ddl = authorizer.sawDDL
+        do {
+            try prepared.bind(s.params)
+            var rows: [[SQLValue]] = []
+            while try prepared.step() {
+                let row = prepared.row()
+                rows.append(row)
+                resultBytes += row.reduce(0) { $0 + $1.byteCount }
+                guard rows.count <= limits.maxRows else {
+                    throw StoreError.tooLarge(what: "result of more than \(limits.maxRows) rows", size: rows.count, limit: limits.maxRows)
+                }
+                guard resultBytes <= limits.maxResultBytes else {
+                    throw StoreError.tooLarge(what: "result", size: resultBytes, limit: limits.maxResultBytes)
+                }
+            }
+            let readOnly = prepared.isReadOnly
+            let result = StatementResult(rowsAffected: readOnly ? 0 : db.changes, lastInsertRowID: db.lastInsertRowID,
+                                         columns: prepared.columnNames, rows: rows)
+            return (result, ddl)
+        } catch let e as StoreError {
+            throw e
+        } catch let e as SQLiteError {
+            if let denial = authorizer.denial { throw .refused(denial, statement: index) }
+            throw .sqlite(e, statement: index)
+        } catch {
+            throw .io("\(error)")
+        }
+    }
+
+    private func changeset(of session: OpaquePointer) throws(StoreError) -> [UInt8] {
+        var n: Int32 = 0
+        var p: UnsafeMutableRawPointer?
+        let rc = sqlite3session_changeset(session, &n, &p)
+        defer { sqlite3_free(p) }
+        guard rc == SQLITE_OK else { throw .sqlite(db.lastError, statement: nil) }
+        guard let p, n > 0 else { return [] }
+        return [UInt8](UnsafeRawBufferPointer(start: p, count: Int(n)))
+    }
+
+    private func invert(_ changeset: [UInt8], lsn: LSN) throws(StoreError) -> [UInt8] {
+        guard !changeset.isEmpty else { return [] }
+        var n: Int32 = 0
+        var p: UnsafeMutableRawPointer?
+        let rc = changeset.withUnsafeBytes { sqlite3changeset_invert(Int32($0.count), $0.baseAddress, &n, &p) }
+        defer { sqlite3_free(p) }
+        guard rc == SQLITE_OK, let p else { throw .badRecord(lsn: lsn, reason: "cannot invert the changeset (SQLite code \(rc))") }
+        return [UInt8](UnsafeRawBufferPointer(start: p, count: Int(n)))
+    }
+
+    /// Every user table must have a declared primary key, or the session extension would
+    /// silently not replicate it.
+    private func requirePrimaryKeys() throws(StoreError) {
+        try withInternal {
+            let tables = try db.rows("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE 'tandem\\_%' ESCAPE '\\'")
+            for t in tables {
+                guard case let .text(name) = t[0] else { continue }
+                let pk = try db.rows("SELECT count(*) FROM pragma_table_info(?) WHERE pk > 0", [.text(name)])
+                if pk.first?.first == .integer(0) { throw StoreError.noPrimaryKey(table: name) }
+            }
+        }
+    }
+
+    private func setApplied(_ lsn: LSN, _ term: Term, version: Int) throws {
+        updateMeta.reset()
+        try updateMeta.bind([.integer(Int64(lsn.rawValue)), .integer(Int64(term.rawValue)), .integer(Int64(version))])
+        _ = try updateMeta.step()
+    }
+
+    private func pruneUndo() throws {
+        guard committedLSN > prunedThrough else { return }
+        _ = try db.rows("DELETE FROM tandem_undo WHERE lsn <= ?", [.integer(Int64(committedLSN.rawValue))])
+        prunedThrough = committedLSN
+    }
+
+    private func withInternal<T>(_ body: () throws -> T) throws(StoreError) -> T {
+        authorizer.mode = .internal
+        do { return try body() } catch { throw Self.storeError(error) }
+    }
+
+    private func rollbackTransaction() {
+        authorizer.mode = .internal
+        if db.inTransaction { try? db.exec("ROLLBACK") }
+    }
+
+    static func storeError(_ error: any Error) -> StoreError {
+        switch error {
+        case let e as StoreError: e
+        case let e as SQLiteError: .sqlite(e, statement: nil)
+        default: .io("\(error)")
+        }
+    }
+
+    // MARK: Commit and undo
+
+    /// Records that every record up to `lsn` is committed: their undo rows are dropped
+    /// with the next transaction, and they can never be rolled back.
+    public func markCommitted(through lsn: LSN) {
+        if lsn > committedLSN { committedLSN = min(lsn, appliedLSN) }
+    }
+
+    /// Undoes the speculative records after `lsn` (a deposed primary's uncommitted tail),
+    /// newest first, in one transaction. Throws `needsRebuild` when the tail cannot be
+    /// undone in place (a schema change in it, or missing undo rows).
+    public func rollback(to lsn: LSN) throws(StoreError) {
+        guard lsn < appliedLSN else { return }
+        guard lsn >= committedLSN else {
+            throw .needsRebuild("asked to roll back to \(lsn), below the committed LSN \(committedLSN)")
+        }
+        do {
+            try db.exec("BEGIN IMMEDIATE")
+            authorizer.mode = .internal
+            let rows = try db.rows("SELECT lsn, kind, previous_term, inverse FROM tandem_undo WHERE lsn > ? ORDER BY lsn DESC",
+                                   [.integer(Int64(lsn.rawValue))])
+            guard rows.count == Int(appliedLSN.rawValue - lsn.rawValue),
+                  rows.first?[0] == .integer(Int64(appliedLSN.rawValue))
+            else {
+                throw StoreError.needsRebuild("records \(lsn.next)...\(appliedLSN) were applied without undo information")
+            }
+            var previousTerm = appliedTerm
+            for row in rows {
+                guard case let .integer(l) = row[0], case let .integer(k) = row[1], case let .integer(pt) = row[2] else { continue }
+                if k == Int64(RecordKind.schema.rawValue) {
+                    throw StoreError.needsRebuild("the uncommitted tail holds a schema change at LSN \(l)")
+                }
+                if case let .blob(inverse) = row[3], !inverse.isEmpty {
+                    try applyChangeset(inverse, lsn: LSN(UInt64(l)))
+                }
+                previousTerm = Term(UInt64(pt))
+            }
+            _ = try db.rows("DELETE FROM tandem_undo WHERE lsn > ?", [.integer(Int64(lsn.rawValue))])
+            try setApplied(lsn, previousTerm, version: schemaVersion)
+            try db.exec("COMMIT")
+            appliedLSN = lsn
+            appliedTerm = previousTerm
+        } catch {
+            rollbackTransaction()
+            throw Self.storeError(error)
+        }
+    }
+
+    // MARK: Applying committed records (replicas)
+
+    /// Applies committed records in order, all in one transaction with the applied LSN,
+    /// so a crash applies all or none of them. The first must follow the applied LSN.
+    public func apply(_ records: [LogRecord]) throws(StoreError) {
+        guard let first = records.first else { return }
+        guard first.lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: first.lsn) }
+        do { try db.exec("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
+        do {
+            var lsn = appliedLSN
+            var term = appliedTerm
+            var version = schemaVersion
+            for r in records {
+                guard r.lsn == lsn.next else { throw StoreError.outOfOrder(expected: lsn.next, got: r.lsn) }
+                switch r.kind {
+                case .noop:
+                    break
+                case .changeset:
+                    if !r.payload.isEmpty { try applyChangeset(r.payload, lsn: r.lsn) }
+                case .schema:
+                    let batch: WriteBatch
+                    do { batch = try SchemaPayload.decode(r.payload) } catch {
+                        throw StoreError.badRecord(lsn: r.lsn, reason: "\(error)")
+                    }
+                    var ignored = 0
+                    for (i, s) in batch.statements.enumerated() {
+                        do { _ = try run(s, index: i, mode: .replay, resultBytes: &ignored) } catch {
+                            throw StoreError.badRecord(lsn: r.lsn, reason: "schema statement \(i + 1) failed on replay: \(error)")
+                        }
+                    }
+                    if batch.schemaVersion > 0 { version = batch.schemaVersion }
+                }
+                try crashPointAfterChangeset?(r.lsn)
+                lsn = r.lsn
+                term = r.term
+            }
+            try withInternal {
+                try pruneUndo()
+                try setApplied(lsn, term, version: version)
+                try db.exec("COMMIT")
+            }
+            appliedLSN = lsn
+            appliedTerm = term
+            schemaVersion = version
+            if committedLSN < lsn { committedLSN = lsn }
+        } catch {
+            rollbackTransaction()
+            throw Self.storeError(error)
+        }
+    }
+
+    /// Applies a changeset; any conflict aborts it: on a replica applying the committed
+    /// log in order, a conflict means divergence, never something to paper over.
+    private func applyChangeset(_ changeset: [UInt8], lsn: LSN) throws {
+        let conflicts = ConflictRecorder()
+        authorizer.mode = .internal
+        let rc = changeset.withUnsafeBytes { buf in
+            sqlite3changeset_apply(db.handle, Int32(buf.count), UnsafeMutableRawPointer(mutating: buf.baseAddress),
+                                   nil, conflictCallback, Unmanaged.passUnretained(conflicts).toOpaque())
+        }
+        if let c = conflicts.first {
+            throw StoreError.conflict(lsn: lsn, table: c.table, reason: c.reason)
+        }
+        guard rc == SQLITE_OK else {
+            if rc == SQLITE_CORRUPT || rc == SQLITE_MISUSE {
+                throw StoreError.badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(rc))")
+            }
+            throw StoreError.sqlite(db.lastError, statement: nil)
+        }
+    }
+
+    // MARK: Reading
+
+    /// Runs a read-only query against this site's state.
+    public func query(_ statement: SQLStatement) throws(StoreError) -> QueryResult {
+        try check(WriteBatch([statement]))
+        var bytes = 0
+        let (result, _) = try run(statement, index: 0, mode: .read, resultBytes: &bytes)
+        if db.inTransaction { rollbackTransaction() }
+        return QueryResult(columns: result.columns, rows: result.rows, appliedLSN: appliedLSN)
+    }
+
+    /// The number of uncommitted (speculative) records this store holds undo rows for.
+    public func undoDepth() throws(StoreError) -> Int {
+        try withInternal {
+            guard case let .integer(n) = try db.rows("SELECT count(*) FROM tandem_undo WHERE lsn > ?",
+                                                     [.integer(Int64(committedLSN.rawValue))]).first?.first else { return 0 }
+            return Int(n)
+        }
+    }
+
+    /// Makes the applied state durable in the database file (a checkpoint with fsync),
+    /// so the log before it may be removed.
+    public func checkpoint() throws(StoreError) {
+        do { try db.exec("PRAGMA wal_checkpoint(TRUNCATE)") } catch { throw .sqlite(error, statement: nil) }
+        try Self.syncFile(databasePath)
+    }
+}
+
+extension Int32 {
+    fileprivate func also(_ body: (Int32) -> Void) -> Int32 {
+        body(self)
+        return self
+    }
+}
+
+/// Collects what the SQLite authorizer saw while a statement was prepared, and refuses
+/// what must never run through the SQL interface.
+final class Authorizer {
+    enum Mode { case `internal`, write, replay, read }
+    var mode: Mode = .internal
+    var sawDDL = false
+    var denial: String?
+    var extraText = false
+
+    func begin(_ mode: Mode) {
+        self.mode = mode
+        sawDDL = false
+        denial = nil
+        extraText = false
+    }
+
+    func decide(_ action: Int32, _ a3: String?, _ a4: String?) -> Int32 {
+        if mode == .internal { return SQLITE_OK }
+        func isReserved(_ name: String?) -> Bool { name?.lowercased().hasPrefix("tandem_") == true }
+        func deny(_ why: String) -> Int32 {
+            if denial == nil { denial = why }
+            return SQLITE_DENY
+        }
+        switch action {
+        case SQLITE_CREATE_TABLE, SQLITE_DROP_TABLE, SQLITE_CREATE_VIEW, SQLITE_DROP_VIEW:
+            if isReserved(a3) { return deny("tables named tandem_* belong to Tandem and cannot be changed through SQL") }
+            sawDDL = true
+        case SQLITE_CREATE_INDEX, SQLITE_DROP_INDEX, SQLITE_CREATE_TRIGGER, SQLITE_DROP_TRIGGER:
+            if isReserved(a4) { return deny("tables named tandem_* belong to Tandem and cannot be changed through SQL") }
+            sawDDL = true
+        case SQLITE_ALTER_TABLE:
+            if isReserved(a4) { return deny("tables named tandem_* belong to Tandem and cannot be changed through SQL") }
+            sawDDL = true
+        case SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_TEMP_INDEX, SQLITE_CREATE_TEMP_TRIGGER, SQLITE_CREATE_TEMP_VIEW,
+             SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_TEMP_INDEX, SQLITE_DROP_TEMP_TRIGGER, SQLITE_DROP_TEMP_VIEW:
+            return deny("temporary tables, views and triggers are not replicated and are refused")
+        case SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE:
+            return deny("virtual tables are not replicated and are refused")
+        case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE:
+            if mode == .read { return deny("a query must not write: use execute") }
+            if isReserved(a3) { return deny("the metadata table \(a3 ?? "") is written by Tandem only") }
+        case SQLITE_TRANSACTION, SQLITE_SAVEPOINT:
+            return deny("transaction control is refused: each batch already runs as one transaction")
+        case SQLITE_ATTACH, SQLITE_DETACH:
+            return deny("ATTACH and DETACH are refused: only the replicated database is reachable")
+        case SQLITE_PRAGMA:
+            let name = a3?.lowercased() ?? ""
+            let readable: Set<String> = ["table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"]
+            // Read-only introspection is harmless, and the session extension itself reads
+            // table_info while a write runs.
+            if readable.contains(name) { return SQLITE_OK }
+            return deny("PRAGMA \(name) is refused: settings are not replicated")
+        default:
+            break
+        }
+        return SQLITE_OK
+    }
+}
+
+private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafePointer<CChar>?, UnsafePointer<CChar>?,
+                                                UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Int32 = { ctx, action, a3, a4, _, _ in
+    guard let ctx else { return SQLITE_OK }
+    let auth = Unmanaged<Authorizer>.fromOpaque(ctx).takeUnretainedValue()
+    return auth.decide(action, a3.map { String(cString: $0) }, a4.map { String(cString: $0) })
+}
+
+/// The first conflict met while applying a changeset.
+final class ConflictRecorder {
+    var first: (table: String, reason: String)?
+}
+
+private let conflictCallback: @convention(c) (UnsafeMutableRawPointer?, Int32, OpaquePointer?) -> Int32 = { ctx, type, iter in
+    guard let ctx else { return SQLITE_CHANGESET_ABORT }
+    let recorder = Unmanaged<ConflictRecorder>.fromOpaque(ctx).takeUnretainedValue()
+    if recorder.first == nil {
+        var table = "?"
+        if type != SQLITE_CHANGESET_FOREIGN_KEY, let iter {
+            var name: UnsafePointer<CChar>?
+            var columns: Int32 = 0
+            var op: Int32 = 0
+            var indirect: Int32 = 0
+            if sqlite3changeset_op(iter, &name, &columns, &op, &indirect) == SQLITE_OK, let name { table = String(cString: name) }
+        }
+        let reason = switch type {
+        case SQLITE_CHANGESET_DATA: "the row holds other values than the change expects"
+        case SQLITE_CHANGESET_NOTFOUND: "the row to change does not exist"
+        case SQLITE_CHANGESET_CONFLICT: "a row with this primary key already exists"
+        case SQLITE_CHANGESET_CONSTRAINT: "a constraint fails"
+        case SQLITE_CHANGESET_FOREIGN_KEY: "a foreign key constraint fails"
+        default: "conflict type \(type)"
+        }
+        recorder.first = (table, reason)
+    }
+    return SQLITE_CHANGESET_ABORT
+}

@@ -1,0 +1,206 @@
+import Foundation
+import Testing
+import TandemModel
+@testable import TandemStore
+
+@Suite("State store")
+struct StateStoreTests {
+    @Test("the changeset, not the SQL, is replicated: non-deterministic expressions give the same rows everywhere")
+    func changesetsReplicateValues() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        var records: [LogRecord] = []
+        // The schema went through the log as schema records.
+        records.append(contentsOf: try replayable(primary))
+        records.append(try seedPeople(primary))
+        let e = try primary.execute(WriteBatch([
+            SQLStatement("INSERT INTO appointments (practitioner_id, patient_id, starts_at, duration_minutes, mode, booked_at_site) VALUES (1, 2, datetime('now', '+' || abs(random() % 1000) || ' minutes'), 30, 'phone', 'rbx')"),
+            SQLStatement("UPDATE patients SET reference = reference || '-' || hex(randomblob(4)) WHERE id = 3"),
+        ]), lsn: primary.appliedLSN.next, term: Term(1))
+        #expect(e.record.kind == .changeset)
+        #expect(e.results[0].rowsAffected == 1 && e.results[0].lastInsertRowID == 1)
+        #expect(e.results[1].rowsAffected == 1)
+        records.append(e.record)
+        try replica.apply(records)
+        #expect(replica.appliedLSN == primary.appliedLSN)
+        #expect(replica.schemaVersion == TelehealthSchema.latestVersion)
+        #expect(try replica.stateHash() == primary.stateHash())
+        let q = try replica.query(SQLStatement("SELECT reference FROM patients WHERE id = 3"))
+        #expect(q.rows == (try primary.query(SQLStatement("SELECT reference FROM patients WHERE id = 3"))).rows)
+        #expect(q.appliedLSN == replica.appliedLSN)
+    }
+
+    /// Re-creates, from the primary's schema migrations, the records it logged for them.
+    func replayable(_ primary: StateStore) throws -> [LogRecord] {
+        TelehealthSchema.migrations.enumerated().map { i, m in
+            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
+        }
+    }
+
+    @Test("schema statements become schema records; a table without a primary key is refused")
+    func schemaRules() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let store = try StateStore.create(directory: dir.sub("p"), clusterID: cluster)
+        let e = try store.execute(WriteBatch([SQLStatement("CREATE TABLE rooms (id INTEGER PRIMARY KEY, label TEXT)")]), lsn: LSN(1), term: Term(1))
+        #expect(e.record.kind == .schema)
+        for sql in ["CREATE TABLE audit (at TEXT, what TEXT)", "CREATE TABLE copy AS SELECT * FROM rooms"] {
+            #expect(throws: StoreError.noPrimaryKey(table: sql.contains("audit") ? "audit" : "copy")) {
+                _ = try store.execute(WriteBatch([SQLStatement(sql)]), lsn: LSN(2), term: Term(1))
+            }
+        }
+        do {
+            _ = try store.execute(WriteBatch([SQLStatement("CREATE TABLE a (id INTEGER PRIMARY KEY)"), SQLStatement("INSERT INTO rooms VALUES (1, 'x')")]),
+                                  lsn: LSN(2), term: Term(1))
+            Issue.record("a mixed batch was accepted")
+        } catch {
+            #expect(error.code == "refused")
+            #expect(error.description.contains("batch of their own"))
+        }
+        #expect(store.appliedLSN == LSN(1))
+        #expect(try store.query(SQLStatement("SELECT count(*) FROM sqlite_schema WHERE name IN ('audit', 'copy', 'a')")).rows == [[.integer(0)]])
+    }
+
+    @Test("what must not pass through SQL is refused with a reason, and nothing changes", arguments: [
+        ("UPDATE tandem_meta SET applied_lsn = 99", "written by Tandem"),
+        ("DELETE FROM tandem_undo", "written by Tandem"),
+        ("DROP TABLE tandem_meta", "belong to Tandem"),
+        ("CREATE INDEX x ON tandem_meta (applied_lsn)", "belong to Tandem"),
+        ("BEGIN", "transaction control"),
+        ("SAVEPOINT s", "transaction control"),
+        ("PRAGMA foreign_keys = OFF", "PRAGMA"),
+        ("ATTACH DATABASE '/tmp/x.db' AS x", "ATTACH"),
+        ("CREATE TEMP TABLE t (id INTEGER PRIMARY KEY)", "temporary"),
+        ("SELECT 1; DELETE FROM patients", "one SQL statement per entry"),
+    ])
+    func refusals(sql: String, reason: String) throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let store = try telehealthStore(dir.sub("p"))
+        _ = try seedPeople(store)
+        let before = try store.stateHash()
+        let lsn = store.appliedLSN
+        do {
+            _ = try store.execute(WriteBatch([SQLStatement(sql)]), lsn: lsn.next, term: Term(1))
+            Issue.record("\(sql) was accepted")
+        } catch {
+            #expect(error.code == "refused", "\(error)")
+            #expect(error.description.contains(reason), "\(error)")
+        }
+        #expect(store.appliedLSN == lsn)
+        #expect(try store.stateHash() == before)
+        #expect(try store.query(SQLStatement("SELECT applied_lsn FROM tandem_meta")).rows == [[.integer(Int64(lsn.rawValue))]])
+    }
+
+    @Test("bad input fails with SQLite's message and a clear code; nothing is half-applied")
+    func badInput() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        var limits = StoreLimits()
+        limits.maxValueBytes = 1000
+        limits.maxStatementBytes = 2000
+        let store = try StateStore.create(directory: dir.sub("p"), clusterID: cluster, limits: limits)
+        for m in TelehealthSchema.migrations { _ = try store.execute(m, lsn: store.appliedLSN.next, term: Term(1)) }
+        _ = try seedPeople(store)
+        let before = try store.stateHash()
+        let lsn = store.appliedLSN
+        let cases: [(WriteBatch, String, String)] = [
+            (WriteBatch([SQLStatement("INSRT INTO patients VALUES (9, 'x')")]), "sql_error", "syntax error"),
+            (WriteBatch([SQLStatement("INSERT INTO patients (id, reference) VALUES (9, 'IPP-9')"),
+                         SQLStatement("INSERT INTO patients (id, reference) VALUES (10, 'IPP-1')")]), "constraint", "UNIQUE constraint failed"),
+            (booking(1, practitioner: 77), "constraint", "FOREIGN KEY constraint failed"),
+            (WriteBatch([SQLStatement("INSERT INTO patients (id, reference) VALUES (?, ?)", [.integer(9)])]), "sql_error", "2 parameters but 1"),
+            (WriteBatch([SQLStatement("SELECT '" + String(repeating: "x", count: 2100) + "'")]), "too_large", "SQL"),
+            (WriteBatch([SQLStatement("INSERT INTO patients (id, reference) VALUES (9, ?)", [.text(String(repeating: "y", count: 1001))])]), "too_large", "value"),
+            (WriteBatch([SQLStatement("INSERT INTO patients (id, reference) VALUES (9, hex(zeroblob(2000)))")]), "too_large", "too big"),
+            (WriteBatch([SQLStatement("SELECT * FROM no_such_table")]), "sql_error", "no such table"),
+            (WriteBatch([]), "refused", "at least one statement"),
+        ]
+        for (batch, code, message) in cases {
+            do {
+                _ = try store.execute(batch, lsn: lsn.next, term: Term(1))
+                Issue.record("accepted: \(batch)")
+            } catch {
+                #expect(error.code == code, "\(error)")
+                #expect(error.description.contains(message), "\(error)")
+            }
+            #expect(store.appliedLSN == lsn)
+        }
+        #expect(try store.stateHash() == before)
+        // The store still works.
+        _ = try store.execute(booking(1), lsn: lsn.next, term: Term(1))
+    }
+
+    @Test("writes pipeline, and an uncommitted tail is undone in reverse order")
+    func pipelineAndRollback() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        try replica.apply(try replayable(primary))
+        var records = [try seedPeople(primary)]
+        for i in 1...10 {
+            records.append(try primary.execute(booking(i, patient: 1 + i % 3, at: "2021-03-10T\(10 + i):00:00Z"), lsn: primary.appliedLSN.next, term: Term(1)).record)
+        }
+        records.append(try primary.execute(WriteBatch([SQLStatement("UPDATE appointments SET status = 'cancelled' WHERE id <= 5"),
+                                                       SQLStatement("DELETE FROM appointments WHERE id = 6")]),
+                                           lsn: primary.appliedLSN.next, term: Term(1)).record)
+        // Records through the 5th booking commit; the rest is a deposed primary's tail.
+        let committed = records[5].lsn
+        primary.markCommitted(through: committed)
+        try replica.apply(Array(records[0...5]))
+        #expect(try primary.undoDepth() == 6)
+        try primary.rollback(to: committed)
+        #expect(primary.appliedLSN == committed)
+        #expect(try primary.stateHash() == replica.stateHash())
+        #expect(throws: StoreError.self) { try primary.rollback(to: LSN(1)) }
+    }
+
+    @Test("a schema change in the uncommitted tail asks for a rebuild")
+    func schemaTailNeedsRebuild() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let lsn = primary.appliedLSN
+        _ = try primary.execute(WriteBatch([SQLStatement("CREATE TABLE rooms (id INTEGER PRIMARY KEY)")]), lsn: lsn.next, term: Term(1))
+        #expect {
+            try primary.rollback(to: lsn)
+        } throws: { ($0 as? StoreError)?.code == "needs_rebuild" }
+    }
+
+    @Test("a crash between applying a changeset and advancing the applied LSN changes nothing: both are one transaction")
+    func crashBetweenChangesetAndLSN() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        var replica: StateStore? = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        try replica?.apply(try replayable(primary))
+        let records = [try seedPeople(primary), try primary.execute(booking(1), lsn: primary.appliedLSN.next, term: Term(1)).record]
+        let before = try replica!.stateHash()
+        struct Crash: Error {}
+        replica?.crashPointAfterChangeset = { lsn in if lsn == records[1].lsn { throw Crash() } }
+        #expect(throws: StoreError.self) { try replica?.apply(records) }
+        #expect(replica?.appliedLSN == LSN(1))
+        #expect(try replica!.stateHash() == before)
+        // The process "dies" and the database is opened again: same state, same LSN.
+        replica = nil
+        let reopened = try StateStore.open(directory: dir.sub("r"), clusterID: cluster)
+        #expect(reopened.appliedLSN == LSN(1))
+        #expect(try reopened.stateHash() == before)
+        try reopened.apply(records)
+        #expect(try reopened.stateHash() == primary.stateHash())
+    }
+
+    @Test("a changeset that does not match this site's rows is divergence, not silently applied")
+    func divergence() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        try replica.apply(try replayable(primary))
+        _ = try seedPeople(primary)
+        // The replica skips the seed record (as if a record were lost) and gets the next.
+        let update = try primary.execute(WriteBatch([SQLStatement("UPDATE practitioners SET name = 'Dr Weber-Roth' WHERE id = 1")]),
+                                         lsn: primary.appliedLSN.next, term: Term(1)).record
+        var shifted = update
+        shifted.lsn = LSN(2)
+        #expect {
+            try replica.apply([shifted])
+        } throws: { ($0 as? StoreError)?.code == "divergence" }
+        #expect(replica.appliedLSN == LSN(1))
+    }
+}
