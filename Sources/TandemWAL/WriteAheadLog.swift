@@ -614,7 +614,8 @@ public final class WriteAheadLog: @unchecked Sendable {
                                                firstLSN: lsn.next, previousTerm: term, isReset: true)
             } catch let e as WALError { throw e } catch { throw WALError.failed("reset: \(error)") }
             for s in old {
-                try unlinkLogged(s.path)
+                // A namesake of the new segment was moved aside above; only that copy goes.
+                if s.firstLSN != lsn.next { try unlinkLogged(s.path) }
                 try unlinkLogged(s.path + ".obsolete")
             }
             try syncDirectory()

@@ -160,6 +160,20 @@ struct WALTests {
         #expect(again.firstLSN == LSN(1001) && again.lastLSN == LSN(1001))
         #expect(again.segmentCount == 1)
     }
+
+    @Test("a reset onto the LSN where an existing segment starts replaces that segment")
+    func resetOntoNamesake() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        try await log.append((1...5).map { record(UInt64($0)) })
+        try log.reset(after: LSN(0), term: Term(3))
+        #expect(log.lastLSN == LSN(0) && log.term(at: LSN(0)) == Term(3))
+        try await log.append([record(1, term: 3)])
+        log.close()
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(try readAll(again) == [record(1, term: 3)])
+    }
 }
 
 final class Counter: @unchecked Sendable {
