@@ -22,7 +22,7 @@ extension WriteAheadLog {
         let all: [String]
         do { all = try fm.contentsOfDirectory(atPath: directory) } catch { throw WALError.io("listing \(directory): \(error)") }
         // Leftovers of interrupted segment creation or rewrite never held durable data.
-        for name in all where name.hasSuffix(".wal.tmp") { try? Durable.unlink(directory + "/" + name) }
+        for name in all where name.hasSuffix(".wal.tmp") || name == spareName { try? Durable.unlink(directory + "/" + name) }
 
         var names = try segmentNames(in: directory)
         var headers: [(name: String, header: WALFormat.SegmentHeader, fd: FileDescriptor)] = []

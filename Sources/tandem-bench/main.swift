@@ -1,1 +1,248 @@
-print("x")
+import ArgumentParser
+import Foundation
+import TandemModel
+import TandemStore
+import TandemWAL
+
+/// Benchmarks. Each result is one JSON object on its own line (machine-readable), with a
+/// readable summary on standard error. Build with `-c release`.
+@main
+struct TandemBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tandem-bench",
+        abstract: "Measure Tandem's storage, log and replication performance.",
+        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self])
+}
+
+struct CommonOptions: ParsableArguments {
+    @Option(help: "Directory for benchmark files (on the disk to measure; removed afterwards).")
+    var dir: String = FileManager.default.currentDirectoryPath + "/.tandem-bench"
+
+    @Flag(help: "A short run, for smoke tests.")
+    var quick = false
+
+    func scratch(_ name: String) throws -> String {
+        let path = dir + "/" + name + "-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+}
+
+/// Prints one result as a JSON line.
+func emit(_ fields: [String: Any]) {
+    var f = fields
+    f["machine"] = ProcessInfo.processInfo.hostName
+    f["cores"] = ProcessInfo.processInfo.activeProcessorCount
+    if let data = try? JSONSerialization.data(withJSONObject: f, options: [.sortedKeys]), let s = String(data: data, encoding: .utf8) {
+        // One write per line, so lines from a killed run are never interleaved.
+        FileHandle.standardOutput.write(Data((s + "\n").utf8))
+    }
+}
+
+func note(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8)) }
+
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    guard !sorted.isEmpty else { return 0 }
+    return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+}
+
+func round3(_ x: Double) -> Double { (x * 1000).rounded() / 1000 }
+
+/// Raw fdatasync latency of a 4 KiB overwrite on a preallocated file, as the log does it.
+func measureFsync(dir: String, samples: Int) throws -> (p50: Double, p99: Double) {
+    let path = dir + "/fsync-probe"
+    let fd = try FileDescriptor(path: path, flags: O_RDWR | O_CREAT | O_TRUNC)
+    defer { unlink(path) }
+    let zeros = [UInt8](repeating: 0, count: 1 << 20)
+    for i in 0..<8 { try fd.write(zeros, at: i << 20) }
+    try fd.sync()
+    let block = [UInt8](repeating: 7, count: 4096)
+    var lat: [Double] = []
+    for i in 0..<samples {
+        let t = monotonicNanoseconds()
+        try fd.write(block, at: (i * 4096) % (8 << 20))
+        try fd.syncData()
+        lat.append(Double(monotonicNanoseconds() - t) / 1000)
+    }
+    lat.sort()
+    return (percentile(lat, 0.5), percentile(lat, 0.99))
+}
+
+struct WALBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "wal", abstract: "Group commit: 256-byte records with 1, 16 and 64 concurrent appenders.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Seconds per concurrency level.") var seconds: Double = 3
+    @Flag(help: "Appenders chain their next append from the durability callback instead of awaiting in a task.")
+    var callbacks = false
+
+    func run() async throws {
+        let base = try common.scratch("wal")
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let duration = common.quick ? 0.3 : seconds
+        let fsync = try measureFsync(dir: base, samples: common.quick ? 50 : 500)
+        emit(["bench": "wal.fsync", "fdatasync_p50_us": round3(fsync.p50), "fdatasync_p99_us": round3(fsync.p99)])
+        note("raw fdatasync: p50 \(Int(fsync.p50)) µs, p99 \(Int(fsync.p99)) µs")
+        let payload = [UInt8](repeating: 0x5A, count: 256)
+        for appenders in [1, 16, 64] {
+            let dir = base + "/log-\(appenders)"
+            let log = try WriteAheadLog.create(directory: dir, clusterID: .random())
+            let deadline = monotonicNanoseconds() + UInt64(duration * 1e9)
+            let start = monotonicNanoseconds()
+            let latencies = callbacks ? try await callbackAppenders(log: log, appenders: appenders, deadline: deadline, payload: payload)
+                : try await withThrowingTaskGroup(of: [Double].self) { group in
+                for _ in 0..<appenders {
+                    group.addTask {
+                        var lat: [Double] = []
+                        while monotonicNanoseconds() < deadline {
+                            let t = monotonicNanoseconds()
+                            try await log.append(term: Term(1), kind: .changeset, payload: payload)
+                            lat.append(Double(monotonicNanoseconds() - t) / 1000)
+                        }
+                        return lat
+                    }
+                }
+                var all: [Double] = []
+                for try await l in group { all.append(contentsOf: l) }
+                return all.sorted()
+            }
+            let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+            let stats = log.statistics
+            log.close()
+            let rate = Double(latencies.count) / elapsed
+            let efficiency = rate * (fsync.p50 / 1e6) / Double(appenders)
+            emit(["bench": "wal.append", "appenders": appenders, "record_bytes": 256, "records": latencies.count,
+                  "records_per_second": round3(rate), "latency_p50_us": round3(percentile(latencies, 0.5)),
+                  "latency_p99_us": round3(percentile(latencies, 0.99)), "fdatasync_p50_us": round3(fsync.p50),
+                  "group_commit_efficiency": round3(efficiency), "target_efficiency_at_64": 0.7,
+                  "batches": stats.batches, "records_per_batch": round3(Double(stats.records) / Double(max(1, stats.batches))),
+                  "batch_fdatasync_mean_us": round3(Double(stats.fsyncNanoseconds) / Double(max(1, stats.batches)) / 1000)])
+            note("\(appenders) appenders: \(Int(rate)) records/s, p50 \(Int(percentile(latencies, 0.5))) µs, p99 \(Int(percentile(latencies, 0.99))) µs, efficiency \(round3(efficiency)), \(round3(Double(stats.records) / Double(max(1, stats.batches)))) records per batch, batch fdatasync \(Int(Double(stats.fsyncNanoseconds) / Double(max(1, stats.batches)) / 1000)) µs")
+        }
+    }
+}
+
+struct RecoveryBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "recovery", abstract: "Open (recover) a large log with a warm page cache.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Log size in MiB.") var mebibytes: Int = 1024
+
+    func run() async throws {
+        let dir = try common.scratch("recovery")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let target = (common.quick ? 32 : mebibytes) << 20
+        let cluster = ClusterID.random()
+        let log = try WriteAheadLog.create(directory: dir, clusterID: cluster)
+        let payload = [UInt8](repeating: 0x33, count: 256)
+        var lsn: UInt64 = 0
+        while log.byteSize < target {
+            var batch: [LogRecord] = []
+            for _ in 0..<4096 {
+                lsn += 1
+                batch.append(LogRecord(term: Term(1), lsn: LSN(lsn), kind: .changeset, payload: payload))
+            }
+            try await log.append(batch)
+        }
+        let bytes = log.byteSize
+        log.close()
+        // Warm the page cache, then measure the best of three opens.
+        var best = Double.infinity
+        var records = 0
+        for _ in 0..<(common.quick ? 2 : 4) {
+            let t = monotonicNanoseconds()
+            let opened = try WriteAheadLog.open(directory: dir, clusterID: cluster)
+            let s = Double(monotonicNanoseconds() - t) / 1e9
+            records = opened.recovery.records
+            opened.close()
+            best = min(best, s)
+        }
+        let gbps = Double(bytes) / best / 1e9
+        emit(["bench": "wal.recovery", "log_bytes": bytes, "records": records, "seconds": round3(best),
+              "gigabytes_per_second": round3(gbps), "target_gigabytes_per_second": 1.0, "crc32c_hardware": CRC32C.isHardwareAccelerated])
+        note("recovered \(bytes >> 20) MiB (\(records) records) in \(round3(best)) s: \(round3(gbps)) GB/s")
+    }
+}
+
+struct ApplyBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "apply", abstract: "Changesets of single-row telehealth writes applied per second on a replica.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Records to apply.") var records: Int = 100_000
+    @Option(help: "Records per apply transaction (SiteStorage.applyCommitted uses 4096).") var batch: Int = 4096
+
+    func run() async throws {
+        let dir = try common.scratch("apply")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cluster = ClusterID.random()
+        let count = common.quick ? 5_000 : records
+        let primary = try StateStore.create(directory: dir + "/primary", clusterID: cluster)
+        var log: [LogRecord] = []
+        for m in TelehealthSchema.migrations {
+            log.append(try primary.execute(m, lsn: primary.appliedLSN.next, term: Term(1)).record)
+        }
+        log.append(try primary.execute(WriteBatch([
+            SQLStatement("INSERT INTO practitioners (id, reference, name) VALUES (1, 'RPPS-1', 'Dr Weber')"),
+            SQLStatement("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) INSERT INTO patients (id, reference) SELECT i, 'IPP-' || i FROM n"),
+        ]), lsn: primary.appliedLSN.next, term: Term(1)).record)
+        let setup = log.count
+        for i in 0..<count {
+            let e = try primary.execute(WriteBatch([SQLStatement(
+                "INSERT INTO appointments (practitioner_id, patient_id, starts_at, duration_minutes, mode, booked_at_site) VALUES (1, ?, ?, 20, 'video', 'sbg')",
+                [.integer(Int64(1 + i % 1000)), .text("2021-03-\(10 + i % 18)T\(8 + i % 10):00:00Z")])]), lsn: primary.appliedLSN.next, term: Term(1))
+            log.append(e.record)
+            if i % 1000 == 0 { primary.markCommitted(through: primary.appliedLSN) }
+        }
+        let replica = try StateStore.create(directory: dir + "/replica", clusterID: cluster)
+        try replica.apply(Array(log[0..<setup]))
+        let t = monotonicNanoseconds()
+        var i = setup
+        while i < log.count {
+            let end = min(log.count, i + batch)
+            try replica.apply(Array(log[i..<end]))
+            i = end
+        }
+        let s = Double(monotonicNanoseconds() - t) / 1e9
+        let rate = Double(count) / s
+        let same = try replica.stateHash() == primary.stateHash()
+        emit(["bench": "store.apply", "records": count, "records_per_transaction": batch, "seconds": round3(s),
+              "changesets_per_second": round3(rate), "target_changesets_per_second": 50_000, "replica_hash_matches": same])
+        note("applied \(count) single-row changesets in \(round3(s)) s: \(Int(rate))/s (hash matches: \(same))")
+    }
+}
+
+/// Appenders that issue their next append from the previous one's durability callback:
+/// the event-loop style the daemon uses, without a task hop per append.
+func callbackAppenders(log: WriteAheadLog, appenders: Int, deadline: UInt64, payload: [UInt8]) async throws -> [Double] {
+    final class Shared: @unchecked Sendable {
+        let lock = NSLock()
+        var latencies: [Double] = []
+        var running = 0
+        var failure: (any Error)?
+        var done: CheckedContinuation<Void, Never>?
+    }
+    let shared = Shared()
+    shared.running = appenders
+    @Sendable func next(_ started: UInt64) {
+        log.appendAssigning(term: Term(1), kind: .changeset, payload: payload) { result in
+            let now = monotonicNanoseconds()
+            shared.lock.lock()
+            if case let .failure(e) = result { shared.failure = e }
+            shared.latencies.append(Double(now - started) / 1000)
+            let stop = now >= deadline || shared.failure != nil
+            var finished: CheckedContinuation<Void, Never>?
+            if stop {
+                shared.running -= 1
+                if shared.running == 0 { finished = shared.done }
+            }
+            shared.lock.unlock()
+            if let finished { finished.resume() }
+            if !stop { next(now) }
+        }
+    }
+    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        shared.lock.lock()
+        shared.done = c
+        shared.lock.unlock()
+        for _ in 0..<appenders { next(monotonicNanoseconds()) }
+    }
+    if let f = shared.failure { throw f }
+    return shared.latencies.sorted()
+}
