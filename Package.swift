@@ -35,6 +35,10 @@ let package = Package(
 
         .target(name: "TandemModel", dependencies: ["CCRC32C"], swiftSettings: strict),
         .target(name: "TandemWAL", dependencies: ["TandemModel"], swiftSettings: strict),
+        // The pure protocol core: no I/O, clock, thread, lock or random number inside.
+        .target(name: "TandemCore", dependencies: ["TandemModel"], swiftSettings: strict),
+        // The deterministic disaster simulator: network, clocks, disks and checkers.
+        .target(name: "TandemSimulation", dependencies: ["TandemCore"], swiftSettings: strict),
         .target(
             name: "TandemStore",
             dependencies: ["TandemModel", "TandemWAL", "CSQLite", "CLZ4", "COpenSSL"],
@@ -50,7 +54,7 @@ let package = Package(
             path: "Sources/tandemctl", swiftSettings: strict),
         .executableTarget(
             name: "tandem-sim",
-            dependencies: ["TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TandemSimulation", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandem-sim", swiftSettings: strict),
         .executableTarget(
             name: "tandem-bench",
@@ -59,6 +63,8 @@ let package = Package(
 
         .testTarget(name: "TandemWALTests", dependencies: ["TandemWAL"], swiftSettings: strict),
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),
+        .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
+        .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

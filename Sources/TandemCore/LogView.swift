@@ -1,0 +1,138 @@
+import TandemModel
+
+/// The core's view of its local log: bounds, the term of every LSN (as runs of equal
+/// term), and a bounded cache of recent records for sending to peers. Older records are
+/// read from the log through `LogReadRequest`.
+public struct LogView: Hashable, Sendable {
+    /// First retained LSN (after a snapshot, the one after it).
+    public private(set) var firstLSN: LSN
+    /// Term of the record just before `firstLSN` (the snapshot's).
+    public private(set) var previousTerm: Term
+    public private(set) var lastLSN: LSN
+    public private(set) var lastTerm: Term
+    /// (first LSN of the run, term), ascending; covers firstLSN...lastLSN.
+    private var runs: [Run] = []
+    /// Contiguous records ending at `lastLSN`.
+    private var cache: [LogRecord] = []
+    private var cacheBytes = 0
+
+    struct Run: Hashable, Sendable {
+        var lsn: LSN
+        var term: Term
+    }
+
+    /// An empty log that starts after `lsn` (term `term`): LSN 0, term 0 for a new site.
+    public init(after lsn: LSN = .zero, term: Term = .zero) {
+        firstLSN = lsn.next
+        previousTerm = term
+        lastLSN = lsn
+        lastTerm = term
+    }
+
+    /// A view of an existing log from its records' terms. `records` must be contiguous
+    /// from `firstLSN`; they also fill the cache (trimmed to `maxCachedBytes`).
+    public init(firstLSN: LSN, previousTerm: Term, records: [LogRecord], maxCachedBytes: Int) {
+        self.init(after: firstLSN.previous, term: previousTerm)
+        append(records, maxCachedBytes: maxCachedBytes)
+    }
+
+    /// The term of the record at `lsn`; `previousTerm` just before the first; nil outside.
+    public func term(at lsn: LSN) -> Term? {
+        if lsn == firstLSN.previous { return previousTerm }
+        guard lsn >= firstLSN, lsn <= lastLSN else { return nil }
+        // Runs are few (one per term); search from the end, where lookups cluster.
+        var i = runs.count - 1
+        while i >= 0 {
+            if runs[i].lsn <= lsn { return runs[i].term }
+            i -= 1
+        }
+        return nil
+    }
+
+    /// Whether a log ending at (`lsn`, `term`) is at least as up to date as this one.
+    public func isAtMostAsUpToDate(asLSN lsn: LSN, term: Term) -> Bool {
+        term > lastTerm || (term == lastTerm && lsn >= lastLSN)
+    }
+
+    /// Appends contiguous records.
+    mutating func append(_ records: [LogRecord], maxCachedBytes: Int) {
+        for r in records {
+            precondition(r.lsn == lastLSN.next, "log view: record \(r.lsn) does not follow \(lastLSN)")
+            if runs.last?.term != r.term { runs.append(Run(lsn: r.lsn, term: r.term)) }
+            lastLSN = r.lsn
+            lastTerm = r.term
+            cache.append(r)
+            cacheBytes += r.payload.count + 32
+        }
+        trimCache(maxCachedBytes)
+    }
+
+    /// Drops every record after `lsn`.
+    mutating func truncate(after lsn: LSN) {
+        guard lsn < lastLSN else { return }
+        while let last = runs.last, last.lsn > lsn { runs.removeLast() }
+        while let last = cache.last, last.lsn > lsn {
+            cacheBytes -= last.payload.count + 32
+            cache.removeLast()
+        }
+        lastLSN = lsn
+        lastTerm = term(at: lsn) ?? previousTerm
+    }
+
+    /// Forgets records up to `lsn` (covered by a snapshot).
+    mutating func compact(through lsn: LSN) {
+        guard lsn >= firstLSN, lsn <= lastLSN, let t = term(at: lsn) else { return }
+        previousTerm = t
+        firstLSN = lsn.next
+        while runs.count > 1, runs[1].lsn <= firstLSN { runs.removeFirst() }
+        if !runs.isEmpty { runs[0].lsn = max(runs[0].lsn, firstLSN) }
+        if lsn == lastLSN { runs.removeAll() }
+        if let first = cache.first, first.lsn <= lsn {
+            let drop = cache.prefix { $0.lsn <= lsn }
+            cacheBytes -= drop.reduce(0) { $0 + $1.payload.count + 32 }
+            cache.removeFirst(drop.count)
+        }
+    }
+
+    /// Replaces everything by an empty log continuing after `lsn` (a snapshot install).
+    mutating func reset(after lsn: LSN, term: Term) {
+        self = LogView(after: lsn, term: term)
+    }
+
+    private mutating func trimCache(_ maxBytes: Int) {
+        guard cacheBytes > maxBytes else { return }
+        var drop = 0
+        var bytes = cacheBytes
+        while drop < cache.count - 1, bytes > maxBytes {
+            bytes -= cache[drop].payload.count + 32
+            drop += 1
+        }
+        cache.removeFirst(drop)
+        cacheBytes = bytes
+    }
+
+    /// Records from `from` on, up to `maxBytes` of payload (at least one), if the cache
+    /// holds `from`; nil when they must be read from the log.
+    func cachedRecords(from: LSN, maxBytes: Int) -> [LogRecord]? {
+        guard from <= lastLSN else { return [] }
+        guard let first = cache.first, from >= first.lsn else { return nil }
+        let start = Int(from.rawValue - first.lsn.rawValue)
+        var out: [LogRecord] = []
+        var bytes = 0
+        var i = start
+        while i < cache.count {
+            let r = cache[i]
+            if !out.isEmpty && bytes + r.payload.count > maxBytes { break }
+            out.append(r)
+            bytes += r.payload.count
+            i += 1
+        }
+        return out
+    }
+
+    /// The cached record at `lsn`, if cached.
+    func cachedRecord(at lsn: LSN) -> LogRecord? {
+        guard let first = cache.first, lsn >= first.lsn, lsn <= lastLSN else { return nil }
+        return cache[Int(lsn.rawValue - first.lsn.rawValue)]
+    }
+}
