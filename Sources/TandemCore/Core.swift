@@ -41,6 +41,8 @@ public struct Core: Sendable {
     private var leaseFloorRound: UInt64 = 0
     /// The primary's lease, on its own clock.
     public private(set) var leaseUntil: Instant = 0
+    /// Like the lease, but kept through a switchover: when the majority was last heard.
+    private var quorumContactUntil: Instant = 0
     private var nextHeartbeat: Instant = 0
     private var primarySince: Instant = 0
     private var termStartLSN: LSN = .zero
@@ -73,7 +75,7 @@ public struct Core: Sendable {
         var next: LSN
         /// Probing: one append at a time until the logs are found to match.
         var probing = true
-        var inflight: [(last: LSN, bytes: Int)] = []
+        var inflight: [(last: LSN, bytes: Int, sentAt: Instant)] = []
         var inflightBytes = 0
         var ackedRound: UInt64 = 0
         var readPending = false
@@ -183,9 +185,10 @@ public struct Core: Sendable {
                 broadcastRound()
             }
             // Check-quorum: a primary that has not had a majority's acknowledgement for a
-            // lease steps down, so a minority primary does not linger.
+            // lease steps down, so a minority primary does not linger. (Measured apart from
+            // the lease, which a switchover gives up on purpose.)
             let grace = config.timing.leaseDuration
-            if now >= primarySince + grace && now >= leaseUntil + grace {
+            if now >= primarySince + grace && now >= quorumContactUntil + grace {
                 becomeFollower(term: hardState.term, primary: nil, reason: "no majority for a lease duration (check-quorum)")
             }
         case .follower, .preCandidate, .candidate:
@@ -208,7 +211,7 @@ public struct Core: Sendable {
             case .preVote:
                 // A pre-vote carries the term the candidate would use; it changes nothing.
                 break
-            case .preVoteResponse(granted: true):
+            case .preVoteResponse(granted: true, _, _):
                 break
             case let .vote(_, _, transfer) where !transfer && now < promiseUntil && flaw != .grantVotesDuringLease:
                 // Disruptive-server rule: while this site's promise to a live primary runs,
@@ -229,7 +232,8 @@ public struct Core: Sendable {
                              body: .appendResponse(AppendResponse(success: false, matchLSN: .zero, lastLSN: log.lastLSN, round: 0))),
                      afterPersist: false)
             case .preVote:
-                send(Message(from: id, to: m.from, term: hardState.term, body: .preVoteResponse(granted: false)), afterPersist: false)
+                send(Message(from: id, to: m.from, term: hardState.term,
+                             body: .preVoteResponse(granted: false, lastLSN: log.lastLSN, lastTerm: log.lastTerm)), afterPersist: false)
             case .vote:
                 send(Message(from: id, to: m.from, term: hardState.term,
                              body: .voteResponse(granted: false, lastLSN: log.lastLSN, lastTerm: log.lastTerm)), afterPersist: false)
@@ -241,7 +245,7 @@ public struct Core: Sendable {
 
         switch m.body {
         case let .preVote(lastLSN, lastTerm): onPreVote(m, lastLSN: lastLSN, lastTerm: lastTerm)
-        case let .preVoteResponse(granted): onPreVoteResponse(m, granted: granted)
+        case let .preVoteResponse(granted, lastLSN, lastTerm): onPreVoteResponse(m, granted: granted, lastLSN: lastLSN, lastTerm: lastTerm)
         case let .vote(lastLSN, lastTerm, transfer): onVote(m, lastLSN: lastLSN, lastTerm: lastTerm, transfer: transfer)
         case let .voteResponse(granted, lastLSN, lastTerm): onVoteResponse(m, granted: granted, lastLSN: lastLSN, lastTerm: lastTerm)
         case let .append(a): onAppend(m, a)
@@ -260,7 +264,9 @@ public struct Core: Sendable {
         preVotes = [id]
         votes = []
         refusals = []
-        electionDeadline = randomizedDeadline(after: now + config.timing.leaseDuration)
+        // A pre-vote changes nobody's state, so a refused one is retried soon (a peer's
+        // promise may end a few milliseconds after this site's).
+        electionDeadline = randomizedDeadline(after: now + config.timing.heartbeatInterval / 2)
         if preVotes.count >= config.quorumSize {
             startElection(transfer: false)
             return
@@ -275,14 +281,31 @@ public struct Core: Sendable {
         let upToDate = log.isAtMostAsUpToDate(asLSN: lastLSN, term: lastTerm)
         let leaseRunning = (now < promiseUntil || (role == .primary && now < leaseUntil)) && flaw != .grantVotesDuringLease
         let granted = m.term > hardState.term && upToDate && !leaseRunning
-        send(Message(from: id, to: m.from, term: granted ? m.term : hardState.term, body: .preVoteResponse(granted: granted)),
-             afterPersist: false)
+        send(Message(from: id, to: m.from, term: granted ? m.term : hardState.term,
+                     body: .preVoteResponse(granted: granted, lastLSN: log.lastLSN, lastTerm: log.lastTerm)), afterPersist: false)
     }
 
-    private mutating func onPreVoteResponse(_ m: Message, granted: Bool) {
-        guard role == .preCandidate, granted, m.term == Term(hardState.term.rawValue + 1) else { return }
-        preVotes.insert(m.from)
-        if preVotes.count >= config.quorumSize { startElection(transfer: false) }
+    private mutating func onPreVoteResponse(_ m: Message, granted: Bool, lastLSN: LSN, lastTerm: Term) {
+        guard role == .preCandidate else { return }
+        if granted {
+            guard m.term == Term(hardState.term.rawValue + 1) else { return }
+            preVotes.insert(m.from)
+            if preVotes.count >= config.quorumSize { startElection(transfer: false) }
+            return
+        }
+        refusals.insert(m.from)
+        fetchIfBehind(m.from, lastLSN: lastLSN, lastTerm: lastTerm)
+    }
+
+    /// When a voter refused because it holds records this site lacks (typically a
+    /// witness after the primary's datacenter was lost), fetch them from it, then ask again.
+    private mutating func fetchIfBehind(_ peer: SiteID, lastLSN: LSN, lastTerm: Term) {
+        let ahead = log.isAtMostAsUpToDate(asLSN: lastLSN, term: lastTerm) && !(lastTerm == log.lastTerm && lastLSN == log.lastLSN)
+        guard ahead, fetchingFrom == nil else { return }
+        fetchingFrom = peer
+        electionDeadline = max(electionDeadline, now + config.timing.leaseDuration)
+        send(Message(from: id, to: peer, term: hardState.term, body: .fetch(prevLSN: log.lastLSN, prevTerm: log.lastTerm)),
+             afterPersist: false)
     }
 
     private mutating func startElection(transfer: Bool) {
@@ -294,7 +317,7 @@ public struct Core: Sendable {
         votes = [id]
         refusals = []
         fetchingFrom = nil
-        electionDeadline = randomizedDeadline(after: now + config.timing.leaseDuration)
+        electionDeadline = randomizedDeadline(after: now + config.timing.heartbeatInterval)
         if votes.count >= config.quorumSize {
             becomePrimary()
             return
@@ -331,17 +354,7 @@ public struct Core: Sendable {
             return
         }
         refusals.insert(m.from)
-        // A voter (typically a witness) refused because it holds records this site lacks:
-        // fetch them, then ask again in the same term.
-        if !log.isAtMostAsUpToDate(asLSN: lastLSN, term: lastTerm) || (lastTerm == log.lastTerm && lastLSN == log.lastLSN) {
-            return
-        }
-        if fetchingFrom == nil {
-            fetchingFrom = m.from
-            electionDeadline = max(electionDeadline, now + config.timing.leaseDuration)
-            send(Message(from: id, to: m.from, term: hardState.term, body: .fetch(prevLSN: log.lastLSN, prevTerm: log.lastTerm)),
-                 afterPersist: false)
-        }
+        fetchIfBehind(m.from, lastLSN: lastLSN, lastTerm: lastTerm)
     }
 
     private mutating func onFetch(_ m: Message, prevLSN: LSN, prevTerm: Term) {
@@ -356,7 +369,7 @@ public struct Core: Sendable {
     }
 
     private mutating func onFetchResponse(_ m: Message, _ r: FetchResponse) {
-        guard role == .candidate, fetchingFrom == m.from else { return }
+        guard role == .candidate || role == .preCandidate, fetchingFrom == m.from else { return }
         if !r.success {
             // Back off to an earlier point where the logs may match.
             let prev = min(r.lastLSN, log.lastLSN)
@@ -377,6 +390,12 @@ public struct Core: Sendable {
             return
         }
         fetchingFrom = nil
+        if role == .preCandidate {
+            // Caught up: a fresh pre-vote, once the fetched records are durable (the
+            // pre-vote carries this site's last LSN).
+            electionDeadline = now
+            return
+        }
         // Caught up: ask the sites that refused again, once the fetched records are durable.
         for s in refusals {
             send(Message(from: id, to: s, term: hardState.term,
@@ -423,6 +442,7 @@ public struct Core: Sendable {
         roundSentAt = [:]
         leaseFloorRound = 0
         leaseUntil = 0
+        quorumContactUntil = 0
         hadMajority = false
         lostMajorityInTerm = false
         transfer = nil
@@ -492,7 +512,7 @@ public struct Core: Sendable {
                                           commitLSN: commitLSN, round: round))), afterPersist: false)
         if let last = records.last {
             let bytes = records.reduce(0) { $0 + $1.payload.count }
-            p.inflight.append((last.lsn, bytes))
+            p.inflight.append((last.lsn, bytes, now))
             p.inflightBytes += bytes
             p.next = last.lsn.next
         }
@@ -510,7 +530,7 @@ public struct Core: Sendable {
         send(Message(from: id, to: peer, term: hardState.term,
                      body: .append(Append(prevLSN: first.lsn.previous, prevTerm: prevTerm, records: records,
                                           commitLSN: commitLSN, round: round))), afterPersist: false)
-        p.inflight.append((records[records.count - 1].lsn, bytes))
+        p.inflight.append((records[records.count - 1].lsn, bytes, now))
         p.inflightBytes += bytes
         p.next = records[records.count - 1].lsn.next
         progress[peer] = p
@@ -545,6 +565,13 @@ public struct Core: Sendable {
             p.inflight = []
             p.inflightBytes = 0
         }
+        if r.lastLSN < p.next.previous, let oldest = p.inflight.first, oldest.sentAt + config.timing.heartbeatInterval <= now {
+            // The follower's log ends before what was sent long enough ago: those appends
+            // were lost (dropped, or the follower restarted). Send again from its end.
+            p.next = max(p.match.next, r.lastLSN.next)
+            p.inflight = []
+            p.inflightBytes = 0
+        }
         progress[m.from] = p
         updateLeaseState()
         maybeCommit()
@@ -562,8 +589,11 @@ public struct Core: Sendable {
         for s in config.sites where s.id != id { acked.append(progress[s.id]?.ackedRound ?? 0) }
         acked.sort(by: >)
         let quorumRound = acked[config.quorumSize - 1]
-        if quorumRound > leaseFloorRound, let sent = roundSentAt[quorumRound], transfer == nil {
-            leaseUntil = max(leaseUntil, sent + config.timing.primaryLeaseDuration)
+        if let sent = roundSentAt[quorumRound], quorumRound > 0 {
+            quorumContactUntil = max(quorumContactUntil, sent + config.timing.primaryLeaseDuration)
+            if quorumRound > leaseFloorRound, transfer == nil {
+                leaseUntil = max(leaseUntil, sent + config.timing.primaryLeaseDuration)
+            }
         }
         let valid = now < leaseUntil
         if valid && !hadMajority {

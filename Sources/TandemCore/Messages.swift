@@ -22,7 +22,8 @@ public struct Message: Hashable, Sendable, CustomStringConvertible {
     public enum Body: Hashable, Sendable {
         /// "Would you vote for me in the next term?" Changes nothing at the receiver.
         case preVote(lastLSN: LSN, lastTerm: Term)
-        case preVoteResponse(granted: Bool)
+        /// `lastLSN`/`lastTerm`: as for a vote, so a pre-candidate sees who is ahead.
+        case preVoteResponse(granted: Bool, lastLSN: LSN, lastTerm: Term)
         /// A vote request. `transfer` marks a switchover the primary started: voters may
         /// grant it although they promised the (stepping-down) primary their support.
         case vote(lastLSN: LSN, lastTerm: Term, transfer: Bool)
@@ -41,7 +42,7 @@ public struct Message: Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         let b: String = switch body {
         case let .preVote(l, t): "preVote(last \(l)@\(t))"
-        case let .preVoteResponse(g): "preVoteResponse(\(g))"
+        case let .preVoteResponse(g, l, t): "preVoteResponse(\(g), last \(l)@\(t))"
         case let .vote(l, t, x): "vote(last \(l)@\(t)\(x ? ", transfer" : ""))"
         case let .voteResponse(g, l, t): "voteResponse(\(g), last \(l)@\(t))"
         case let .append(a): "append(prev \(a.prevLSN)@\(a.prevTerm), \(a.records.count) records, commit \(a.commitLSN), round \(a.round))"

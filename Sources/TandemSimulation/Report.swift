@@ -24,6 +24,8 @@ extension SimulationResult {
             out.append("  VIOLATIONS:")
             for v in violations { out.append(String(format: "    %8.3f s  [%@] %@", v.timeSeconds, v.invariant, v.detail)) }
             out.append("  replay: tandem-sim <scenario file> --seed \(seed)")
+        }
+        if !passed || verbose {
             out.append("  trace (last \(trace.count) events):")
             for line in trace { out.append("    " + line) }
         }

@@ -78,7 +78,8 @@ final class SimulatedSite {
     var disk = SimLog()  // what survives a crash
     var diskHardState = HardState()
     var pending: [PendingStorage] = []
-    var diskBusyUntil: VirtualTime = 0
+    /// How many of `pending` the fsync in flight covers (0: none in flight).
+    var syncCovering = 0
     var fsyncMS: Double
     var fsyncFails = false
     var diskFull = false
@@ -160,6 +161,7 @@ final class SimulatedSite {
         pausedUntil = nil
         deferred = []
         pending = []
+        syncCovering = 0
         log = disk
         proposals = [:]
         snapshotInFlight = false

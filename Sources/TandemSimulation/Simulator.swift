@@ -71,6 +71,8 @@ public struct Simulator {
     public var flaw: Core.TestingFlaw?
     /// How many trace lines to keep (the last ones are printed with a violation).
     public var traceLimit = 400
+    /// Put every message delivered into the trace too.
+    public var traceMessages = false
 
     public init(scenario: Scenario, seed: UInt64, flaw: Core.TestingFlaw? = nil) {
         self.scenario = scenario
@@ -80,6 +82,7 @@ public struct Simulator {
 
     public func run() -> SimulationResult {
         var world = World(scenario: scenario, seed: seed, flaw: flaw, traceLimit: traceLimit)
+        world.traceMessages = traceMessages
         return world.run()
     }
 }
@@ -91,6 +94,7 @@ struct World {
     let config: ClusterConfig
     let flaw: Core.TestingFlaw?
     let traceLimit: Int
+    var traceMessages = false
     var rng: SeededRandom
     var queue = EventQueue<SimEvent>()
     var now: VirtualTime = 0
@@ -216,6 +220,7 @@ struct World {
             guard let s = sites[m.to], s.up, s.core != nil else { return }
             if s.pausedUntil != nil { s.deferred.append(event); return }
             if isBlocked(m.from, m.to) { return }
+            if traceMessages { note("deliver " + m.description) }
             step(s, .message(m))
         case let .tick(id, epoch):
             guard let s = sites[id], s.epoch == epoch, s.up else { return }
@@ -288,12 +293,7 @@ struct World {
             s.log.append(ready.append)
             s.pending.append(PendingStorage(storageID: storageID, hardState: ready.hardState, truncateAfter: ready.truncateAfter,
                                             append: ready.append, messagesAfterPersist: ready.messagesAfterPersist))
-            if !s.diskFull {
-                let jitter = scenario.disk.fsyncJitterMS > 0 ? Double(rng.next() % 1000) / 1000 * scenario.disk.fsyncJitterMS : 0
-                let done = max(now, s.diskBusyUntil) + VirtualTime((s.fsyncMS + jitter) * 1e6)
-                s.diskBusyUntil = done
-                queue.push(done, .storageDone(site: s.id, epoch: s.epoch))
-            }
+            startSync(s)
         } else {
             for m in ready.messagesAfterPersist { send(m) }
         }
@@ -307,23 +307,37 @@ struct World {
         for peer in ready.snapshotsNeeded { sendSnapshot(from: s, to: peer) }
     }
 
+    /// Group commit, as the log does it: one fsync at a time covers everything submitted
+    /// before it started.
+    mutating func startSync(_ s: SimulatedSite) {
+        guard s.syncCovering == 0, !s.pending.isEmpty, !s.diskFull else { return }
+        s.syncCovering = s.pending.count
+        let jitter = scenario.disk.fsyncJitterMS > 0 ? Double(rng.next() % 1000) / 1000 * scenario.disk.fsyncJitterMS : 0
+        queue.push(now + VirtualTime((s.fsyncMS + jitter) * 1e6), .storageDone(site: s.id, epoch: s.epoch))
+    }
+
     mutating func completeStorage(_ s: SimulatedSite) {
-        guard !s.pending.isEmpty else { return }
+        guard s.syncCovering > 0 else { return }
         if s.fsyncFails {
             // Fail-stop: the process exits on an fsync error; what was not synced is lost.
             mark("\(s.id): fsync error, the site stops (fail-stop)")
             crash(s)
             return
         }
-        let p = s.pending.removeFirst()
-        if let h = p.hardState {
-            s.diskHardState = h
-            checker.persistedTerm(now, site: s.id, term: h.term)
+        let done = s.pending.prefix(s.syncCovering)
+        s.pending.removeFirst(s.syncCovering)
+        s.syncCovering = 0
+        for p in done {
+            if let h = p.hardState {
+                s.diskHardState = h
+                checker.persistedTerm(now, site: s.id, term: h.term)
+            }
+            if let t = p.truncateAfter { s.disk.truncate(after: t) }
+            s.disk.append(p.append)
+            for m in p.messagesAfterPersist { send(m) }
         }
-        if let t = p.truncateAfter { s.disk.truncate(after: t) }
-        s.disk.append(p.append)
-        for m in p.messagesAfterPersist { send(m) }
-        step(s, .persisted(storageID: p.storageID))
+        if let last = done.last { step(s, .persisted(storageID: last.storageID)) }
+        startSync(s)
     }
 
     mutating func applyCommitted(_ s: SimulatedSite, through: LSN) {
@@ -518,11 +532,7 @@ struct World {
         case let .diskFreed(site):
             if let s = sites[SiteID(site)] {
                 s.diskFull = false
-                if s.up && !s.pending.isEmpty {
-                    let done = max(now, s.diskBusyUntil) + VirtualTime(s.fsyncMS * 1e6)
-                    s.diskBusyUntil = done
-                    for _ in s.pending { queue.push(done, .storageDone(site: s.id, epoch: s.epoch)) }
-                }
+                if s.up { startSync(s) }
             }
             label = "disk freed on \(site)"
             lastHealTime = now

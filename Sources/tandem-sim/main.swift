@@ -18,6 +18,8 @@ struct TandemSim: ParsableCommand {
     @Flag(help: "Print JSON (one object per run) instead of the readable timeline.") var json = false
     @Option(help: "Write an SVG picture of the (single) run.") var svg: String?
     @Flag(help: "Show the whole timeline.") var verbose = false
+    @Flag(help: "Trace every delivered message (with a violation, the trace is printed).") var traceMessages = false
+    @Option(help: "Trace lines to keep.") var traceLines = 400
     @Option(help: "Build the core with a deliberate flaw (to see the checkers catch it): \(Core.TestingFlaw.allCases.map(\.rawValue).joined(separator: ", ")).")
     var flaw: String?
 
@@ -41,7 +43,10 @@ struct TandemSim: ParsableCommand {
             var worstRecovery = 0.0
             var scenarioFailures = 0
             for s in list {
-                let result = Simulator(scenario: scenario, seed: s, flaw: flawValue).run()
+                var simulator = Simulator(scenario: scenario, seed: s, flaw: flawValue)
+                simulator.traceMessages = traceMessages
+                simulator.traceLimit = traceLines
+                let result = simulator.run()
                 runs += 1
                 wall += result.wallSeconds
                 virtual += result.virtualSeconds
