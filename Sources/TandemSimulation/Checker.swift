@@ -41,6 +41,13 @@ struct Checker {
         }
     }
 
+    /// A lease read must reflect every write acknowledged before it started.
+    mutating func staleRead(_ t: VirtualTime, site: SiteID, applied: LSN, acknowledged: LSN) {
+        if !allowLeaseOverlap {
+            fail(t, "linearizable-read", "\(site) served a lease read at applied LSN \(applied) after LSN \(acknowledged) was acknowledged")
+        }
+    }
+
     /// At most one primary per term.
     mutating func becamePrimary(_ t: VirtualTime, site: SiteID, term: Term, log: LogView) {
         if let other = primaries[term], other != site {

@@ -6,6 +6,7 @@ extension SimulationResult {
         var out: [String] = []
         out.append("scenario \(scenario), seed \(seed): \(passed ? "PASSED" : "FAILED")")
         out.append(String(format: "  %.0f s simulated in %.3f s (%.0f× real time), %d events", virtualSeconds, wallSeconds, speedup, events))
+        out.append("  lease reads: \(linearizableReads), each checked against every write acknowledged before it")
         out.append("  writes: \(writesProposed) proposed, \(writesAcknowledged) acknowledged, \(writesLost) acknowledged and lost, \(writesFailed) failed (no primary within 30 s)")
         out.append("  commit LSN \(finalCommitLSN); applied per site: " + finalAppliedLSN.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value) (lag \(finalCommitLSN > $0.value ? finalCommitLSN - $0.value : 0))" }.joined(separator: ", "))
         if failovers.isEmpty {
@@ -38,7 +39,7 @@ extension SimulationResult {
             "scenario": scenario, "seed": seed, "passed": passed,
             "virtual_seconds": virtualSeconds, "wall_seconds": wallSeconds, "speedup": speedup, "events": events,
             "writes_proposed": writesProposed, "writes_acknowledged": writesAcknowledged, "writes_lost": writesLost,
-            "writes_failed": writesFailed, "final_commit_lsn": finalCommitLSN, "final_applied_lsn": finalAppliedLSN,
+            "writes_failed": writesFailed, "linearizable_reads": linearizableReads, "final_commit_lsn": finalCommitLSN, "final_applied_lsn": finalAppliedLSN,
             "failovers": failovers.map { ["from_seconds": $0.fromSeconds, "to_seconds": $0.toSeconds, "recovery_seconds": $0.recoverySeconds,
                                           "new_primary": $0.newPrimary, "term": $0.term] as [String: Any] },
             "violations": violations.map { ["time_seconds": $0.timeSeconds, "invariant": $0.invariant, "detail": $0.detail] as [String: Any] },

@@ -13,6 +13,7 @@ enum SimEvent: Sendable {
     case resume(site: SiteID, epoch: Int)
     case flap(a: SiteID, b: SiteID, down: Bool, period: VirtualTime, until: VirtualTime)
     case clientWrite
+    case clientRead
     case retryWrite(id: Int)
     case sample
 }
@@ -53,6 +54,7 @@ public struct SimulationResult: Sendable {
     public var writesAcknowledged: Int
     public var writesFailed: Int
     public var writesLost: Int
+    public var linearizableReads: Int
     public var finalAppliedLSN: [String: UInt64]
     public var finalCommitLSN: UInt64
     public var lanes: [Lane]
@@ -114,6 +116,8 @@ struct World {
     var waiting: [Int: VirtualTime] = [:]  // write id → first attempt
     var proposed = 0
     var acknowledgedCount = 0
+    var highestAcknowledged = LSN.zero
+    var reads = 0
     var failed = 0
 
     // Reporting.
@@ -174,7 +178,10 @@ struct World {
         let wallStart = monotonicNanoseconds()
         for id in order { start(id) }
         for f in scenario.faults { queue.push(VirtualTime(f.atSeconds * 1e9), .fault(f.action)) }
-        if scenario.workload.writesPerSecond > 0 { scheduleNextWrite() }
+        if scenario.workload.writesPerSecond > 0 {
+            scheduleNextWrite()
+            scheduleNextRead()
+        }
         queue.push(0, .sample)
         let end = VirtualTime(scenario.durationSeconds * 1e9)
         let stopWrites = VirtualTime(max(0, scenario.durationSeconds - Self.settleSeconds) * 1e9)
@@ -255,6 +262,9 @@ struct World {
             } else {
                 setLink(a, b, down: false)
             }
+        case .clientRead:
+            if workloadOn { linearizableRead() }
+            scheduleNextRead()
         case .clientWrite:
             if workloadOn {
                 nextWriteID += 1
@@ -650,7 +660,29 @@ struct World {
 
     mutating func acknowledge(_ writeID: Int, record: LogRecord) {
         acknowledgedCount += 1
+        highestAcknowledged = max(highestAcknowledged, record.lsn)
         checker.acknowledge(now, record: record)
+    }
+
+    mutating func scheduleNextRead() {
+        let rate = scenario.workload.writesPerSecond
+        guard rate > 0 else { return }
+        let u = max(1e-12, Double(rng.next() >> 11) / Double(1 << 53))
+        queue.push(now + VirtualTime(-log(u) / rate * 1e9), .clientRead)
+    }
+
+    /// A linearizable read goes where the load balancer sends it (the site answering
+    /// /primary) and is served from its lease: it must reflect every write acknowledged
+    /// before it started.
+    mutating func linearizableRead() {
+        for id in order {
+            guard let s = sites[id], s.up, s.pausedUntil == nil, let until = s.leaseUntil, s.localTime(now) < until else { continue }
+            reads += 1
+            if s.appliedLSN < highestAcknowledged {
+                checker.staleRead(now, site: id, applied: s.appliedLSN, acknowledged: highestAcknowledged)
+            }
+            return
+        }
     }
 
     // MARK: Invariants over time
@@ -707,7 +739,7 @@ struct World {
             scenario: scenario.name, seed: seed, virtualSeconds: scenario.durationSeconds, wallSeconds: wall, events: events,
             violations: checker.violations.map { .init(timeSeconds: Double($0.time) / 1e9, invariant: $0.invariant, detail: $0.detail) },
             trace: Array(trace.suffix(traceLimit)), timeline: timeline, failovers: failovers,
-            writesProposed: proposed, writesAcknowledged: acknowledgedCount, writesFailed: failed, writesLost: lost,
+            writesProposed: proposed, writesAcknowledged: acknowledgedCount, writesFailed: failed, writesLost: lost, linearizableReads: reads,
             finalAppliedLSN: Dictionary(uniqueKeysWithValues: order.compactMap { id in sites[id].map { (id.name, $0.appliedLSN.rawValue) } }),
             finalCommitLSN: sites.values.filter(\.up).map(\.commitLSN.rawValue).max() ?? 0,
             lanes: order.map { SimulationResult.Lane(site: $0.name, states: lanes[$0] ?? []) },

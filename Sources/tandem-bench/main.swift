@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TandemModel
+import TandemSimulation
 import TandemStore
 import TandemWAL
 
@@ -11,7 +12,7 @@ struct TandemBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tandem-bench",
         abstract: "Measure Tandem's storage, log and replication performance.",
-        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self])
+        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self, SimBench.self])
 }
 
 struct CommonOptions: ParsableArguments {
@@ -245,4 +246,29 @@ func callbackAppenders(log: WriteAheadLog, appenders: Int, deadline: UInt64, pay
     }
     if let f = shared.failure { throw f }
     return shared.latencies.sorted()
+}
+
+struct SimBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "sim", abstract: "Simulator speed: virtual seconds per wall second for a three-site scenario.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Scenario file.") var scenario = "Simulations/strasbourg-fire.json"
+    @Option(help: "Seeds to run.") var seeds = 50
+
+    func run() async throws {
+        let s = try Scenario.load(path: scenario)
+        let count = common.quick ? 3 : seeds
+        var virtual = 0.0, wall = 0.0, events = 0, failed = 0
+        for seed in 1...UInt64(count) {
+            let r = Simulator(scenario: s, seed: seed).run()
+            virtual += r.virtualSeconds
+            wall += r.wallSeconds
+            events += r.events
+            if !r.passed { failed += 1 }
+        }
+        let speedup = virtual / max(wall, 1e-9)
+        emit(["bench": "sim.speed", "scenario": s.name, "sites": s.sites.count, "seeds": count, "virtual_seconds": round3(virtual),
+              "wall_seconds": round3(wall), "speedup": round3(speedup), "events_per_second": round3(Double(events) / max(wall, 1e-9)),
+              "target_speedup": 1000, "failed_runs": failed])
+        note("\(s.name): \(count) seeds, \(Int(virtual)) s simulated in \(round3(wall)) s: \(Int(speedup))× real time, \(failed) failed")
+    }
 }

@@ -197,3 +197,20 @@ struct CoreTests {
         #expect(c.cores["b"]!.log.term(at: last) != nil, "b fetched the committed records from the witness")
     }
 }
+
+@Suite("Read-your-writes gate")
+struct ReadGateTests {
+    @Test("a read waits until its LSN is applied, or its deadline, within a bound on waiting reads")
+    func gate() {
+        var g = ReadGate<Int>(maxWaiting: 2)
+        #expect(g.wait(1, minLSN: LSN(5), appliedLSN: LSN(5), deadline: 100) == .ready)
+        #expect(g.wait(2, minLSN: LSN(7), appliedLSN: LSN(5), deadline: 100) == .waiting)
+        #expect(g.wait(3, minLSN: LSN(9), appliedLSN: LSN(5), deadline: 50) == .waiting)
+        #expect(g.wait(4, minLSN: LSN(9), appliedLSN: LSN(5), deadline: 50) == .refused(limit: 2))
+        #expect(g.applied(LSN(6)).isEmpty)
+        #expect(g.applied(LSN(8)) == [2])
+        #expect(g.expire(now: 49).isEmpty)
+        #expect(g.expire(now: 50) == [3])
+        #expect(g.count == 0)
+    }
+}
