@@ -32,6 +32,8 @@ public struct Core: Sendable {
     private var votes: Set<SiteID> = []
     private var refusals: Set<SiteID> = []
     private var fetchingFrom: SiteID?
+    /// Fetches this site answers from its log (not its cache): peer → where they matched.
+    private var servingFetch: [SiteID: (prevLSN: LSN, prevTerm: Term)] = [:]
 
     // Primary state.
     private var progress: [SiteID: PeerProgress] = [:]
@@ -41,8 +43,9 @@ public struct Core: Sendable {
     private var leaseFloorRound: UInt64 = 0
     /// The primary's lease, on its own clock.
     public private(set) var leaseUntil: Instant = 0
-    /// Like the lease, but kept through a switchover: when the majority was last heard.
-    private var quorumContactUntil: Instant = 0
+    /// Send time of the last round a majority acknowledged (kept through a switchover,
+    /// which gives up the lease but not the majority): check-quorum counts from it.
+    private var quorumContactSentAt: Instant = 0
     private var nextHeartbeat: Instant = 0
     private var primarySince: Instant = 0
     private var termStartLSN: LSN = .zero
@@ -50,9 +53,11 @@ public struct Core: Sendable {
     private var lostMajorityInTerm = false
     private var transfer: Transfer?
     private var needsBroadcast = false
+    private var pendingReads: [(id: UInt64, lsn: LSN, round: UInt64)] = []
+    private var needsReadRound = false
 
     // Follower state.
-    private var pendingAck: (primary: SiteID, match: LSN, round: UInt64)?
+    private var pendingAck: (primary: SiteID, term: Term, match: LSN, round: UInt64)?
     private var emittedCommit: LSN
 
     /// A deliberate bug, for showing that the simulator's checkers catch one. Never set
@@ -79,6 +84,7 @@ public struct Core: Sendable {
         var inflightBytes = 0
         var ackedRound: UInt64 = 0
         var readPending = false
+        var readRequestedAt: Instant = 0
         var needsSnapshot = false
         var snapshotRequestedAt: Instant = 0
         var lastContact: Instant = 0
@@ -149,6 +155,7 @@ public struct Core: Sendable {
         case let .compacted(through): log.compact(through: min(through, commitLSN))
         case let .snapshotInstalled(lsn, term): snapshotInstalled(lsn: lsn, term: term)
         case let .transferLeadership(target): startTransfer(to: target)
+        case let .readIndex(readID): readIndex(readID)
         }
         return takeReady()
     }
@@ -181,14 +188,24 @@ public struct Core: Sendable {
             updateLeaseState()
             if let t = transfer, now >= t.deadline {
                 transfer = nil
+                if t.timeoutSent {
+                    // The target may still campaign with the transfer flag, which voters
+                    // grant despite their promises: this site must never hold a lease in
+                    // this term again, so it steps down instead of resuming.
+                    ready.roleChanges.append(.switchoverAborted(to: t.target, reason: "timed out after the hand-over was sent; stepping down"))
+                    becomeFollower(term: hardState.term, primary: nil, reason: "switchover to \(t.target) timed out")
+                    return
+                }
                 ready.roleChanges.append(.switchoverAborted(to: t.target, reason: "timed out"))
+                // Only rounds sent from now on count toward a new lease.
+                leaseFloorRound = round
                 broadcastRound()
             }
             // Check-quorum: a primary that has not had a majority's acknowledgement for a
             // lease steps down, so a minority primary does not linger. (Measured apart from
             // the lease, which a switchover gives up on purpose.)
             let grace = config.timing.leaseDuration
-            if now >= primarySince + grace && now >= quorumContactUntil + grace {
+            if now >= max(primarySince, quorumContactSentAt) + grace {
                 becomeFollower(term: hardState.term, primary: nil, reason: "no majority for a lease duration (check-quorum)")
             }
         case .follower, .preCandidate, .candidate:
@@ -213,7 +230,8 @@ public struct Core: Sendable {
                 break
             case .preVoteResponse(granted: true, _, _):
                 break
-            case let .vote(_, _, transfer) where !transfer && now < promiseUntil && flaw != .grantVotesDuringLease:
+            case let .vote(_, _, transfer) where !transfer && (now < promiseUntil || (role == .primary && now < leaseUntil))
+                && flaw != .grantVotesDuringLease:
                 // Disruptive-server rule: while this site's promise to a live primary runs,
                 // a vote request does not even raise its term.
                 send(Message(from: id, to: m.from, term: hardState.term,
@@ -264,6 +282,7 @@ public struct Core: Sendable {
         preVotes = [id]
         votes = []
         refusals = []
+        fetchingFrom = nil
         // A pre-vote changes nobody's state, so a refused one is retried soon (a peer's
         // promise may end a few milliseconds after this site's).
         electionDeadline = randomizedDeadline(after: now + config.timing.heartbeatInterval / 2)
@@ -361,9 +380,15 @@ public struct Core: Sendable {
         let reply: FetchResponse
         if let t = log.term(at: prevLSN), t == prevTerm,
            let records = log.cachedRecords(from: prevLSN.next, maxBytes: config.limits.maxMessageBytes) {
-            reply = FetchResponse(success: true, prevLSN: prevLSN, records: Array(records.prefix { $0.lsn <= durableLSN }), lastLSN: log.lastLSN)
+            reply = FetchResponse(success: true, prevLSN: prevLSN, prevTerm: prevTerm, records: Array(records.prefix { $0.lsn <= durableLSN }),
+                                  lastLSN: log.lastLSN)
+        } else if let t = log.term(at: prevLSN), t == prevTerm, prevLSN < log.lastLSN {
+            // Matching, but older than the cache: read the records from the log.
+            servingFetch[m.from] = (prevLSN, prevTerm)
+            ready.logReads.append(LogReadRequest(peer: m.from, from: prevLSN.next, maxBytes: config.limits.maxMessageBytes))
+            return
         } else {
-            reply = FetchResponse(success: false, prevLSN: prevLSN, records: [], lastLSN: min(log.lastLSN, prevLSN.previous))
+            reply = FetchResponse(success: false, prevLSN: prevLSN, prevTerm: prevTerm, records: [], lastLSN: min(log.lastLSN, prevLSN.previous))
         }
         send(Message(from: id, to: m.from, term: hardState.term, body: .fetchResponse(reply)), afterPersist: false)
     }
@@ -380,7 +405,8 @@ public struct Core: Sendable {
             send(Message(from: id, to: m.from, term: hardState.term, body: .fetch(prevLSN: prev, prevTerm: t)), afterPersist: false)
             return
         }
-        guard let prevTerm = log.term(at: r.prevLSN), acceptRecords(after: r.prevLSN, prevTerm: prevTerm, r.records) != nil else {
+        // The lender matched our log at prevLSN with prevTerm: it must still match here.
+        guard log.term(at: r.prevLSN) == r.prevTerm, acceptRecords(after: r.prevLSN, prevTerm: r.prevTerm, r.records) != nil else {
             fetchingFrom = nil
             return
         }
@@ -417,8 +443,10 @@ public struct Core: Sendable {
             hardState.term = term
             hardState.votedFor = nil
             ready.hardState = hardState
+            pendingAck = nil
         }
         role = .follower
+        if primary != primaryID { pendingAck = nil }
         primaryID = primary
         progress = [:]
         transfer = nil
@@ -426,6 +454,9 @@ public struct Core: Sendable {
         leaseUntil = 0
         if wasPrimary {
             ready.roleChanges.append(.steppedDown(term: hardState.term, reason: reason))
+            ready.readsFailed.append(contentsOf: pendingReads.map(\.id))
+            pendingReads = []
+            needsReadRound = false
         }
         electionDeadline = randomizedDeadline(after: max(promiseUntil, now + config.timing.leaseDuration))
     }
@@ -442,7 +473,7 @@ public struct Core: Sendable {
         roundSentAt = [:]
         leaseFloorRound = 0
         leaseUntil = 0
-        quorumContactUntil = 0
+        quorumContactSentAt = 0
         hadMajority = false
         lostMajorityInTerm = false
         transfer = nil
@@ -495,8 +526,10 @@ public struct Core: Sendable {
                 ready.snapshotsNeeded.append(peer)
             } else if let cached = log.cachedRecords(from: p.next, maxBytes: limits.maxMessageBytes) {
                 records = cached
-            } else if !p.readPending {
+            } else if !p.readPending || now >= p.readRequestedAt + 2 * config.timing.heartbeatInterval {
+                // (A read that never came back is asked again.)
                 p.readPending = true
+                p.readRequestedAt = now
                 ready.logReads.append(LogReadRequest(peer: peer, from: p.next, maxBytes: limits.maxMessageBytes))
             }
         }
@@ -519,6 +552,16 @@ public struct Core: Sendable {
     }
 
     private mutating func logRead(peer: SiteID, records: [LogRecord]) {
+        if role != .primary, let f = servingFetch.removeValue(forKey: peer) {
+            // Records a lagging candidate fetches from this site, read from the log.
+            let valid = log.term(at: f.prevLSN) == f.prevTerm && records.first?.lsn == f.prevLSN.next
+                && records.allSatisfy { log.term(at: $0.lsn) == $0.term && $0.lsn <= durableLSN }
+            let reply = valid
+                ? FetchResponse(success: true, prevLSN: f.prevLSN, prevTerm: f.prevTerm, records: records, lastLSN: log.lastLSN)
+                : FetchResponse(success: false, prevLSN: f.prevLSN, prevTerm: f.prevTerm, records: [], lastLSN: min(log.lastLSN, f.prevLSN.previous))
+            send(Message(from: id, to: peer, term: hardState.term, body: .fetchResponse(reply)), afterPersist: false)
+            return
+        }
         guard role == .primary, var p = progress[peer] else { return }
         p.readPending = false
         progress[peer] = p
@@ -565,10 +608,14 @@ public struct Core: Sendable {
             p.inflight = []
             p.inflightBytes = 0
         }
-        if r.lastLSN < p.next.previous, let oldest = p.inflight.first, oldest.sentAt + config.timing.heartbeatInterval <= now {
-            // The follower's log ends before what was sent long enough ago: those appends
-            // were lost (dropped, or the follower restarted). Send again from its end.
-            p.next = max(p.match.next, r.lastLSN.next)
+        if let oldest = p.inflight.first, oldest.last > p.match,
+           (r.lastLSN < p.next.previous && oldest.sentAt + config.timing.heartbeatInterval <= now)
+            || oldest.sentAt + 2 * config.timing.heartbeatInterval <= now {
+            // Appends sent a while ago are unacknowledged and the follower's log ends
+            // before them, or no answer came for two heartbeats: the appends or their
+            // answers were lost (dropped, or the follower restarted). Send again from the
+            // last point known to match; the follower skips what it already has.
+            p.next = p.match.next
             p.inflight = []
             p.inflightBytes = 0
         }
@@ -589,8 +636,9 @@ public struct Core: Sendable {
         for s in config.sites where s.id != id { acked.append(progress[s.id]?.ackedRound ?? 0) }
         acked.sort(by: >)
         let quorumRound = acked[config.quorumSize - 1]
+        releaseReads(quorumRound: quorumRound)
         if let sent = roundSentAt[quorumRound], quorumRound > 0 {
-            quorumContactUntil = max(quorumContactUntil, sent + config.timing.primaryLeaseDuration)
+            quorumContactSentAt = max(quorumContactSentAt, sent)
             if quorumRound > leaseFloorRound, transfer == nil {
                 leaseUntil = max(leaseUntil, sent + config.timing.primaryLeaseDuration)
             }
@@ -687,7 +735,7 @@ public struct Core: Sendable {
                  afterPersist: false)
         } else {
             // Acknowledge once the records are durable (see `persisted`).
-            pendingAck = (m.from, matched, a.round)
+            pendingAck = (m.from, hardState.term, matched, a.round)
         }
     }
 
@@ -728,6 +776,8 @@ public struct Core: Sendable {
     }
 
     private mutating func snapshotInstalled(lsn: LSN, term: Term) {
+        // An older snapshot than what the log already covers changes nothing.
+        guard lsn > log.firstLSN.previous else { return }
         guard lsn > log.lastLSN || log.term(at: lsn) != term else {
             log.compact(through: lsn)
             return
@@ -753,13 +803,40 @@ public struct Core: Sendable {
             maybeCommit()
         } else {
             emitCommit()
-            if let ack = pendingAck, ack.primary == primaryID, role == .follower {
+            if let ack = pendingAck, ack.primary == primaryID, ack.term == hardState.term, role == .follower {
                 let match = min(ack.match, durableLSN)
                 if match == ack.match { pendingAck = nil }
                 send(Message(from: id, to: ack.primary, term: hardState.term,
                              body: .appendResponse(AppendResponse(success: true, matchLSN: match, lastLSN: log.lastLSN, round: ack.round))),
                      afterPersist: false)
             }
+        }
+    }
+
+    // MARK: Reads that do not trust clocks
+
+    /// ReadIndex: remember the commit LSN now, start a round, and answer once a majority
+    /// acknowledged that round (so no newer primary existed when the read began).
+    private mutating func readIndex(_ readID: UInt64) {
+        guard role == .primary, commitLSN >= termStartLSN else {
+            ready.readsFailed.append(readID)
+            return
+        }
+        if config.quorumSize == 1 {
+            ready.readsReady.append((readID, commitLSN))
+            return
+        }
+        // The round that confirms it goes out when this step's Ready is taken (one round
+        // for all the reads of a step).
+        pendingReads.append((readID, commitLSN, round + 1))
+        needsReadRound = true
+    }
+
+    private mutating func releaseReads(quorumRound: UInt64) {
+        guard !pendingReads.isEmpty else { return }
+        while let first = pendingReads.first, first.round <= quorumRound {
+            ready.readsReady.append((first.id, first.lsn))
+            pendingReads.removeFirst()
         }
     }
 
@@ -794,6 +871,10 @@ public struct Core: Sendable {
     }
 
     private mutating func takeReady() -> Ready {
+        if needsReadRound {
+            needsReadRound = false
+            if role == .primary { broadcastRound() }
+        }
         if needsBroadcast && role == .primary {
             needsBroadcast = false
             for peer in progress.keys.sorted() { sendAppend(to: peer, heartbeat: false) }

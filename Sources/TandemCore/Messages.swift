@@ -94,13 +94,16 @@ public struct AppendResponse: Hashable, Sendable {
 public struct FetchResponse: Hashable, Sendable {
     public var success: Bool
     public var prevLSN: LSN
+    /// The term at prevLSN the responder matched: the fetcher checks it still holds.
+    public var prevTerm: Term
     public var records: [LogRecord]
     /// The responder's last LSN (where to retry after a refusal).
     public var lastLSN: LSN
 
-    public init(success: Bool, prevLSN: LSN, records: [LogRecord], lastLSN: LSN) {
+    public init(success: Bool, prevLSN: LSN, prevTerm: Term, records: [LogRecord], lastLSN: LSN) {
         self.success = success
         self.prevLSN = prevLSN
+        self.prevTerm = prevTerm
         self.records = records
         self.lastLSN = lastLSN
     }
@@ -156,6 +159,10 @@ public enum CoreEvent: Hashable, Sendable {
     case snapshotInstalled(lsn: LSN, term: Term)
     /// Start a switchover to `target`.
     case transferLeadership(to: SiteID)
+    /// A linearizable read that does not trust clocks (etcd's ReadIndex): answered in
+    /// `Ready.readsReady` with the commit LSN to wait for, once a majority has confirmed
+    /// this site is still primary, or in `readsFailed`.
+    case readIndex(id: UInt64)
 }
 
 /// Everything the core wants done after one input, in the order the driver must do it:
@@ -176,13 +183,17 @@ public struct Ready: Sendable {
     public var roleChanges: [RoleChange] = []
     public var logReads: [LogReadRequest] = []
     public var snapshotsNeeded: [SiteID] = []
+    /// ReadIndex reads confirmed: serve each once the applied LSN reaches its LSN.
+    public var readsReady: [(id: UInt64, lsn: LSN)] = []
+    /// ReadIndex reads that cannot be confirmed here (not primary, or deposed).
+    public var readsFailed: [UInt64] = []
 
     public init() {}
 
     public var hasStorageWork: Bool { hardState != nil || truncateAfter != nil || !append.isEmpty }
     public var isEmpty: Bool {
         !hasStorageWork && messages.isEmpty && messagesAfterPersist.isEmpty && committedThrough == nil
-            && roleChanges.isEmpty && logReads.isEmpty && snapshotsNeeded.isEmpty
+            && roleChanges.isEmpty && logReads.isEmpty && snapshotsNeeded.isEmpty && readsReady.isEmpty && readsFailed.isEmpty
     }
 }
 

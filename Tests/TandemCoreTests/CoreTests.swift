@@ -214,3 +214,34 @@ struct ReadGateTests {
         #expect(g.count == 0)
     }
 }
+
+@Suite("Reads without clocks")
+struct ReadIndexTests {
+    @Test("a ReadIndex read is confirmed by a majority round, and refused on a site that is not primary")
+    func readIndex() throws {
+        var c = try Cluster(["a", "b", "c"])
+        c.run(milliseconds: 3000)
+        let p = try #require(c.primaries.first)
+        let f = try #require(["a", "b", "c"].map { SiteID($0) }.first { $0 != p })
+        let lsn = try c.propose(p, "visible to the read")
+        c.deliverAll()
+        var core = c.cores[p]!
+        let ready = core.step(.readIndex(id: 1), at: c.now, entropy: 1)
+        c.cores[p] = core
+        #expect(ready.readsReady.isEmpty, "not before a majority confirmed the round")
+        var confirmed: [(id: UInt64, lsn: LSN)] = []
+        for m in ready.messages { c.mailbox.append(m) }
+        // Deliver by hand and watch the primary's answers.
+        while !c.mailbox.isEmpty {
+            let m = c.mailbox.removeFirst()
+            guard var target = c.cores[m.to] else { continue }
+            let r = target.step(.message(m), at: c.now, entropy: 1)
+            c.cores[m.to] = target
+            confirmed.append(contentsOf: r.readsReady)
+            c.mailbox.append(contentsOf: r.messages + r.messagesAfterPersist)
+        }
+        #expect(confirmed.count == 1 && confirmed[0].id == 1 && confirmed[0].lsn >= lsn)
+        var follower = c.cores[f]!
+        #expect(follower.step(.readIndex(id: 2), at: c.now, entropy: 1).readsFailed == [2])
+    }
+}
