@@ -131,7 +131,7 @@ public struct Core: Sendable {
     }
 
     /// Whether a proposal would be accepted now.
-    public var isAcceptingProposals: Bool { role == .primary && transfer == nil }
+    public var isAcceptingProposals: Bool { role == .primary && transfer == nil && now < leaseUntil }
 
     /// What the primary knows of a peer: (match LSN, last contact), for status pages.
     public func peerState(_ peer: SiteID) -> (match: LSN, lastContact: Instant)? {
@@ -166,6 +166,9 @@ public struct Core: Sendable {
         now = max(now, time)
         guard role == .primary else { throw .notPrimary(knownPrimary: primaryID) }
         guard transfer == nil else { throw .switchoverInProgress }
+        // No new write is taken without a lease: a primary that may already have been
+        // replaced stops accepting writes before its lease can have expired anywhere.
+        guard now < leaseUntil else { throw .noLease }
         let uncommitted = Int(log.lastLSN.rawValue - commitLSN.rawValue)
         guard uncommitted < config.limits.maxUncommittedRecords else { throw .tooManyUncommitted(limit: config.limits.maxUncommittedRecords) }
         if case let .async(maxLag) = config.commitPolicy, config.sites.count > 1 {

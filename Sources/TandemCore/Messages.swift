@@ -201,6 +201,8 @@ public struct Ready: Sendable {
 public enum ProposalError: Error, Hashable, Sendable, CustomStringConvertible {
     case notPrimary(knownPrimary: SiteID?)
     case switchoverInProgress
+    /// The primary has no valid lease (just elected, or cut off from the majority).
+    case noLease
     case tooManyUncommitted(limit: Int)
     case replicasTooFarBehind(lagRecords: UInt64, limit: UInt64)
 
@@ -208,6 +210,7 @@ public enum ProposalError: Error, Hashable, Sendable, CustomStringConvertible {
         switch self {
         case let .notPrimary(p): "this site is not the primary" + (p.map { " (the primary is \($0))" } ?? " (no primary known)")
         case .switchoverInProgress: "a switchover is in progress"
+        case .noLease: "the primary holds no valid lease (just elected, or cut off from the majority)"
         case let .tooManyUncommitted(limit): "more than \(limit) records await commit"
         case let .replicasTooFarBehind(lag, limit): "replicas trail by \(lag) records, beyond the async limit of \(limit)"
         }
