@@ -37,6 +37,8 @@ let package = Package(
         .target(name: "TandemWAL", dependencies: ["TandemModel"], swiftSettings: strict),
         // The pure protocol core: no I/O, clock, thread, lock or random number inside.
         .target(name: "TandemCore", dependencies: ["TandemModel"], swiftSettings: strict),
+        // Peer transport: mutual TLS (system OpenSSL), framing, LZ4 record batches.
+        .target(name: "TandemTransport", dependencies: ["TandemCore", "COpenSSL", "CLZ4"], swiftSettings: strict),
         // The deterministic disaster simulator: network, clocks, disks and checkers.
         // Single-threaded and hot: dynamic exclusivity checks on its classes cost ~6% of a run.
         .target(name: "TandemSimulation", dependencies: ["TandemCore"],
@@ -66,6 +68,7 @@ let package = Package(
         .testTarget(name: "TandemWALTests", dependencies: ["TandemWAL"], swiftSettings: strict),
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
+        .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

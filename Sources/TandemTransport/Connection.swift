@@ -1,0 +1,263 @@
+import Foundation
+import Glibc
+import TandemCore
+import TandemModel
+
+/// Counters of the transport, by reason, for /metrics.
+public final class TransportMetrics: @unchecked Sendable {
+    // All fields guarded by `lock`.
+    private let lock = NSLock()
+    private var failures: [HandshakeFailure: Int] = [:]
+    private var closes: [String: Int] = [:]
+    private var wire = WireStatistics()
+    private var sentFrames = 0
+    private var receivedFrames = 0
+    private var dropped = 0
+
+    public init() {}
+
+    func handshakeFailed(_ reason: HandshakeFailure) { lock.withLock { failures[reason, default: 0] += 1 } }
+    func closed(_ reason: String) { lock.withLock { closes[reason, default: 0] += 1 } }
+    func sent(_ stats: WireStatistics) {
+        lock.withLock {
+            sentFrames += 1
+            wire.recordBytesRaw += stats.recordBytesRaw
+            wire.recordBytesSent += stats.recordBytesSent
+        }
+    }
+    func received() { lock.withLock { receivedFrames += 1 } }
+    func droppedMessage() { lock.withLock { dropped += 1 } }
+
+    public var handshakeFailures: [HandshakeFailure: Int] { lock.withLock { failures } }
+    public var compressionRatio: Double { lock.withLock { wire.compressionRatio } }
+    public var framesSent: Int { lock.withLock { sentFrames } }
+    public var framesReceived: Int { lock.withLock { receivedFrames } }
+    /// Messages dropped because a peer's queue was full or it was not connected (the
+    /// protocol resends what matters).
+    public var messagesDropped: Int { lock.withLock { dropped } }
+}
+
+/// What both sides check in the application handshake.
+public struct HandshakeExpectations: Sendable {
+    public var clusterID: ClusterID
+    public var localSite: SiteID
+    public var knownSites: Set<SiteID>
+    public var compress: Bool
+    public var timeoutNanoseconds: UInt64 = 5_000_000_000
+    public var limits = WireLimits()
+    /// The protocol version announced (tests announce others to check the refusal).
+    public var protocolVersion = Wire.protocolVersion
+
+    public init(clusterID: ClusterID, localSite: SiteID, knownSites: Set<SiteID>, compress: Bool = true) {
+        self.clusterID = clusterID
+        self.localSite = localSite
+        self.knownSites = knownSites
+        self.compress = compress
+    }
+
+    var hello: Hello { Hello(version: protocolVersion, clusterID: clusterID, siteID: localSite, features: compress ? Wire.featureLZ4 : 0) }
+}
+
+/// An established, authenticated connection to one peer. One I/O thread owns the TLS
+/// stream: it reads frames and writes the queued ones (OpenSSL objects are not used
+/// from two threads at once).
+public final class PeerConnection: @unchecked Sendable {
+    public let peer: SiteID
+    public let compress: Bool
+    let stream: TLSStream
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var queue: [[UInt8]] = []
+    private var queuedBytes = 0
+    private var isClosed = false
+    private let maxQueuedBytes: Int
+    private let wakeRead: Int32
+    private let wakeWrite: Int32
+    private var decoder: FrameDecoder
+    private let metrics: TransportMetrics
+
+    /// Connects the TLS handshake and the application handshake, as the client (the site
+    /// dialing) or the server. Throws with the reason on any refusal.
+    public static func establish(fd: Int32, context: TLSContext, isServer: Bool, expectedPeer: SiteID?,
+                          expect: HandshakeExpectations, metrics: TransportMetrics,
+                          maxQueuedBytes: Int) throws(TransportError) -> PeerConnection {
+        let deadline = monotonicNanoseconds() + expect.timeoutNanoseconds
+        let stream = try TLSStream(context: context, fd: fd, isServer: isServer, expectedPeer: expectedPeer)
+        do throws(TransportError) {
+            try stream.handshake(deadline: deadline)
+            var decoder = FrameDecoder(limits: expect.limits)
+            let remote: Hello
+            if isServer {
+                remote = try readHello(stream, &decoder, deadline: deadline)
+                try check(remote, expect: expect, expectedPeer: nil)
+                guard stream.peerCertificateNames(remote.siteID) else {
+                    throw TransportError(.wrongSiteName, "the certificate presented does not name site \(remote.siteID)")
+                }
+                try stream.writeAll(WireEncoder.hello(expect.hello), deadline: deadline)
+            } else {
+                try stream.writeAll(WireEncoder.hello(expect.hello), deadline: deadline)
+                remote = try readHello(stream, &decoder, deadline: deadline)
+                try check(remote, expect: expect, expectedPeer: expectedPeer)
+            }
+            let compress = expect.compress && remote.features & Wire.featureLZ4 != 0
+            return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compress: compress,
+                                      metrics: metrics, maxQueuedBytes: maxQueuedBytes)
+        } catch {
+            metrics.handshakeFailed(error.reason)
+            stream.close()
+            throw error
+        }
+    }
+
+    private static func readHello(_ stream: TLSStream, _ decoder: inout FrameDecoder, deadline: UInt64) throws(TransportError) -> Hello {
+        let frame = try stream.readFrame(&decoder, deadline: deadline)
+        guard frame.type == .hello else { throw TransportError(.other, "expected a hello frame, got \(frame.type)") }
+        do { return try FrameDecoder.hello(frame.body) } catch {
+            throw TransportError(error.reason.hasPrefix("not a Tandem") ? .other : .other, error.reason)
+        }
+    }
+
+    private static func check(_ h: Hello, expect: HandshakeExpectations, expectedPeer: SiteID?) throws(TransportError) {
+        guard h.version == Wire.protocolVersion else {
+            throw TransportError(.unknownProtocolVersion, "peer speaks protocol version \(h.version), this site \(Wire.protocolVersion)")
+        }
+        guard h.clusterID == expect.clusterID else {
+            throw TransportError(.wrongCluster, "peer belongs to cluster \(h.clusterID), not \(expect.clusterID)")
+        }
+        guard expect.knownSites.contains(h.siteID), h.siteID != expect.localSite else {
+            throw TransportError(.unknownSite, "peer claims site \(h.siteID), which is not a configured peer")
+        }
+        if let expectedPeer, h.siteID != expectedPeer {
+            throw TransportError(.wrongSiteName, "dialed \(expectedPeer) but the peer says it is \(h.siteID)")
+        }
+    }
+
+    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, metrics: TransportMetrics,
+                 maxQueuedBytes: Int) throws(TransportError) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw TransportError(.other, "pipe: \(String(cString: strerror(errno)))") }
+        for f in fds {
+            _ = fcntl(f, F_SETFL, fcntl(f, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(f, F_SETFD, FD_CLOEXEC)
+        }
+        self.peer = peer
+        self.stream = stream
+        self.decoder = decoder
+        self.compress = compress
+        self.metrics = metrics
+        self.maxQueuedBytes = maxQueuedBytes
+        wakeRead = fds[0]
+        wakeWrite = fds[1]
+    }
+
+    deinit {
+        Glibc.close(wakeRead)
+        Glibc.close(wakeWrite)
+    }
+
+    /// Starts the I/O thread. `onFrame` gets each frame received; `onClose` runs once.
+    public func start(onFrame: @escaping @Sendable (Wire.FrameType, [UInt8]) -> Void, onClose: @escaping @Sendable (String) -> Void) {
+        let thread = Thread { [self] in
+            let reason = ioLoop(onFrame: onFrame)
+            lock.withLock { isClosed = true }
+            stream.close()
+            metrics.closed(reason)
+            onClose(reason)
+        }
+        thread.name = "tandem-peer-\(peer)"
+        thread.start()
+    }
+
+    /// Queues a frame. False when the peer's queue is full (back-pressure: the message is
+    /// dropped, the protocol sends what matters again) or the connection is closed.
+    @discardableResult
+    public func send(_ frame: [UInt8]) -> Bool {
+        let ok: Bool = lock.withLock {
+            guard !isClosed, queuedBytes + frame.count <= maxQueuedBytes || queue.isEmpty else { return false }
+            queue.append(frame)
+            queuedBytes += frame.count
+            return true
+        }
+        if ok {
+            var one: UInt8 = 1
+            _ = Glibc.write(wakeWrite, &one, 1)
+        }
+        return ok
+    }
+
+    public func close() {
+        lock.withLock { isClosed = true }
+        var one: UInt8 = 1
+        _ = Glibc.write(wakeWrite, &one, 1)
+    }
+
+    public var isOpen: Bool { lock.withLock { !isClosed } }
+
+    private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
+        var readBuffer = [UInt8](repeating: 0, count: 64 << 10)
+        var current: [UInt8] = []
+        var offset = 0
+        var wantWriteForRead = false
+        var wantReadForWrite = false
+        while true {
+            if lock.withLock({ isClosed }) { return "closed locally" }
+            if offset >= current.count {
+                let next: [UInt8]? = lock.withLock {
+                    guard !queue.isEmpty else { return nil }
+                    let f = queue.removeFirst()
+                    queuedBytes -= f.count
+                    return f
+                }
+                if let next {
+                    current = next
+                    offset = 0
+                }
+            }
+            // Write as much as the socket takes.
+            while offset < current.count && !wantReadForWrite {
+                let r = current.withUnsafeBytes { stream.write(UnsafeRawBufferPointer(rebasing: $0[offset...])) }
+                switch r {
+                case let .done(n): offset += n
+                case let .wouldBlock(readable):
+                    if readable { wantReadForWrite = true }
+                    break
+                case let .closed(why): return why
+                }
+                if case .wouldBlock = r { break }
+            }
+            // Read what is there.
+            var readProgress = true
+            while readProgress {
+                let r = readBuffer.withUnsafeMutableBytes { stream.read(into: $0) }
+                switch r {
+                case let .done(n):
+                    wantReadForWrite = false
+                    readBuffer.withUnsafeBytes { decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                    do {
+                        while let frame = try decoder.next() {
+                            if frame.type == .goodbye { return "the peer said goodbye" }
+                            metrics.received()
+                            onFrame(frame.type, frame.body)
+                        }
+                    } catch {
+                        return "malformed frame from \(peer): \(error)"
+                    }
+                case let .wouldBlock(readable):
+                    wantWriteForRead = !readable
+                    readProgress = false
+                case let .closed(why):
+                    return why
+                }
+            }
+            let pendingWrite = offset < current.count
+            var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | ((pendingWrite || wantWriteForRead) ? Int16(POLLOUT) : 0), revents: 0),
+                       pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
+            _ = poll(&fds, 2, 1000)
+            if fds[1].revents != 0 {
+                var sink = [UInt8](repeating: 0, count: 256)
+                while Glibc.read(wakeRead, &sink, sink.count) > 0 {}
+            }
+            if fds[0].revents & Int16(POLLOUT) != 0 { wantWriteForRead = false }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+import Foundation
+import Glibc
+import TandemCore
+import TandemModel
+
+/// Where a peer listens.
+public struct PeerEndpoint: Hashable, Sendable {
+    public var host: String
+    public var port: UInt16
+    public init(host: String, port: UInt16) {
+        self.host = host
+        self.port = port
+    }
+}
+
+/// Settings of a site's peer transport.
+public struct TransportSettings: Sendable {
+    public var site: SiteID
+    public var clusterID: ClusterID
+    public var listen: PeerEndpoint
+    public var peers: [SiteID: PeerEndpoint]
+    /// Negotiate LZ4 for record batches (on by default).
+    public var compress = true
+    /// Frames queued for one peer beyond this are dropped (back-pressure).
+    public var maxQueuedBytesPerPeer = 64 << 20
+    public var handshakeTimeoutNanoseconds: UInt64 = 5_000_000_000
+    /// Reconnection back-off: doubles from the minimum to the maximum, with jitter.
+    public var reconnectMinNanoseconds: UInt64 = 50_000_000
+    public var reconnectMaxNanoseconds: UInt64 = 5_000_000_000
+    public var limits = WireLimits()
+
+    public init(site: SiteID, clusterID: ClusterID, listen: PeerEndpoint, peers: [SiteID: PeerEndpoint]) {
+        self.site = site
+        self.clusterID = clusterID
+        self.listen = listen
+        self.peers = peers
+    }
+
+    var expectations: HandshakeExpectations {
+        var e = HandshakeExpectations(clusterID: clusterID, localSite: site, knownSites: Set(peers.keys), compress: compress)
+        e.timeoutNanoseconds = handshakeTimeoutNanoseconds
+        e.limits = limits
+        return e
+    }
+}
+
+/// One long-lived, mutually authenticated TLS connection per pair of sites: the site
+/// whose id sorts first dials, the other accepts. Turns the core's messages into frames
+/// and frames back into messages; it never interprets them.
+///
+/// Thread safety: state is guarded by `lock`; each connection has its own I/O thread.
+public final class Transport: @unchecked Sendable {
+    public let settings: TransportSettings
+    public let metrics = TransportMetrics()
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var context: TLSContext
+    private var connections: [SiteID: PeerConnection] = [:]
+    private var stopped = false
+    private var listenFD: Int32 = -1
+    private var encoderStats = WireStatistics()
+    private let onMessage: @Sendable (Message) -> Void
+    private let log: @Sendable (String) -> Void
+
+    /// `onMessage` runs on a connection's I/O thread for each message received.
+    public init(settings: TransportSettings, context: TLSContext, log: @escaping @Sendable (String) -> Void = { _ in },
+                onMessage: @escaping @Sendable (Message) -> Void) {
+        self.settings = settings
+        self.context = context
+        self.onMessage = onMessage
+        self.log = log
+    }
+
+    /// Binds the listener and starts dialing the peers this site dials.
+    public func start() throws(TransportError) {
+        let fd = try Self.listen(on: settings.listen)
+        lock.withLock { listenFD = fd }
+        let acceptor = Thread { [self] in acceptLoop(fd) }
+        acceptor.name = "tandem-accept"
+        acceptor.start()
+        for (peer, endpoint) in settings.peers where settings.site < peer {
+            let dialer = Thread { [self] in dialLoop(peer, endpoint) }
+            dialer.name = "tandem-dial-\(peer)"
+            dialer.start()
+        }
+    }
+
+    public func stop() {
+        let (fd, conns): (Int32, [PeerConnection]) = lock.withLock {
+            stopped = true
+            let f = listenFD
+            listenFD = -1
+            return (f, Array(connections.values))
+        }
+        if fd >= 0 {
+            shutdown(fd, Int32(SHUT_RDWR))
+            Glibc.close(fd)
+        }
+        for c in conns { c.close() }
+    }
+
+    /// Uses new TLS files for connections made from now on (SIGHUP); open ones stay.
+    public func reload(context: TLSContext) { lock.withLock { self.context = context } }
+
+    /// Sends a core message. Dropped (and counted) if the peer is not connected or its
+    /// queue is full: the protocol re-sends what matters.
+    public func send(_ m: Message) {
+        guard let c = lock.withLock({ connections[m.to] }), c.isOpen else {
+            metrics.droppedMessage()
+            return
+        }
+        var encoder = WireEncoder(compress: c.compress)
+        let frame = encoder.message(m)
+        if c.send(frame) {
+            metrics.sent(encoder.statistics)
+        } else {
+            metrics.droppedMessage()
+        }
+    }
+
+    public var connectedPeers: [SiteID] { lock.withLock { connections.filter { $0.value.isOpen }.map(\.key).sorted() } }
+
+    // MARK: Connections
+
+    private func adopt(_ c: PeerConnection) {
+        let old: PeerConnection? = lock.withLock {
+            let o = connections[c.peer]
+            connections[c.peer] = c
+            return o
+        }
+        old?.close()
+        let limits = settings.limits
+        c.start(onFrame: { [weak self] type, body in
+            guard let self, type == .message else { return }
+            do {
+                let m = try FrameDecoder(limits: limits).message(body)
+                // A peer may only speak for itself, to this site.
+                guard m.from == c.peer, m.to == self.settings.site else {
+                    self.log("event=frame_refused peer=\(c.peer) reason=\"message from \(m.from) to \(m.to) on \(c.peer)'s connection\"")
+                    return
+                }
+                self.onMessage(m)
+            } catch {
+                self.log("event=frame_refused peer=\(c.peer) reason=\"\(error)\"")
+                c.close()
+            }
+        }, onClose: { [weak self] reason in
+            self?.log("event=peer_disconnected peer=\(c.peer) reason=\"\(reason)\"")
+            self?.lock.withLock { if self?.connections[c.peer] === c { self?.connections[c.peer] = nil } }
+        })
+        log("event=peer_connected peer=\(c.peer) lz4=\(c.compress)")
+    }
+
+    private func acceptLoop(_ fd: Int32) {
+        while true {
+            let client = accept(fd, nil, nil)
+            if client < 0 {
+                if errno == EINTR { continue }
+                return  // listener closed
+            }
+            _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+            if lock.withLock({ stopped }) {
+                Glibc.close(client)
+                return
+            }
+            var one: Int32 = 1
+            setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            let ctx = lock.withLock { context }
+            // Each handshake on its own thread, so a slow or hostile client cannot stall others.
+            let t = Thread { [self] in
+                do throws(TransportError) {
+                    let c = try PeerConnection.establish(fd: client, context: ctx, isServer: true, expectedPeer: nil,
+                                                         expect: settings.expectations, metrics: metrics,
+                                                         maxQueuedBytes: settings.maxQueuedBytesPerPeer)
+                    adopt(c)
+                } catch {
+                    log("event=handshake_refused side=server reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+                }
+            }
+            t.start()
+        }
+    }
+
+    private func dialLoop(_ peer: SiteID, _ endpoint: PeerEndpoint) {
+        var backoff = settings.reconnectMinNanoseconds
+        var rng = SeededRandom(seed: monotonicNanoseconds())
+        while !lock.withLock({ stopped }) {
+            if let c = lock.withLock({ connections[peer] }), c.isOpen {
+                usleep(50_000)
+                continue
+            }
+            do throws(TransportError) {
+                let fd = try Self.connect(to: endpoint, timeoutNanoseconds: settings.handshakeTimeoutNanoseconds)
+                let ctx = lock.withLock { context }
+                let c = try PeerConnection.establish(fd: fd, context: ctx, isServer: false, expectedPeer: peer,
+                                                     expect: settings.expectations, metrics: metrics,
+                                                     maxQueuedBytes: settings.maxQueuedBytesPerPeer)
+                adopt(c)
+                backoff = settings.reconnectMinNanoseconds
+            } catch {
+                log("event=dial_failed peer=\(peer) address=\(endpoint.host):\(endpoint.port) reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+                // Jittered exponential back-off.
+                let jitter = backoff / 2 + rng.next() % max(1, backoff / 2)
+                usleep(UInt32(min(jitter / 1000, UInt64(UInt32.max))))
+                backoff = min(settings.reconnectMaxNanoseconds, backoff * 2)
+            }
+        }
+    }
+
+    // MARK: Sockets
+
+    static func listen(on endpoint: PeerEndpoint) throws(TransportError) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw TransportError(.other, "socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = try socketAddress(endpoint)
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard rc == 0, Glibc.listen(fd, 64) == 0 else {
+            let why = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw TransportError(.other, "cannot listen on \(endpoint.host):\(endpoint.port): \(why)")
+        }
+        return fd
+    }
+
+    /// The port a listener got (for port 0 in tests).
+    public var boundPort: UInt16? {
+        let fd = lock.withLock { listenFD }
+        guard fd >= 0 else { return nil }
+        var addr = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let rc = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return rc == 0 ? UInt16(bigEndian: addr.sin_port) : nil
+    }
+
+    static func socketAddress(_ endpoint: PeerEndpoint) throws(TransportError) -> sockaddr_in {
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = endpoint.port.bigEndian
+        let host = endpoint.host == "localhost" ? "127.0.0.1" : endpoint.host
+        guard inet_pton(AF_INET, host, &addr.sin_addr) == 1 else {
+            throw TransportError(.other, "\(endpoint.host) is not an IPv4 address")
+        }
+        return addr
+    }
+
+    /// A TCP connection with a timeout.
+    public static func connect(to endpoint: PeerEndpoint, timeoutNanoseconds: UInt64) throws(TransportError) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        guard fd >= 0 else { throw TransportError(.other, "socket: \(String(cString: strerror(errno)))") }
+        var addr = try socketAddress(endpoint)
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        if rc != 0 && errno != EINPROGRESS {
+            let why = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw TransportError(.closed, "connect to \(endpoint.host):\(endpoint.port): \(why)")
+        }
+        var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        let ready = poll(&p, 1, Int32(timeoutNanoseconds / 1_000_000))
+        var err: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
+        guard ready == 1, err == 0 else {
+            Glibc.close(fd)
+            throw TransportError(ready == 1 ? .closed : .timeout,
+                                 "connect to \(endpoint.host):\(endpoint.port): \(ready == 1 ? String(cString: strerror(err)) : "timed out")")
+        }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        return fd
+    }
+}

@@ -1,0 +1,323 @@
+import CLZ4
+import TandemCore
+import TandemModel
+
+/// The peer wire format: length-prefixed, versioned frames over TLS. docs/WIRE.md is the
+/// specification; this file is its implementation.
+///
+///     frame   = length u32 (bytes after this field) | type u8 | body
+///     hello   = magic "TNDM" | version u16 | cluster id (16) | site id (u16 len + UTF-8) | features u32
+///     message = from, to (u16 len + UTF-8) | term u64 | kind u8 | kind-specific fields
+///     records = count u32 | encoding u8 (0 plain, 1 LZ4) | raw length u32 | [stored length u32] | bytes
+///               where the raw bytes are, per record: term u64 | lsn u64 | kind u8 | payload (u32 len + bytes)
+public enum Wire {
+    public static let magic: [UInt8] = Array("TNDM".utf8)
+    public static let protocolVersion: UInt16 = 1
+    /// Feature bits negotiated in the hello: both sides must set a bit for it to be used.
+    public static let featureLZ4: UInt32 = 1 << 0
+
+    public enum FrameType: UInt8, Sendable {
+        case hello = 1
+        case message = 2
+        case goodbye = 3
+    }
+
+    /// Record blocks at least this large are compressed when LZ4 is negotiated.
+    public static let compressionThreshold = 512
+}
+
+/// What one side announces after the TLS handshake.
+public struct Hello: Hashable, Sendable {
+    public var version: UInt16
+    public var clusterID: ClusterID
+    public var siteID: SiteID
+    public var features: UInt32
+
+    public init(version: UInt16 = Wire.protocolVersion, clusterID: ClusterID, siteID: SiteID, features: UInt32) {
+        self.version = version
+        self.clusterID = clusterID
+        self.siteID = siteID
+        self.features = features
+    }
+}
+
+/// A frame that does not follow the format: the connection is closed with this reason.
+public struct WireError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
+}
+
+/// Counters of bytes moved, for the compression-ratio metric.
+public struct WireStatistics: Sendable {
+    public var recordBytesRaw = 0
+    public var recordBytesSent = 0
+    public var compressionRatio: Double { recordBytesSent == 0 ? 1 : Double(recordBytesRaw) / Double(recordBytesSent) }
+}
+
+// MARK: - Encoding
+
+public struct WireEncoder: Sendable {
+    public var compress: Bool
+    public private(set) var statistics = WireStatistics()
+
+    public init(compress: Bool) { self.compress = compress }
+
+    public static func frame(_ type: Wire.FrameType, _ body: [UInt8]) -> [UInt8] {
+        var w = ByteWriter(capacity: body.count + 5)
+        w.u32(UInt32(body.count + 1))
+        w.u8(type.rawValue)
+        w.raw(body)
+        return w.bytes
+    }
+
+    public static func hello(_ h: Hello) -> [UInt8] {
+        var w = ByteWriter(capacity: 64)
+        w.raw(Wire.magic)
+        w.u16(h.version)
+        w.raw(h.clusterID.bytes)
+        shortString(h.siteID.name, &w)
+        w.u32(h.features)
+        return frame(.hello, w.bytes)
+    }
+
+    static func shortString(_ s: String, _ w: inout ByteWriter) {
+        let b = Array(s.utf8.prefix(Int(UInt16.max)))
+        w.u16(UInt16(b.count))
+        w.raw(b)
+    }
+
+    public mutating func message(_ m: Message) -> [UInt8] {
+        var w = ByteWriter(capacity: 128)
+        Self.shortString(m.from.name, &w)
+        Self.shortString(m.to.name, &w)
+        w.u64(m.term.rawValue)
+        switch m.body {
+        case let .preVote(lastLSN, lastTerm):
+            w.u8(1); w.u64(lastLSN.rawValue); w.u64(lastTerm.rawValue)
+        case let .preVoteResponse(granted, lastLSN, lastTerm):
+            w.u8(2); w.u8(granted ? 1 : 0); w.u64(lastLSN.rawValue); w.u64(lastTerm.rawValue)
+        case let .vote(lastLSN, lastTerm, transfer):
+            w.u8(3); w.u64(lastLSN.rawValue); w.u64(lastTerm.rawValue); w.u8(transfer ? 1 : 0)
+        case let .voteResponse(granted, lastLSN, lastTerm):
+            w.u8(4); w.u8(granted ? 1 : 0); w.u64(lastLSN.rawValue); w.u64(lastTerm.rawValue)
+        case let .append(a):
+            w.u8(5); w.u64(a.prevLSN.rawValue); w.u64(a.prevTerm.rawValue); w.u64(a.commitLSN.rawValue); w.u64(a.round)
+            records(a.records, &w)
+        case let .appendResponse(r):
+            w.u8(6); w.u8(r.success ? 1 : 0); w.u64(r.matchLSN.rawValue); w.u64(r.lastLSN.rawValue); w.u64(r.round)
+        case .timeoutNow:
+            w.u8(7)
+        case let .fetch(prevLSN, prevTerm):
+            w.u8(8); w.u64(prevLSN.rawValue); w.u64(prevTerm.rawValue)
+        case let .fetchResponse(r):
+            w.u8(9); w.u8(r.success ? 1 : 0); w.u64(r.prevLSN.rawValue); w.u64(r.prevTerm.rawValue); w.u64(r.lastLSN.rawValue)
+            records(r.records, &w)
+        }
+        return Self.frame(.message, w.bytes)
+    }
+
+    mutating func records(_ records: [LogRecord], _ w: inout ByteWriter) {
+        w.u32(UInt32(records.count))
+        var raw = ByteWriter(capacity: records.reduce(0) { $0 + 21 + $1.payload.count })
+        for r in records {
+            raw.u64(r.term.rawValue)
+            raw.u64(r.lsn.rawValue)
+            raw.u8(r.kind.rawValue)
+            raw.blob(r.payload)
+        }
+        statistics.recordBytesRaw += raw.count
+        if compress && raw.count >= Wire.compressionThreshold, let packed = Self.lz4(raw.bytes), packed.count < raw.count {
+            w.u8(1)
+            w.u32(UInt32(raw.count))
+            w.u32(UInt32(packed.count))
+            w.raw(packed)
+            statistics.recordBytesSent += packed.count
+        } else {
+            w.u8(0)
+            w.u32(UInt32(raw.count))
+            w.raw(raw.bytes)
+            statistics.recordBytesSent += raw.count
+        }
+    }
+
+    static func lz4(_ input: [UInt8]) -> [UInt8]? {
+        let bound = Int(LZ4_compressBound(Int32(input.count)))
+        var out = [UInt8](repeating: 0, count: bound)
+        let n = input.withUnsafeBytes { src in
+            out.withUnsafeMutableBytes { dst in
+                LZ4_compress_default(src.baseAddress!.assumingMemoryBound(to: CChar.self),
+                                     dst.baseAddress!.assumingMemoryBound(to: CChar.self), Int32(input.count), Int32(bound))
+            }
+        }
+        guard n > 0 else { return nil }
+        out.removeLast(bound - Int(n))
+        return out
+    }
+}
+
+// MARK: - Decoding
+
+/// Limits a decoder enforces before allocating anything.
+public struct WireLimits: Hashable, Sendable {
+    /// Largest frame accepted (bytes after the length field).
+    public var maxFrameBytes: Int = 32 << 20
+    /// Largest decompressed record block.
+    public var maxRecordBlockBytes: Int = 64 << 20
+    /// Most records in one message.
+    public var maxRecords: Int = 1_000_000
+
+    public init() {}
+}
+
+/// Turns a byte stream into frames, refusing anything malformed or oversized with a
+/// reason (the caller then closes the connection). Never reads past what it was given.
+public struct FrameDecoder: Sendable {
+    public let limits: WireLimits
+    private var buffer: [UInt8] = []
+    private var start = 0
+
+    public init(limits: WireLimits = WireLimits()) { self.limits = limits }
+
+    /// Bytes received but not yet consumed.
+    public var buffered: Int { buffer.count - start }
+
+    public mutating func feed(_ bytes: UnsafeRawBufferPointer) {
+        if start > 0 && start == buffer.count {
+            buffer.removeAll(keepingCapacity: true)
+            start = 0
+        }
+        buffer.append(contentsOf: bytes)
+    }
+
+    public mutating func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }
+
+    /// The next complete frame, nil if more bytes are needed.
+    public mutating func next() throws(WireError) -> (type: Wire.FrameType, body: [UInt8])? {
+        guard buffer.count - start >= 4 else { return nil }
+        let length = Int(buffer.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: start, as: UInt32.self)) })
+        guard length >= 1 else { throw WireError("empty frame") }
+        guard length <= limits.maxFrameBytes else {
+            throw WireError("frame of \(length) bytes exceeds the limit of \(limits.maxFrameBytes)")
+        }
+        guard buffer.count - start >= 4 + length else { return nil }
+        let typeByte = buffer[start + 4]
+        guard let type = Wire.FrameType(rawValue: typeByte) else { throw WireError("unknown frame type \(typeByte)") }
+        let body = Array(buffer[(start + 5)..<(start + 4 + length)])
+        start += 4 + length
+        if start > 1 << 20 && start * 2 > buffer.count {
+            buffer.removeFirst(start)
+            start = 0
+        }
+        return (type, body)
+    }
+
+    public static func hello(_ body: [UInt8]) throws(WireError) -> Hello {
+        var r = ByteReader(body)
+        do {
+            guard try r.raw(4, "magic") == Wire.magic else { throw WireError("not a Tandem peer (bad magic)") }
+            let version = try r.u16("version")
+            guard let cid = ClusterID(bytes: try r.raw(16, "cluster id")) else { throw WireError("bad cluster id") }
+            let site = try shortString(&r, "site id")
+            let features = try r.u32("features")
+            guard r.isAtEnd else { throw WireError("\(r.remaining) trailing bytes in hello") }
+            return Hello(version: version, clusterID: cid, siteID: SiteID(site), features: features)
+        } catch let e as WireError {
+            throw e
+        } catch {
+            throw WireError("malformed hello: \(error)")
+        }
+    }
+
+    static func shortString(_ r: inout ByteReader, _ what: String) throws -> String {
+        let n = Int(try r.u16("\(what) length"))
+        let b = try r.raw(n, what)
+        guard let s = String(validating: b, as: UTF8.self), !s.isEmpty else { throw WireError("\(what) is not valid UTF-8") }
+        return s
+    }
+
+    public func message(_ body: [UInt8]) throws(WireError) -> Message {
+        var r = ByteReader(body)
+        do {
+            let from = SiteID(try Self.shortString(&r, "from"))
+            let to = SiteID(try Self.shortString(&r, "to"))
+            let term = Term(try r.u64("term"))
+            let kind = try r.u8("message kind")
+            let b: Message.Body
+            func lsn() throws -> LSN { LSN(try r.u64("LSN")) }
+            func t() throws -> Term { Term(try r.u64("term")) }
+            func flag() throws -> Bool {
+                let v = try r.u8("flag")
+                guard v <= 1 else { throw WireError("flag byte \(v) is neither 0 nor 1") }
+                return v == 1
+            }
+            switch kind {
+            case 1: b = .preVote(lastLSN: try lsn(), lastTerm: try t())
+            case 2: b = .preVoteResponse(granted: try flag(), lastLSN: try lsn(), lastTerm: try t())
+            case 3: b = .vote(lastLSN: try lsn(), lastTerm: try t(), transfer: try flag())
+            case 4: b = .voteResponse(granted: try flag(), lastLSN: try lsn(), lastTerm: try t())
+            case 5:
+                let prev = try lsn(), prevTerm = try t(), commit = try lsn(), round = try r.u64("round")
+                b = .append(Append(prevLSN: prev, prevTerm: prevTerm, records: try records(&r), commitLSN: commit, round: round))
+            case 6:
+                b = .appendResponse(AppendResponse(success: try flag(), matchLSN: try lsn(), lastLSN: try lsn(), round: try r.u64("round")))
+            case 7: b = .timeoutNow
+            case 8: b = .fetch(prevLSN: try lsn(), prevTerm: try t())
+            case 9:
+                let ok = try flag(), prev = try lsn(), prevTerm = try t(), last = try lsn()
+                b = .fetchResponse(FetchResponse(success: ok, prevLSN: prev, prevTerm: prevTerm, records: try records(&r), lastLSN: last))
+            default: throw WireError("unknown message kind \(kind)")
+            }
+            guard r.isAtEnd else { throw WireError("\(r.remaining) trailing bytes in a message") }
+            return Message(from: from, to: to, term: term, body: b)
+        } catch let e as WireError {
+            throw e
+        } catch {
+            throw WireError("malformed message: \(error)")
+        }
+    }
+
+    func records(_ r: inout ByteReader) throws -> [LogRecord] {
+        let count = Int(try r.u32("record count"))
+        guard count <= limits.maxRecords else { throw WireError("\(count) records exceed the limit of \(limits.maxRecords)") }
+        let encoding = try r.u8("record encoding")
+        let rawLength = Int(try r.u32("record block length"))
+        guard rawLength <= limits.maxRecordBlockBytes else {
+            throw WireError("record block of \(rawLength) bytes exceeds the limit of \(limits.maxRecordBlockBytes)")
+        }
+        guard rawLength >= count * 21 else { throw WireError("record block of \(rawLength) bytes cannot hold \(count) records") }
+        let raw: [UInt8]
+        switch encoding {
+        case 0:
+            raw = try r.raw(rawLength, "records")
+        case 1:
+            let stored = Int(try r.u32("compressed length"))
+            let packed = try r.raw(stored, "compressed records")
+            var out = [UInt8](repeating: 0, count: rawLength)
+            let n = packed.withUnsafeBytes { src in
+                out.withUnsafeMutableBytes { dst in
+                    LZ4_decompress_safe(src.baseAddress?.assumingMemoryBound(to: CChar.self), dst.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                        Int32(stored), Int32(rawLength))
+                }
+            }
+            guard Int(n) == rawLength else { throw WireError("compressed records do not decompress to \(rawLength) bytes") }
+            raw = out
+        default:
+            throw WireError("unknown record encoding \(encoding)")
+        }
+        var rr = ByteReader(raw)
+        var records: [LogRecord] = []
+        records.reserveCapacity(count)
+        for _ in 0..<count {
+            let term = Term(try rr.u64("record term"))
+            let lsn = LSN(try rr.u64("record LSN"))
+            let kindByte = try rr.u8("record kind")
+            guard let kind = RecordKind(rawValue: kindByte) else { throw WireError("unknown record kind \(kindByte)") }
+            let payload = try rr.blob("record payload", limit: limits.maxRecordBlockBytes)
+            if let last = records.last, lsn != last.lsn.next { throw WireError("records out of sequence: \(lsn) after \(last.lsn)") }
+            records.append(LogRecord(term: term, lsn: lsn, kind: kind, payload: payload))
+        }
+        guard rr.isAtEnd else { throw WireError("\(rr.remaining) trailing bytes in a record block") }
+        return records
+    }
+}

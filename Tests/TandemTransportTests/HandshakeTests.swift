@@ -1,0 +1,168 @@
+import Foundation
+import Glibc
+import Testing
+import TandemCore
+import TandemModel
+@testable import TandemTransport
+
+let clusterA = ClusterID("8f2a1c3e-0d4b-4e6f-9a7b-1c2d3e4f5a6b")!
+
+func context(_ cert: String, ca: String = "ca") throws -> TLSContext {
+    let pki = TestPKI.shared
+    return try TLSContext(files: TLSFiles(certificate: pki.path("\(cert).pem"), privateKey: pki.path("\(cert).key"),
+                                          certificateAuthority: pki.path("\(ca).pem")))
+}
+
+final class Outcome: @unchecked Sendable {
+    let lock = NSLock()
+    var result: Result<PeerConnection, TransportError>?
+    let done = DispatchSemaphore(value: 0)
+}
+
+/// One server handshake on a loopback port against one client handshake; returns both
+/// outcomes.
+func handshake(server: TLSContext, client: TLSContext, serverSite: SiteID = "b", clientSite: SiteID = "a",
+               clientClaims: SiteID? = nil, dial: SiteID = "b", serverCluster: ClusterID = clusterA, clientCluster: ClusterID = clusterA,
+               clientVersion: UInt16 = Wire.protocolVersion) throws -> (server: Result<PeerConnection, TransportError>, client: Result<PeerConnection, TransportError>) {
+    let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
+    defer { Glibc.close(listener) }
+    var addr = sockaddr_in()
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) } }
+    let port = UInt16(bigEndian: addr.sin_port)
+    let metrics = TransportMetrics()
+    let sites: Set<SiteID> = ["a", "b", "c"]
+    let outcome = Outcome()
+    let serverExpect = HandshakeExpectations(clusterID: serverCluster, localSite: serverSite, knownSites: sites)
+    Thread {
+        let fd = accept(listener, nil, nil)
+        let r: Result<PeerConnection, TransportError>
+        do throws(TransportError) {
+            r = .success(try PeerConnection.establish(fd: fd, context: server, isServer: true, expectedPeer: nil, expect: serverExpect,
+                                                      metrics: metrics, maxQueuedBytes: 1 << 20))
+        } catch { r = .failure(error) }
+        outcome.lock.withLock { outcome.result = r }
+        outcome.done.signal()
+    }.start()
+    var clientExpect = HandshakeExpectations(clusterID: clientCluster, localSite: clientClaims ?? clientSite, knownSites: sites)
+    clientExpect.protocolVersion = clientVersion
+    clientExpect.timeoutNanoseconds = 3_000_000_000
+    let clientResult: Result<PeerConnection, TransportError>
+    do throws(TransportError) {
+        let fd = try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: port), timeoutNanoseconds: 2_000_000_000)
+        clientResult = .success(try PeerConnection.establish(fd: fd, context: client, isServer: false, expectedPeer: dial, expect: clientExpect,
+                                                             metrics: TransportMetrics(), maxQueuedBytes: 1 << 20))
+    } catch { clientResult = .failure(error) }
+    if case let .success(c) = clientResult { c.close() }
+    outcome.done.wait()
+    let serverResult = outcome.lock.withLock { outcome.result! }
+    if case let .success(c) = serverResult { c.close() }
+    return (serverResult, clientResult)
+}
+
+func reason(_ r: Result<PeerConnection, TransportError>) -> HandshakeFailure? {
+    if case let .failure(e) = r { return e.reason }
+    return nil
+}
+
+@Suite("TLS and application handshake", .serialized)
+struct HandshakeTests {
+    @Test("two sites of the cluster connect, each checking the other's certificate and hello")
+    func good() throws {
+        let r = try handshake(server: try context("b"), client: try context("a"))
+        guard case let .success(s) = r.server, case let .success(c) = r.client else {
+            Issue.record("handshake failed: \(r)")
+            return
+        }
+        #expect(s.peer == "a" && c.peer == "b")
+        #expect(s.compress && c.compress, "LZ4 negotiated")
+    }
+
+    @Test("a certificate from another CA is refused during the handshake")
+    func otherCA() throws {
+        let r = try handshake(server: try context("b"), client: try context("a-other"))
+        #expect(reason(r.server) == .unknownCertificateAuthority, "\(r.server)")
+        #expect(reason(r.client) != nil)
+    }
+
+    @Test("an expired certificate is refused with that reason")
+    func expired() throws {
+        let r = try handshake(server: try context("b"), client: try context("a-expired"))
+        #expect(reason(r.server) == .certificateExpired, "\(r.server)")
+    }
+
+    @Test("a certificate not yet valid is refused with that reason")
+    func notYetValid() throws {
+        let r = try handshake(server: try context("b"), client: try context("a-future"))
+        #expect(reason(r.server) == .certificateNotYetValid, "\(r.server)")
+    }
+
+    @Test("a site claiming another site's name than its certificate's is refused")
+    func wrongClaim() throws {
+        let r = try handshake(server: try context("b"), client: try context("a"), clientClaims: "c")
+        #expect(reason(r.server) == .wrongSiteName, "\(r.server)")
+    }
+
+    @Test("a server whose certificate does not name the site dialed is refused by the client")
+    func wrongServerName() throws {
+        let r = try handshake(server: try context("c"), client: try context("a"), serverSite: "c", dial: "b")
+        #expect(reason(r.client) == .wrongSiteName, "\(r.client)")
+    }
+
+    @Test("a peer of another cluster is refused")
+    func wrongCluster() throws {
+        let r = try handshake(server: try context("b"), client: try context("a"), clientCluster: ClusterID.random())
+        #expect(reason(r.server) == .wrongCluster, "\(r.server)")
+    }
+
+    @Test("an unknown protocol version is refused")
+    func unknownVersion() throws {
+        let r = try handshake(server: try context("b"), client: try context("a"), clientVersion: 99)
+        #expect(reason(r.server) == .unknownProtocolVersion, "\(r.server)")
+    }
+
+    @Test("a plaintext client is refused, and the refusal is counted")
+    func plaintext() throws {
+        let metrics = TransportMetrics()
+        let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
+        defer { Glibc.close(listener) }
+        var addr = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) } }
+        let port = UInt16(bigEndian: addr.sin_port)
+        let server = try context("b")
+        let outcome = Outcome()
+        Thread {
+            let fd = accept(listener, nil, nil)
+            let r: Result<PeerConnection, TransportError>
+            do throws(TransportError) {
+                r = .success(try PeerConnection.establish(fd: fd, context: server, isServer: true, expectedPeer: nil,
+                                                          expect: HandshakeExpectations(clusterID: clusterA, localSite: "b", knownSites: ["a", "b"]),
+                                                          metrics: metrics, maxQueuedBytes: 1 << 20))
+            } catch { r = .failure(error) }
+            outcome.lock.withLock { outcome.result = r }
+            outcome.done.signal()
+        }.start()
+        let fd = try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: port), timeoutNanoseconds: 2_000_000_000)
+        let request = Array("GET /status HTTP/1.1\r\nHost: b\r\n\r\n".utf8)
+        _ = request.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        outcome.done.wait()
+        Glibc.close(fd)
+        let r = outcome.lock.withLock { outcome.result! }
+        #expect(reason(r) == .plaintextPeer, "\(r)")
+        #expect(metrics.handshakeFailures[.plaintextPeer] == 1)
+    }
+
+    @Test("a client without a certificate is refused")
+    func noCertificate() throws {
+        // A context with only the CA: presents no certificate.
+        let pki = TestPKI.shared
+        let r = try handshake(server: try context("b"), client: try BareClientContext.make(ca: pki.path("ca.pem")))
+        #expect(reason(r.server) == .noCertificate, "\(r.server)")
+    }
+}
+
+/// A client context without a certificate, to show the server requires one.
+enum BareClientContext {
+    static func make(ca: String) throws -> TLSContext { try TLSContext.withoutCertificate(certificateAuthority: ca) }
+}
