@@ -201,29 +201,29 @@ public final class PeerConnection: @unchecked Sendable {
         var wantReadForWrite = false
         while true {
             if lock.withLock({ isClosed }) { return "closed locally" }
-            if offset >= current.count {
-                let next: [UInt8]? = lock.withLock {
-                    guard !queue.isEmpty else { return nil }
-                    let f = queue.removeFirst()
-                    queuedBytes -= f.count
-                    return f
-                }
-                if let next {
+            // Write queued frames as long as the socket takes them.
+            writing: while !wantReadForWrite {
+                if offset >= current.count {
+                    let next: [UInt8]? = lock.withLock {
+                        guard !queue.isEmpty else { return nil }
+                        let f = queue.removeFirst()
+                        queuedBytes -= f.count
+                        return f
+                    }
+                    guard let next else { break writing }
                     current = next
                     offset = 0
                 }
-            }
-            // Write as much as the socket takes.
-            while offset < current.count && !wantReadForWrite {
+                // OpenSSL wants a retried write to pass the same bytes: `current` stays
+                // the same array until it is fully written.
                 let r = current.withUnsafeBytes { stream.write(UnsafeRawBufferPointer(rebasing: $0[offset...])) }
                 switch r {
                 case let .done(n): offset += n
                 case let .wouldBlock(readable):
                     if readable { wantReadForWrite = true }
-                    break
+                    break writing
                 case let .closed(why): return why
                 }
-                if case .wouldBlock = r { break }
             }
             // Read what is there.
             var readProgress = true

@@ -1,0 +1,174 @@
+import Foundation
+import Testing
+import TandemCore
+import TandemModel
+@testable import TandemTransport
+
+func sampleMessages() -> [Message] {
+    let text = Array(String(repeating: "{\"practitioner\":\"RPPS-100\",\"mode\":\"video\",\"status\":\"booked\"}", count: 20).utf8)
+    let records = (1...30).map { LogRecord(term: Term(3), lsn: LSN(UInt64(100 + $0)), kind: .changeset, payload: text) }
+    let bodies: [Message.Body] = [
+        .preVote(lastLSN: LSN(9), lastTerm: Term(2)),
+        .preVoteResponse(granted: true, lastLSN: LSN(9), lastTerm: Term(2)),
+        .vote(lastLSN: LSN(10), lastTerm: Term(3), transfer: true),
+        .voteResponse(granted: false, lastLSN: LSN(11), lastTerm: Term(3)),
+        .append(Append(prevLSN: LSN(100), prevTerm: Term(3), records: records, commitLSN: LSN(99), round: 17)),
+        .append(Append(prevLSN: LSN(100), prevTerm: Term(3), records: [], commitLSN: LSN(99), round: 18)),
+        .appendResponse(AppendResponse(success: true, matchLSN: LSN(130), lastLSN: LSN(130), round: 17)),
+        .timeoutNow,
+        .fetch(prevLSN: LSN(5), prevTerm: Term(1)),
+        .fetchResponse(FetchResponse(success: true, prevLSN: LSN(100), prevTerm: Term(3), records: records, lastLSN: LSN(130))),
+    ]
+    return bodies.map { Message(from: "sbg", to: "gra", term: Term(3), body: $0) }
+}
+
+@Suite("Wire format")
+struct WireTests {
+    @Test("every message survives encoding and decoding, with and without LZ4", arguments: [true, false])
+    func roundTrip(compress: Bool) throws {
+        var encoder = WireEncoder(compress: compress)
+        var decoder = FrameDecoder()
+        let messages = sampleMessages()
+        for m in messages { decoder.feed(encoder.message(m)) }
+        for m in messages {
+            let frame = try #require(try decoder.next())
+            #expect(frame.type == .message)
+            #expect(try decoder.message(frame.body) == m)
+        }
+        #expect(try decoder.next() == nil)
+        if compress {
+            #expect(encoder.statistics.compressionRatio > 5, "repetitive JSON-like records compress")
+        } else {
+            #expect(encoder.statistics.compressionRatio == 1)
+        }
+    }
+
+    @Test("a frame cut at any byte waits for more and never yields garbage")
+    func truncated() throws {
+        var encoder = WireEncoder(compress: true)
+        let frame = encoder.message(sampleMessages()[4])
+        for cut in 0..<frame.count {
+            var d = FrameDecoder()
+            d.feed(Array(frame[0..<cut]))
+            #expect(try d.next() == nil, "cut at \(cut)")
+            d.feed(Array(frame[cut...]))
+            let f = try #require(try d.next())
+            #expect(try d.message(f.body) == sampleMessages()[4])
+        }
+    }
+
+    @Test("an oversized, empty or unknown frame is refused with a reason before anything is allocated")
+    func refusals() {
+        var limits = WireLimits()
+        limits.maxFrameBytes = 1024
+        for (bytes, reason) in [([0xFF, 0xFF, 0xFF, 0x7F, 2], "exceeds the limit"), ([0, 0, 0, 0], "empty frame"), ([1, 0, 0, 0, 77], "unknown frame type")]
+            as [([UInt8], String)] {
+            var d = FrameDecoder(limits: limits)
+            d.feed(bytes)
+            #expect {
+                _ = try d.next()
+            } throws: { ($0 as? WireError)?.reason.contains(reason) == true }
+        }
+        // A record block claiming more than the limit.
+        var w = ByteWriter()
+        WireEncoder.shortString("a", &w); WireEncoder.shortString("b", &w)
+        w.u64(1); w.u8(5); w.u64(0); w.u64(0); w.u64(0); w.u64(1)
+        w.u32(2); w.u8(0); w.u32(UInt32.max)
+        #expect { _ = try FrameDecoder().message(w.bytes) } throws: { ($0 as? WireError)?.reason.contains("record block") == true }
+    }
+
+    @Test("corrupted and random frames are refused or decoded, never crash", arguments: [1, 2, 3] as [UInt64])
+    func corruptedAndRandom(seed: UInt64) {
+        var rng = SeededRandom(seed: seed)
+        var encoder = WireEncoder(compress: true)
+        let frames = sampleMessages().map { encoder.message($0) }
+        var refused = 0
+        for i in 0..<3000 {
+            var bytes: [UInt8]
+            if i % 2 == 0 {
+                bytes = frames[Int(rng.next() % UInt64(frames.count))]
+                for _ in 0..<Int(1 + rng.next() % 4) { bytes[Int(rng.next() % UInt64(bytes.count))] ^= UInt8(1 + rng.next() % 255) }
+            } else {
+                bytes = (0..<Int(rng.next() % 300)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            }
+            var d = FrameDecoder()
+            d.feed(bytes)
+            do {
+                while let f = try d.next() {
+                    if f.type == .message { _ = try d.message(f.body) }
+                    if f.type == .hello { _ = try FrameDecoder.hello(f.body) }
+                }
+            } catch {
+                refused += 1
+            }
+        }
+        #expect(refused > 100)
+    }
+
+    @Test("the hello round-trips and refuses a foreign magic")
+    func hello() throws {
+        let h = Hello(clusterID: ClusterID.random(), siteID: "witness", features: Wire.featureLZ4)
+        var d = FrameDecoder()
+        d.feed(WireEncoder.hello(h))
+        let f = try #require(try d.next())
+        #expect(try FrameDecoder.hello(f.body) == h)
+        var bad = f.body
+        bad[0] = UInt8(ascii: "X")
+        #expect(throws: WireError.self) { _ = try FrameDecoder.hello(bad) }
+    }
+}
+
+@Suite("Transport", .serialized)
+struct TransportTests {
+    @Test("three sites connect pairwise over mutual TLS and exchange the core's messages; a restarted site reconnects")
+    func meshAndReconnect() throws {
+        final class Inbox: @unchecked Sendable {
+            let lock = NSLock()
+            var got: [SiteID: [Message]] = [:]
+            func add(_ m: Message) { lock.withLock { got[m.to, default: []].append(m) } }
+            func count(_ s: SiteID) -> Int { lock.withLock { got[s]?.count ?? 0 } }
+        }
+        let inbox = Inbox()
+        let ids: [SiteID] = ["a", "b", "c"]
+        // Ports picked by binding first.
+        var ports: [SiteID: UInt16] = [:]
+        for id in ids {
+            let fd = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
+            var addr = sockaddr_in()
+            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+            ports[id] = UInt16(bigEndian: addr.sin_port)
+            close(fd)
+        }
+        func make(_ id: SiteID) throws -> Transport {
+            var peers: [SiteID: PeerEndpoint] = [:]
+            for p in ids where p != id { peers[p] = PeerEndpoint(host: "127.0.0.1", port: ports[p]!) }
+            var settings = TransportSettings(site: id, clusterID: clusterA, listen: PeerEndpoint(host: "127.0.0.1", port: ports[id]!), peers: peers)
+            settings.reconnectMinNanoseconds = 20_000_000
+            settings.reconnectMaxNanoseconds = 200_000_000
+            return Transport(settings: settings, context: try context(id.name)) { inbox.add($0) }
+        }
+        var transports = try ids.map(make)
+        for t in transports { try t.start() }
+        func waitConnected(_ ts: [Transport]) {
+            for _ in 0..<200 where !ts.allSatisfy({ $0.connectedPeers.count == 2 }) { usleep(20_000) }
+        }
+        waitConnected(transports)
+        #expect(transports.allSatisfy { $0.connectedPeers.count == 2 }, "\(transports.map(\.connectedPeers))")
+        for m in sampleMessages() {
+            transports[0].send(Message(from: "a", to: "b", term: m.term, body: m.body))
+            transports[2].send(Message(from: "c", to: "a", term: m.term, body: m.body))
+        }
+        for _ in 0..<200 where inbox.count("b") < 10 || inbox.count("a") < 10 { usleep(10_000) }
+        #expect(inbox.count("b") == 10 && inbox.count("a") == 10)
+        #expect(transports[0].metrics.compressionRatio > 2)
+        // c restarts: the others reconnect to it.
+        transports[2].stop()
+        usleep(100_000)
+        transports[2] = try make("c")
+        try transports[2].start()
+        waitConnected(transports)
+        #expect(transports[2].connectedPeers == ["a", "b"])
+        for t in transports { t.stop() }
+    }
+}
