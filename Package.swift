@@ -62,7 +62,8 @@ let package = Package(
             path: "Sources/tandem-sim", swiftSettings: strict),
         .executableTarget(
             name: "tandem-bench",
-            dependencies: ["TandemWAL", "TandemStore", "TandemSimulation", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TandemWAL", "TandemStore", "TandemSimulation", "TandemTransport",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandem-bench", swiftSettings: strict),
 
         .testTarget(name: "TandemWALTests", dependencies: ["TandemWAL"], swiftSettings: strict),

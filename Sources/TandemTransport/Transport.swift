@@ -104,18 +104,21 @@ public final class Transport: @unchecked Sendable {
 
     /// Sends a core message. Dropped (and counted) if the peer is not connected or its
     /// queue is full: the protocol re-sends what matters.
-    public func send(_ m: Message) {
+    /// Returns whether the message was queued.
+    @discardableResult
+    public func send(_ m: Message) -> Bool {
         guard let c = lock.withLock({ connections[m.to] }), c.isOpen else {
             metrics.droppedMessage()
-            return
+            return false
         }
         var encoder = WireEncoder(compress: c.compress)
         let frame = encoder.message(m)
         if c.send(frame) {
             metrics.sent(encoder.statistics)
-        } else {
-            metrics.droppedMessage()
+            return true
         }
+        metrics.droppedMessage()
+        return false
     }
 
     public var connectedPeers: [SiteID] { lock.withLock { connections.filter { $0.value.isOpen }.map(\.key).sorted() } }

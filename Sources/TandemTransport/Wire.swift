@@ -88,7 +88,13 @@ public struct WireEncoder: Sendable {
     }
 
     public mutating func message(_ m: Message) -> [UInt8] {
-        var w = ByteWriter(capacity: 128)
+        var capacity = 128
+        if case let .append(a) = m.body { capacity += a.records.reduce(0) { $0 + 29 + $1.payload.count } }
+        if case let .fetchResponse(f) = m.body { capacity += f.records.reduce(0) { $0 + 29 + $1.payload.count } }
+        // The frame is built in place: length (patched at the end), type, body.
+        var w = ByteWriter(capacity: capacity)
+        w.u32(0)
+        w.u8(Wire.FrameType.message.rawValue)
         Self.shortString(m.from.name, &w)
         Self.shortString(m.to.name, &w)
         w.u64(m.term.rawValue)
@@ -114,12 +120,28 @@ public struct WireEncoder: Sendable {
             w.u8(9); w.u8(r.success ? 1 : 0); w.u64(r.prevLSN.rawValue); w.u64(r.prevTerm.rawValue); w.u64(r.lastLSN.rawValue)
             records(r.records, &w)
         }
-        return Self.frame(.message, w.bytes)
+        w.patchU32(at: 0, UInt32(w.count - 4))
+        return w.bytes
     }
 
     mutating func records(_ records: [LogRecord], _ w: inout ByteWriter) {
         w.u32(UInt32(records.count))
-        var raw = ByteWriter(capacity: records.reduce(0) { $0 + 21 + $1.payload.count })
+        let rawCount = records.reduce(0) { $0 + 21 + $1.payload.count }
+        if !(compress && rawCount >= Wire.compressionThreshold) {
+            // Plain: written straight into the frame.
+            w.u8(0)
+            w.u32(UInt32(rawCount))
+            for r in records {
+                w.u64(r.term.rawValue)
+                w.u64(r.lsn.rawValue)
+                w.u8(r.kind.rawValue)
+                w.blob(r.payload)
+            }
+            statistics.recordBytesRaw += rawCount
+            statistics.recordBytesSent += rawCount
+            return
+        }
+        var raw = ByteWriter(capacity: rawCount)
         for r in records {
             raw.u64(r.term.rawValue)
             raw.u64(r.lsn.rawValue)
@@ -289,7 +311,12 @@ public struct FrameDecoder: Sendable {
         let raw: [UInt8]
         switch encoding {
         case 0:
-            raw = try r.raw(rawLength, "records")
+            // Decoded in place, without copying the block first.
+            guard r.remaining >= rawLength else { throw WireError("record block truncated") }
+            var block = r
+            let records = try decodeRecords(&block, count: count, end: r.offset + rawLength)
+            r = block
+            return records
         case 1:
             let stored = Int(try r.u32("compressed length"))
             let packed = try r.raw(stored, "compressed records")
@@ -306,6 +333,11 @@ public struct FrameDecoder: Sendable {
             throw WireError("unknown record encoding \(encoding)")
         }
         var rr = ByteReader(raw)
+        return try decodeRecords(&rr, count: count, end: raw.count)
+    }
+
+    /// Reads `count` records from `rr`, which must end exactly at offset `end`.
+    func decodeRecords(_ rr: inout ByteReader, count: Int, end: Int) throws -> [LogRecord] {
         var records: [LogRecord] = []
         records.reserveCapacity(count)
         for _ in 0..<count {
@@ -317,7 +349,7 @@ public struct FrameDecoder: Sendable {
             if let last = records.last, lsn != last.lsn.next { throw WireError("records out of sequence: \(lsn) after \(last.lsn)") }
             records.append(LogRecord(term: term, lsn: lsn, kind: kind, payload: payload))
         }
-        guard rr.isAtEnd else { throw WireError("\(rr.remaining) trailing bytes in a record block") }
+        guard rr.offset == end else { throw WireError("record block length does not match its records") }
         return records
     }
 }

@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import TandemModel
 import TandemSimulation
+import TandemTransport
+import TandemCore
 import TandemStore
 import TandemWAL
 
@@ -12,7 +14,7 @@ struct TandemBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tandem-bench",
         abstract: "Measure Tandem's storage, log and replication performance.",
-        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self, SimBench.self])
+        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self, SimBench.self, TransportBench.self])
 }
 
 struct CommonOptions: ParsableArguments {
@@ -281,5 +283,169 @@ struct SimBench: AsyncParsableCommand {
               "wall_seconds": round3(wall), "speedup": round3(speedup), "events_per_second": round3(Double(events) / max(wall, 1e-9)),
               "target_speedup": 1000, "failed_runs": failed])
         note("\(s.name): \(count) seeds, \(Int(virtual)) s simulated in \(round3(wall)) s: \(Int(speedup))× real time, \(failed) failed")
+    }
+}
+
+struct TransportBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "transport",
+        abstract: "Replication over mutual TLS on loopback, with and without LZ4, next to the raw TLS ceiling measured in the same run.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Seconds per measurement.") var seconds: Double = 3
+    @Option(help: "Telehealth records in the generated log.") var records: Int = 20_000
+
+    func run() async throws {
+        let dir = try common.scratch("transport")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let duration = common.quick ? 0.5 : seconds
+        // Certificates made the way operators make them.
+        let script = FileManager.default.currentDirectoryPath + "/Deploy/make-certs.sh"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [script, dir + "/pki", "a", "b"]
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw ValidationError("Deploy/make-certs.sh failed (run from the repository root)") }
+        func ctx(_ site: String) throws -> TLSContext {
+            try TLSContext(files: TLSFiles(certificate: "\(dir)/pki/\(site).pem", privateKey: "\(dir)/pki/\(site).key",
+                                           certificateAuthority: "\(dir)/pki/ca.pem"))
+        }
+        let ceiling = try TLSCeiling.measure(server: try ctx("b"), client: try ctx("a"), expectedServerName: "b", seconds: duration)
+        emit(["bench": "transport.tls_ceiling", "bytes_per_second": round3(ceiling), "megabytes_per_second": round3(ceiling / 1e6)])
+        note("raw TLS 1.3 single stream on loopback: \(Int(ceiling / 1e6)) MB/s")
+
+        let log = try telehealthLog(count: common.quick ? 2_000 : records, dir: dir + "/store")
+        let rawBytes = log.reduce(0) { $0 + $1.payload.count }
+        // Messages as the core sends them: up to 1 MiB of records each.
+        var batches: [[LogRecord]] = [[]]
+        var size = 0
+        for r in log {
+            if size + r.payload.count > 1 << 20 && !batches[batches.count - 1].isEmpty {
+                batches.append([])
+                size = 0
+            }
+            batches[batches.count - 1].append(r)
+            size += r.payload.count
+        }
+        for compress in [false, true] {
+            let result = try await stream(batches, compress: compress, seconds: duration, ctx: ctx)
+            let ratioToCeiling = result.bytesPerSecond / ceiling
+            emit(["bench": "transport.replication", "lz4": compress, "log_megabytes_per_second": round3(result.bytesPerSecond / 1e6),
+                  "records_per_second": round3(result.recordsPerSecond), "ratio_to_tls_ceiling": round3(ratioToCeiling),
+                  "target_ratio_to_tls_ceiling": 0.6, "lz4_compression_ratio": round3(result.compressionRatio),
+                  "target_lz4_compression_ratio": 2.5, "log_records": log.count, "log_bytes": rawBytes])
+            note("replication \(compress ? "with" : "without") LZ4: \(Int(result.bytesPerSecond / 1e6)) MB/s of log, \(Int(result.recordsPerSecond)) records/s, \(round3(ratioToCeiling)) of the TLS ceiling, compression \(round3(result.compressionRatio))×")
+        }
+    }
+
+    struct StreamResult {
+        var bytesPerSecond: Double
+        var recordsPerSecond: Double
+        var compressionRatio: Double
+    }
+
+    func stream(_ batches: [[LogRecord]], compress: Bool, seconds: Double, ctx: (String) throws -> TLSContext) async throws -> StreamResult {
+        final class Counter: @unchecked Sendable {
+            let lock = NSLock()
+            var bytes = 0
+            var records = 0
+        }
+        let counter = Counter()
+        let portA = UInt16(20000 + Int.random(in: 0..<20000)), portB = portA + 1
+        var sa = TransportSettings(site: "a", clusterID: ClusterID("8f2a1c3e-0d4b-4e6f-9a7b-1c2d3e4f5a6b")!,
+                                   listen: PeerEndpoint(host: "127.0.0.1", port: portA), peers: ["b": PeerEndpoint(host: "127.0.0.1", port: portB)])
+        sa.compress = compress
+        var sb = TransportSettings(site: "b", clusterID: sa.clusterID, listen: PeerEndpoint(host: "127.0.0.1", port: portB),
+                                   peers: ["a": PeerEndpoint(host: "127.0.0.1", port: portA)])
+        sb.compress = compress
+        let a = Transport(settings: sa, context: try ctx("a")) { _ in }
+        let b = Transport(settings: sb, context: try ctx("b")) { m in
+            if case let .append(ap) = m.body {
+                let n = ap.records.reduce(0) { $0 + $1.payload.count }
+                counter.lock.withLock {
+                    counter.bytes += n
+                    counter.records += ap.records.count
+                }
+            }
+        }
+        try b.start()
+        try a.start()
+        defer {
+            a.stop()
+            b.stop()
+        }
+        for _ in 0..<500 where a.connectedPeers.isEmpty { usleep(10_000) }
+        guard !a.connectedPeers.isEmpty else { throw ValidationError("the two transports did not connect") }
+        var sentBytes = 0, sentRecords = 0
+        let start = monotonicNanoseconds()
+        let end = start + UInt64(seconds * 1e9)
+        var i = 0
+        while monotonicNanoseconds() < end {
+            let batch = batches[i % batches.count]
+            let m = Message(from: "a", to: "b", term: Term(1),
+                            body: .append(Append(prevLSN: batch[0].lsn.previous, prevTerm: Term(1), records: batch, commitLSN: .zero, round: 1)))
+            // Back-pressure: wait while the peer's queue is full.
+            while !a.send(m) { usleep(200) }
+            sentBytes += batch.reduce(0) { $0 + $1.payload.count }
+            sentRecords += batch.count
+            i += 1
+        }
+        while counter.lock.withLock({ counter.bytes < sentBytes }) && monotonicNanoseconds() < end + 30_000_000_000 { usleep(1000) }
+        let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+        let got = counter.lock.withLock { (counter.bytes, counter.records) }
+        return StreamResult(bytesPerSecond: Double(got.0) / elapsed, recordsPerSecond: Double(got.1) / elapsed,
+                            compressionRatio: a.metrics.compressionRatio)
+    }
+
+    /// A telehealth log made by the real state store: bookings, cancellations,
+    /// teleconsultation records, and documents (text reports and scanned uploads).
+    func telehealthLog(count: Int, dir: String) throws -> [LogRecord] {
+        let store = try StateStore.create(directory: dir, clusterID: ClusterID.random())
+        var out: [LogRecord] = []
+        for m in TelehealthSchema.migrations { out.append(try store.execute(m, lsn: store.appliedLSN.next, term: Term(1)).record) }
+        out.append(try store.execute(WriteBatch([
+            SQLStatement("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) INSERT INTO practitioners (id, reference, name, specialty) SELECT i, 'RPPS-' || (10000 + i), 'Dr ' || i, CASE i % 4 WHEN 0 THEN 'neurology' WHEN 1 THEN 'cardiology' WHEN 2 THEN 'dermatology' ELSE 'general practice' END FROM n"),
+            SQLStatement("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) INSERT INTO patients (id, reference) SELECT i, 'IPP-2021-' || i FROM n"),
+        ]), lsn: store.appliedLSN.next, term: Term(1)).record)
+        var rng = SeededRandom(seed: 2021)
+        let words = ["patient", "consultation", "douleur", "thoracique", "examen", "normal", "tension", "artérielle", "traitement",
+                     "suivi", "neurologique", "déficit", "moteur", "imagerie", "IRM", "recommandation", "contrôle", "semaines", "antécédents", "allergie"]
+        var appointment = 0
+        while out.count < count {
+            let roll = rng.next() % 10
+            let batch: WriteBatch
+            if roll < 5 {
+                appointment += 1
+                batch = WriteBatch([SQLStatement(
+                    "INSERT INTO appointments (practitioner_id, patient_id, starts_at, duration_minutes, mode, booked_at_site) VALUES (?, ?, ?, ?, ?, ?)",
+                    [.integer(Int64(1 + rng.next() % 200)), .integer(Int64(1 + rng.next() % 5000)),
+                     .text("2021-03-\(10 + rng.next() % 18)T\(8 + rng.next() % 10):\(rng.next() % 4 * 15)0:00Z"),
+                     .integer(Int64([15, 20, 30][Int(rng.next() % 3)])), .text(rng.next() % 4 == 0 ? "phone" : "video"),
+                     .text(["sbg", "gra", "rbx"][Int(rng.next() % 3)])])])
+            } else if roll < 6 && appointment > 0 {
+                batch = WriteBatch([SQLStatement("UPDATE appointments SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+                                                 [.integer(Int64(1 + rng.next() % UInt64(appointment)))])])
+            } else if roll < 9 && appointment > 0 {
+                batch = WriteBatch([SQLStatement(
+                    "INSERT OR REPLACE INTO teleconsultations (appointment_id, started_at, ended_at, outcome, notes_reference) VALUES (?, ?, ?, 'completed', ?)",
+                    [.integer(Int64(1 + rng.next() % UInt64(appointment))), .text("2021-03-10T09:00:00Z"), .text("2021-03-10T09:18:00Z"),
+                     .text("notes/\(rng.next() % 1_000_000)")])])
+            } else {
+                // Half text reports, half scanned uploads (which do not compress).
+                let report = rng.next() % 2 == 0
+                let bytes: [UInt8] = report
+                    ? Array((0..<500).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ").utf8)
+                    : (0..<4096).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+                batch = WriteBatch([SQLStatement(
+                    "INSERT INTO documents (patient_id, kind, content_type, size, sha256, bytes) VALUES (?, ?, ?, ?, ?, ?)",
+                    [.integer(Int64(1 + rng.next() % 5000)), .text(report ? "report" : "patient_upload"),
+                     .text(report ? "text/plain; charset=utf-8" : "image/jpeg"), .integer(Int64(bytes.count)),
+                     .text(SHA256Hasher.hex(SHA256Hasher.digest(bytes))), .blob(bytes)])])
+            }
+            out.append(try store.execute(batch, lsn: store.appliedLSN.next, term: Term(1)).record)
+            if out.count % 1000 == 0 { store.markCommitted(through: store.appliedLSN) }
+        }
+        return out
     }
 }
