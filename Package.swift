@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "tandemctl", targets: ["tandemctl"]),
         .executable(name: "tandem-sim", targets: ["tandem-sim"]),
         .executable(name: "tandem-bench", targets: ["tandem-bench"]),
+        .executable(name: "tandem-fuzz-frames", targets: ["tandem-fuzz-frames"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -65,6 +66,10 @@ let package = Package(
             dependencies: ["TandemWAL", "TandemStore", "TandemSimulation", "TandemTransport",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandem-bench", swiftSettings: strict),
+
+        // libFuzzer target for the frame decoder (docs/WIRE.md); a normal build replays files.
+        .executableTarget(name: "tandem-fuzz-frames", dependencies: ["TandemTransport"], path: "Sources/tandem-fuzz-frames",
+                          swiftSettings: strict),
 
         .testTarget(name: "TandemWALTests", dependencies: ["TandemWAL"], swiftSettings: strict),
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),

@@ -13,9 +13,9 @@ swift test -c release --skip-build
 
 # Benchmarks, quick mode: they must run and print their JSON lines.
 bench=".build/release/tandem-bench"
-for b in wal recovery apply sim; do
+for b in wal recovery apply sim transport; do
   out=$("$bench" "$b" --quick 2>/dev/null)
   echo "$out"
   echo "$out" | grep -q '"bench"' || { echo "tandem-bench $b printed no result" >&2; exit 1; }
 done
-echo "benchmarks: 4 passed, 0 failed"
+echo "benchmarks: 5 passed, 0 failed"
