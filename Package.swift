@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "TandemCore", dependencies: ["TandemModel"], swiftSettings: strict),
         // Peer transport: mutual TLS (system OpenSSL), framing, LZ4 record batches.
         .target(name: "TandemTransport", dependencies: ["TandemCore", "COpenSSL", "CLZ4"], swiftSettings: strict),
+        // A running site: the core driven by a real clock, files and sockets.
+        .target(name: "TandemNode", dependencies: ["TandemCore", "TandemStore", "TandemWAL", "TandemTransport"], swiftSettings: strict),
         // The deterministic disaster simulator: network, clocks, disks and checkers.
         // Single-threaded and hot: dynamic exclusivity checks on its classes cost ~6% of a run.
         .target(name: "TandemSimulation", dependencies: ["TandemCore"],
@@ -75,6 +77,7 @@ let package = Package(
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
+        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

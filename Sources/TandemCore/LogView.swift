@@ -36,6 +36,16 @@ public struct LogView: Hashable, Sendable {
         append(records, maxCachedBytes: maxCachedBytes)
     }
 
+    /// A view of an existing log from its bounds and its term runs (first LSN of each run
+    /// of equal terms, ascending), with an empty cache: records are read from the log.
+    public init(firstLSN: LSN, previousTerm: Term, lastLSN: LSN, termRuns: [(lsn: LSN, term: Term)]) {
+        self.init(after: firstLSN.previous, term: previousTerm)
+        guard lastLSN >= firstLSN else { return }
+        runs = termRuns.filter { $0.lsn <= lastLSN }.map { Run(lsn: max($0.lsn, firstLSN), term: $0.term) }
+        self.lastLSN = lastLSN
+        lastTerm = runs.last?.term ?? previousTerm
+    }
+
     /// The term of the record at `lsn`; `previousTerm` just before the first; nil outside.
     public func term(at lsn: LSN) -> Term? {
         if lsn == firstLSN.previous { return previousTerm }

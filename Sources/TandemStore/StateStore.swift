@@ -439,7 +439,14 @@ public final class StateStore: @unchecked Sendable {
         }
     }
 
-    private func apply(_ records: [LogRecord], merging: Bool) throws(StoreError) {
+    /// Applies records that are not yet known to be committed (a new primary's log tail,
+    /// and its no-op), keeping each one's inverse so they can be undone like executed
+    /// writes (`rollback`). The committed LSN does not move.
+    public func applySpeculatively(_ records: [LogRecord]) throws(StoreError) {
+        try apply(records, merging: false, keepUndo: true)
+    }
+
+    private func apply(_ records: [LogRecord], merging: Bool, keepUndo: Bool = false) throws(StoreError) {
         guard let first = records.first else { return }
         guard first.lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: first.lsn) }
         do { try db.exec("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
@@ -485,6 +492,19 @@ public final class StateStore: @unchecked Sendable {
                     if batch.schemaVersion > 0 { version = batch.schemaVersion }
                     try crashPointAfterChangeset?(r.lsn)
                 }
+                if keepUndo {
+                    let inverse: SQLValue = switch r.kind {
+                    case .changeset: r.payload.isEmpty ? .blob([]) : .blob(try invert(r.payload, lsn: r.lsn))
+                    case .noop: .blob([])
+                    case .schema: .null
+                    }
+                    try withInternal {
+                        insertUndo.reset()
+                        try insertUndo.bind([.integer(Int64(r.lsn.rawValue)), .integer(Int64(r.kind.rawValue)),
+                                             .integer(Int64(term.rawValue)), inverse])
+                        _ = try insertUndo.step()
+                    }
+                }
                 lsn = r.lsn
                 term = r.term
             }
@@ -497,7 +517,7 @@ public final class StateStore: @unchecked Sendable {
             appliedLSN = lsn
             appliedTerm = term
             schemaVersion = version
-            if committedLSN < lsn { committedLSN = lsn }
+            if committedLSN < lsn && !keepUndo { committedLSN = lsn }
         } catch {
             rollbackTransaction()
             throw Self.storeError(error)

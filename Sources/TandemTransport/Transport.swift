@@ -59,7 +59,9 @@ public final class Transport: @unchecked Sendable {
     private var stopped = false
     private var listenFD: Int32 = -1
     private var encoderStats = WireStatistics()
-    private let onMessage: @Sendable (Message) -> Void
+    // Set before `start` (thread start orders these writes before any read).
+    private var onMessage: @Sendable (Message) -> Void
+    private var onSnapshotFrame: (@Sendable (SiteID, SnapshotFrame) -> Void)?
     private let log: @Sendable (String) -> Void
 
     /// `onMessage` runs on a connection's I/O thread for each message received.
@@ -69,6 +71,13 @@ public final class Transport: @unchecked Sendable {
         self.context = context
         self.onMessage = onMessage
         self.log = log
+    }
+
+    /// Replaces the receivers of messages and snapshot frames. Call before `start`.
+    public func setHandlers(onMessage: @escaping @Sendable (Message) -> Void,
+                            onSnapshotFrame: @escaping @Sendable (SiteID, SnapshotFrame) -> Void) {
+        self.onMessage = onMessage
+        self.onSnapshotFrame = onSnapshotFrame
     }
 
     /// Binds the listener and starts dialing the peers this site dials.
@@ -121,6 +130,13 @@ public final class Transport: @unchecked Sendable {
         return false
     }
 
+    /// Sends a snapshot-transfer frame; false if not connected or the queue is full.
+    @discardableResult
+    public func send(_ frame: SnapshotFrame, to peer: SiteID) -> Bool {
+        guard let c = lock.withLock({ connections[peer] }), c.isOpen else { return false }
+        return c.send(frame.encode())
+    }
+
     public var connectedPeers: [SiteID] { lock.withLock { connections.filter { $0.value.isOpen }.map(\.key).sorted() } }
 
     // MARK: Connections
@@ -134,7 +150,15 @@ public final class Transport: @unchecked Sendable {
         old?.close()
         let limits = settings.limits
         c.start(onFrame: { [weak self] type, body in
-            guard let self, type == .message else { return }
+            guard let self else { return }
+            if type == .snapshot {
+                do { self.onSnapshotFrame?(c.peer, try SnapshotFrame.decode(body)) } catch {
+                    self.log("event=frame_refused peer=\(c.peer) reason=\"\(error)\"")
+                    c.close()
+                }
+                return
+            }
+            guard type == .message else { return }
             do {
                 let m = try FrameDecoder(limits: limits).message(body)
                 // A peer may only speak for itself, to this site.
@@ -212,7 +236,7 @@ public final class Transport: @unchecked Sendable {
 
     // MARK: Sockets
 
-    static func listen(on endpoint: PeerEndpoint) throws(TransportError) -> Int32 {
+    public static func listen(on endpoint: PeerEndpoint) throws(TransportError) -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw TransportError(.other, "socket: \(String(cString: strerror(errno)))") }
         var one: Int32 = 1

@@ -20,7 +20,11 @@ public enum Wire {
         case hello = 1
         case message = 2
         case goodbye = 3
+        case snapshot = 4
     }
+
+    /// Largest snapshot chunk sent in one frame.
+    public static let snapshotChunkBytes = 1 << 20
 
     /// Record blocks at least this large are compressed when LZ4 is negotiated.
     public static let compressionThreshold = 512
@@ -53,6 +57,53 @@ public struct WireStatistics: Sendable {
     public var recordBytesRaw = 0
     public var recordBytesSent = 0
     public var compressionRatio: Double { recordBytesSent == 0 ? 1 : Double(recordBytesRaw) / Double(recordBytesSent) }
+}
+
+/// Snapshot transfer, resumable: the sender offers a snapshot, the receiver asks for it
+/// from an offset (the size of what it already holds of the same snapshot), the sender
+/// streams checksummed chunks from there.
+public enum SnapshotFrame: Hashable, Sendable {
+    /// kind 1: lsn u64, term u64, size u64
+    case offer(lsn: LSN, term: Term, size: UInt64)
+    /// kind 2: lsn u64, offset u64
+    case request(lsn: LSN, offset: UInt64)
+    /// kind 3: lsn u64, offset u64, CRC32C of bytes u32, bytes (u32 length + bytes)
+    case chunk(lsn: LSN, offset: UInt64, bytes: [UInt8])
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter(capacity: 64)
+        switch self {
+        case let .offer(lsn, term, size): w.u8(1); w.u64(lsn.rawValue); w.u64(term.rawValue); w.u64(size)
+        case let .request(lsn, offset): w.u8(2); w.u64(lsn.rawValue); w.u64(offset)
+        case let .chunk(lsn, offset, bytes):
+            w.u8(3); w.u64(lsn.rawValue); w.u64(offset); w.u32(CRC32C.checksum(bytes)); w.blob(bytes)
+        }
+        return WireEncoder.frame(.snapshot, w.bytes)
+    }
+
+    public static func decode(_ body: [UInt8]) throws(WireError) -> SnapshotFrame {
+        var r = ByteReader(body)
+        do {
+            let kind = try r.u8("snapshot frame kind")
+            let f: SnapshotFrame
+            switch kind {
+            case 1: f = .offer(lsn: LSN(try r.u64()), term: Term(try r.u64()), size: try r.u64())
+            case 2: f = .request(lsn: LSN(try r.u64()), offset: try r.u64())
+            case 3:
+                let lsn = LSN(try r.u64()), offset = try r.u64(), crc = try r.u32()
+                let bytes = try r.blob("snapshot chunk", limit: Wire.snapshotChunkBytes)
+                guard CRC32C.checksum(bytes) == crc else { throw WireError("snapshot chunk at offset \(offset) fails its checksum") }
+                f = .chunk(lsn: lsn, offset: offset, bytes: bytes)
+            default: throw WireError("unknown snapshot frame kind \(kind)")
+            }
+            guard r.isAtEnd else { throw WireError("\(r.remaining) trailing bytes in a snapshot frame") }
+            return f
+        } catch let e as WireError {
+            throw e
+        } catch {
+            throw WireError("malformed snapshot frame: \(error)")
+        }
+    }
 }
 
 // MARK: - Encoding

@@ -200,6 +200,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Total bytes of the segment files' contents (not counting preallocated zeros).
     public var byteSize: Int { lock.withLock { segments.reduce(0) { $0 + $1.end } } }
     public var segmentCount: Int { lock.withLock { segments.count } }
+    /// The term of every durable record, as runs: (first LSN of the run, term), ascending.
+    public var termRunsSnapshot: [(lsn: LSN, term: Term)] { lock.withLock { termRuns } }
     /// The error that stopped the log, if any.
     public var failed: WALError? { lock.withLock { failure } }
 

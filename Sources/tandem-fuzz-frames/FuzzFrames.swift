@@ -18,6 +18,7 @@ public func fuzzFrames(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
             case .hello: _ = try FrameDecoder.hello(frame.body)
             case .message: _ = try decoder.message(frame.body)
             case .goodbye: break
+            case .snapshot: _ = try SnapshotFrame.decode(frame.body)
             }
         }
     } catch {

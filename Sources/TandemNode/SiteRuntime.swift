@@ -1,0 +1,484 @@
+import Foundation
+import Glibc
+import TandemCore
+import TandemModel
+import TandemStore
+import TandemTransport
+import TandemWAL
+
+/// Settings of one running site.
+public struct NodeSettings: Sendable {
+    public var config: ClusterConfig
+    public var site: SiteID
+    public var clusterID: ClusterID
+    public var dataDirectory: String
+    public var transport: TransportSettings
+    public var walOptions = WALOptions()
+    public var storeLimits = StoreLimits()
+    /// How often the core is ticked.
+    public var tickNanoseconds: UInt64 = 10_000_000
+    /// A local snapshot is taken (and the log it covers removed, as retention allows)
+    /// once this many records were applied since the last one. 0: never.
+    public var snapshotEveryRecords = 100_000
+    public var retention = RetentionPolicy()
+    /// Bytes per snapshot chunk (each checksummed; a transfer resumes at a chunk boundary).
+    public var snapshotChunkBytes = Wire.snapshotChunkBytes
+    /// Pause between snapshot chunks sent (testing seam: slows a transfer so it can be cut).
+    public var snapshotChunkPauseMicroseconds: UInt32 = 0
+    /// Log lines (one event per line, key=value).
+    public var log: @Sendable (String) -> Void = { _ in }
+
+    public init(config: ClusterConfig, site: SiteID, clusterID: ClusterID, dataDirectory: String, transport: TransportSettings) {
+        self.config = config
+        self.site = site
+        self.clusterID = clusterID
+        self.dataDirectory = dataDirectory
+        self.transport = transport
+    }
+}
+
+/// Why a write failed.
+public enum WriteError: Error, CustomStringConvertible, Sendable {
+    case notPrimary(SiteID?)
+    case refused(ProposalError)
+    case store(StoreError)
+    /// The primary lost its office before the write committed: it may or may not have
+    /// committed (the client should check, for example by reading it back).
+    case outcomeUnknown(String)
+    case stopped
+
+    public var description: String {
+        switch self {
+        case let .notPrimary(p): "this site is not the primary" + (p.map { " (the primary is \($0))" } ?? "")
+        case let .refused(e): "\(e)"
+        case let .store(e): "\(e)"
+        case let .outcomeUnknown(why): "outcome unknown: \(why)"
+        case .stopped: "the site is stopping"
+        }
+    }
+}
+
+/// What a site reports about itself.
+public struct SiteStatus: Sendable {
+    public var site: SiteID
+    public var role: CoreRole
+    public var term: Term
+    public var primary: SiteID?
+    public var commitLSN: LSN
+    public var appliedLSN: LSN
+    public var logFirstLSN: LSN
+    public var logLastLSN: LSN
+    public var holdsLease: Bool
+}
+
+/// Drives one site's core with a real clock (CLOCK_BOOTTIME), real files and real
+/// sockets: the daemon's heart. One loop thread owns the core, the storage and all
+/// decisions; the transport's threads and the log's writer only hand it inputs.
+public final class SiteRuntime: @unchecked Sendable {
+    public let settings: NodeSettings
+    public let storage: SiteStorage
+    public let transport: Transport
+
+    // Owned by the loop thread (inputs arrive through `inbox`).
+    private var core: Core
+    private var rng: SeededRandom
+    private var storageQueue: [(id: UInt64, after: [Message], done: Bool)] = []
+    private var waiters: [LSN: (term: Term, resume: @Sendable (Result<Execution, WriteError>) -> Void, execution: Execution)] = [:]
+    private var lastSnapshotLSN: LSN = .zero
+    private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String)?
+    private var sendingSnapshot: Set<SiteID> = []
+
+    private let cond = NSCondition()
+    // Guarded by `cond`.
+    private var inbox: [Input] = []
+    private var running = false
+    private var exited = false
+    private var statusCache: SiteStatus
+
+    enum Input {
+        case message(Message)
+        case walDone(UInt64, Result<LSN, WALError>)
+        case snapshotFrame(SiteID, SnapshotFrame)
+        case write(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)
+        case event(CoreEvent)
+        case snapshotSent(SiteID)
+    }
+
+    var hardStatePath: String { settings.dataDirectory + "/hardstate" }
+
+    /// Creates a new site's storage (refusing existing data).
+    public static func bootstrap(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions()) throws {
+        let s = try SiteStorage.bootstrap(dataDirectory: dataDirectory, clusterID: clusterID, walOptions: walOptions)
+        s.close()
+    }
+
+    public init(settings: NodeSettings, tls: TLSContext) throws {
+        self.settings = settings
+        storage = try SiteStorage.open(dataDirectory: settings.dataDirectory, clusterID: settings.clusterID,
+                                       walOptions: settings.walOptions, limits: settings.storeLimits)
+        let hard = try Self.loadHardState(settings.dataDirectory + "/hardstate")
+        let log = storage.log
+        let view = LogView(firstLSN: log.firstLSN, previousTerm: log.term(at: log.firstLSN.previous) ?? .zero,
+                           lastLSN: log.lastLSN, termRuns: log.termRunsSnapshot)
+        rng = SeededRandom(seed: monotonicNanoseconds() ^ UInt64(getpid()))
+        core = try Core(id: settings.site, config: settings.config, hardState: hard, log: view,
+                        commitLSN: storage.store.committedLSN, now: Self.clock(), entropy: rng.next())
+        lastSnapshotLSN = storage.store.appliedLSN
+        statusCache = SiteStatus(site: settings.site, role: .follower, term: hard.term, primary: nil, commitLSN: .zero,
+                                 appliedLSN: storage.store.appliedLSN, logFirstLSN: log.firstLSN, logLastLSN: log.lastLSN, holdsLease: false)
+        transport = Transport(settings: settings.transport, context: tls, log: settings.log, onMessage: { _ in })
+        transport.setHandlers(onMessage: { [weak self] m in self?.enqueue(.message(m)) },
+                              onSnapshotFrame: { [weak self] peer, f in self?.enqueue(.snapshotFrame(peer, f)) })
+    }
+
+    /// The local clock for leases: CLOCK_BOOTTIME keeps counting through a suspension.
+    static func clock() -> Instant {
+        var ts = timespec()
+        clock_gettime(CLOCK_BOOTTIME, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    static func loadHardState(_ path: String) throws -> HardState {
+        guard let data = FileManager.default.contents(atPath: path) else { return HardState() }
+        var r = ByteReader([UInt8](data))
+        let term = Term(try r.u64("term"))
+        let voted = try r.string("voted for", limit: 256)
+        return HardState(term: term, votedFor: voted.isEmpty ? nil : SiteID(voted))
+    }
+
+    func saveHardState(_ h: HardState) throws {
+        var w = ByteWriter()
+        w.u64(h.term.rawValue)
+        w.string(h.votedFor?.name ?? "")
+        try Durable.writeFile(w.bytes, to: hardStatePath)
+    }
+
+    // MARK: Lifecycle
+
+    public func start() throws {
+        try transport.start()
+        cond.withLock { running = true }
+        let t = Thread { [self] in loop() }
+        t.name = "tandem-site-\(settings.site)"
+        t.start()
+    }
+
+    /// Stops the loop, the transport and the log. Writes still waiting fail.
+    public func stop() {
+        cond.withLock {
+            running = false
+            cond.broadcast()
+            while !exited { cond.wait() }
+        }
+        transport.stop()
+        storage.close()
+    }
+
+    public var status: SiteStatus { cond.withLock { statusCache } }
+
+    /// Runs a write batch on this site if it is the primary, and returns once committed.
+    public func write(_ batch: WriteBatch) async throws(WriteError) -> Execution {
+        let result: Result<Execution, WriteError> = await withCheckedContinuation { c in
+            enqueue(.write(batch, { c.resume(returning: $0) }))
+        }
+        return try result.get()
+    }
+
+    /// Starts a switchover to `target`.
+    public func transferLeadership(to target: SiteID) { enqueue(.event(.transferLeadership(to: target))) }
+
+    func enqueue(_ input: Input) {
+        cond.withLock {
+            inbox.append(input)
+            cond.signal()
+        }
+    }
+
+    // MARK: The loop
+
+    private func loop() {
+        var nextTick = Self.clock()
+        while true {
+            let batch: [Input]? = cond.withLock {
+                while inbox.isEmpty && running && Self.clock() < nextTick {
+                    _ = cond.wait(until: Date(timeIntervalSinceNow: Double(nextTick - min(nextTick, Self.clock())) / 1e9))
+                }
+                if !running { return nil }
+                let b = inbox
+                inbox.removeAll(keepingCapacity: true)
+                return b
+            }
+            guard let batch else { break }
+            for input in batch { handle(input) }
+            if Self.clock() >= nextTick {
+                step(.tick)
+                maybeSnapshot()
+                nextTick = Self.clock() + settings.tickNanoseconds
+            }
+            publishStatus()
+        }
+        for (_, w) in waiters { w.resume(.failure(.stopped)) }
+        waiters = [:]
+        cond.withLock {
+            exited = true
+            cond.broadcast()
+        }
+    }
+
+    private func publishStatus() {
+        let now = Self.clock()
+        let s = SiteStatus(site: settings.site, role: core.role, term: core.hardState.term, primary: core.primaryID, commitLSN: core.commitLSN,
+                           appliedLSN: storage.store.appliedLSN, logFirstLSN: storage.log.firstLSN, logLastLSN: storage.log.lastLSN,
+                           holdsLease: core.canServeLeaseRead(at: now))
+        cond.withLock { statusCache = s }
+    }
+
+    private func handle(_ input: Input) {
+        switch input {
+        case let .message(m): step(.message(m))
+        case let .event(e): step(e)
+        case let .walDone(id, result):
+            if case let .failure(error) = result {
+                // Fail-stop: nothing after an fsync error is trusted; the operator restarts.
+                settings.log("event=log_failed site=\(settings.site) error=\"\(error)\"")
+                cond.withLock { running = false }
+                return
+            }
+            if let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
+            drainStorageQueue()
+        case let .write(batch, resume): write(batch, resume)
+        case let .snapshotFrame(peer, frame): snapshotFrame(peer, frame)
+        case let .snapshotSent(peer): sendingSnapshot.remove(peer)
+        }
+    }
+
+    private func step(_ event: CoreEvent) {
+        let ready = core.step(event, at: Self.clock(), entropy: rng.next())
+        perform(ready)
+    }
+
+    // MARK: Carrying out a Ready
+
+    private func perform(_ ready: Ready) {
+        do {
+            if let h = ready.hardState { try saveHardState(h) }
+            if let t = ready.truncateAfter { try storage.truncate(after: t) }
+        } catch {
+            settings.log("event=storage_failed site=\(settings.site) error=\"\(error)\"")
+            cond.withLock { running = false }
+            return
+        }
+        if ready.roleChanges.contains(where: { if case .becamePrimary = $0 { return true } else { return false } }) {
+            catchUpStoreAsPrimary(noop: ready.append)
+        }
+        if ready.hasStorageWork, let id = ready.storageID {
+            storageQueue.append((id, ready.messagesAfterPersist, ready.append.isEmpty))
+            if !ready.append.isEmpty {
+                storage.log.append(ready.append) { [weak self] result in self?.enqueue(.walDone(id, result)) }
+            }
+            drainStorageQueue()
+        } else {
+            for m in ready.messagesAfterPersist { transport.send(m) }
+        }
+        for m in ready.messages { transport.send(m) }
+        for change in ready.roleChanges { roleChanged(change) }
+        if let c = ready.committedThrough { committed(through: c) }
+        for r in ready.logReads {
+            // Older than the core's cache: read from the segments on disk.
+            let records = (try? storage.log.read(from: r.from, maxBytes: r.maxBytes)) ?? []
+            enqueue(.event(.logRead(peer: r.peer, records: records)))
+        }
+        for peer in ready.snapshotsNeeded { offerSnapshot(to: peer) }
+    }
+
+    /// Storage completions are reported to the core in order, each once it and everything
+    /// before it is durable.
+    private func drainStorageQueue() {
+        while let first = storageQueue.first, first.done {
+            storageQueue.removeFirst()
+            for m in first.after { transport.send(m) }
+            step(.persisted(storageID: first.id))
+        }
+    }
+
+    private func committed(through lsn: LSN) {
+        if core.role == .primary {
+            storage.store.markCommitted(through: lsn)
+            for (l, w) in waiters where l <= lsn {
+                waiters[l] = nil
+                w.resume(.success(w.execution))
+            }
+        } else {
+            do { try storage.applyCommitted(through: lsn) } catch {
+                settings.log("event=apply_failed site=\(settings.site) error=\"\(error)\"")
+            }
+        }
+    }
+
+    private func roleChanged(_ change: RoleChange) {
+        settings.log("event=role_change site=\(settings.site) change=\"\(change)\"")
+        guard case let .steppedDown(term, reason) = change else { return }
+        // Undo what this site executed but never committed; the new primary's log decides.
+        for (_, w) in waiters { w.resume(.failure(.outcomeUnknown("the primary stepped down in term \(term): \(reason)"))) }
+        waiters = [:]
+        do {
+            if storage.store.appliedLSN > core.commitLSN { try storage.store.rollback(to: core.commitLSN) }
+        } catch {
+            do { try storage.rebuild(through: min(core.commitLSN, storage.log.lastLSN)) } catch {
+                settings.log("event=rebuild_failed site=\(settings.site) error=\"\(error)\"")
+            }
+        }
+    }
+
+    /// A new primary's database must reflect its whole log before it executes writes at
+    /// the next LSN: the tail it holds from earlier terms (uncommitted until its no-op
+    /// commits) and the no-op itself are applied, undoably.
+    private func catchUpStoreAsPrimary(noop: [LogRecord]) {
+        do {
+            let store = storage.store
+            var records: [LogRecord] = []
+            let tailEnd = noop.first?.lsn.previous ?? core.log.lastLSN
+            var from = store.appliedLSN.next
+            while from <= tailEnd {
+                let chunk = try storage.log.read(from: from, maxBytes: 4 << 20).filter { $0.lsn <= tailEnd }
+                guard let last = chunk.last else { break }
+                records.append(contentsOf: chunk)
+                from = last.lsn.next
+            }
+            records.append(contentsOf: noop.filter { $0.lsn > store.appliedLSN })
+            try store.applySpeculatively(records.filter { $0.lsn > store.appliedLSN })
+        } catch {
+            settings.log("event=primary_catch_up_failed site=\(settings.site) error=\"\(error)\"")
+        }
+    }
+
+    // MARK: Writes
+
+    private func write(_ batch: WriteBatch, _ resume: @escaping @Sendable (Result<Execution, WriteError>) -> Void) {
+        guard core.isAcceptingProposals, core.role == .primary else {
+            resume(.failure(.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)))
+            return
+        }
+        let lsn = core.nextLSN
+        let term = core.hardState.term
+        let execution: Execution
+        do { execution = try storage.store.execute(batch, lsn: lsn, term: term) } catch {
+            resume(.failure(.store(error)))
+            return
+        }
+        do {
+            let (proposed, ready) = try core.propose(kind: execution.record.kind, payload: execution.record.payload, at: Self.clock())
+            precondition(proposed == lsn, "the core numbered the record differently from the store")
+            waiters[lsn] = (term, resume, execution)
+            perform(ready)
+        } catch {
+            try? storage.store.rollback(to: lsn.previous)
+            resume(.failure(.refused(error)))
+        }
+    }
+
+    // MARK: Snapshots
+
+    private func maybeSnapshot() {
+        guard settings.snapshotEveryRecords > 0, settings.config.site(settings.site)?.role == .voter else { return }
+        let applied = min(storage.store.appliedLSN, core.commitLSN)
+        guard applied.rawValue >= lastSnapshotLSN.rawValue + UInt64(settings.snapshotEveryRecords) else { return }
+        do {
+            let info = try storage.takeSnapshot(retention: settings.retention)
+            lastSnapshotLSN = info.lsn
+            step(.compacted(through: storage.log.firstLSN.previous))
+            settings.log("event=snapshot site=\(settings.site) lsn=\(info.lsn) bytes=\(info.fileBytes) log_first_lsn=\(storage.log.firstLSN)")
+        } catch {
+            settings.log("event=snapshot_failed site=\(settings.site) error=\"\(error)\"")
+        }
+    }
+
+    private func offerSnapshot(to peer: SiteID) {
+        do {
+            if !FileManager.default.fileExists(atPath: storage.snapshotPath) {
+                let info = try storage.takeSnapshot(retention: settings.retention)
+                lastSnapshotLSN = info.lsn
+            }
+            let (info, _) = try SnapshotFormat.readHeader(path: storage.snapshotPath)
+            transport.send(.offer(lsn: info.lsn, term: info.term, size: UInt64(info.fileBytes)), to: peer)
+            settings.log("event=snapshot_offered site=\(settings.site) peer=\(peer) lsn=\(info.lsn) bytes=\(info.fileBytes)")
+        } catch {
+            settings.log("event=snapshot_offer_failed site=\(settings.site) peer=\(peer) error=\"\(error)\"")
+        }
+    }
+
+    private func snapshotFrame(_ peer: SiteID, _ frame: SnapshotFrame) {
+        switch frame {
+        case let .offer(lsn, term, size):
+            guard lsn > storage.store.appliedLSN, size < 1 << 40 else { return }
+            let path = storage.snapshotPath + ".incoming-\(lsn)"
+            // Resume: what we already hold of this very snapshot.
+            let have = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.uint64Value ?? 0
+            let offset = have <= size ? have : 0
+            if offset == 0 { try? FileManager.default.removeItem(atPath: path) }
+            snapshotReceive = (lsn, term, size, path)
+            transport.send(.request(lsn: lsn, offset: offset), to: peer)
+            settings.log("event=snapshot_receive site=\(settings.site) from=\(peer) lsn=\(lsn) bytes=\(size) resume_offset=\(offset)")
+        case let .request(lsn, offset):
+            startSending(lsn: lsn, offset: offset, to: peer)
+        case let .chunk(lsn, offset, bytes):
+            guard let rx = snapshotReceive, rx.lsn == lsn else { return }
+            do {
+                let fd = try FileDescriptor(path: rx.path, flags: O_WRONLY | O_CREAT)
+                let size = UInt64(try fd.size())
+                guard size == offset else { return }  // out of order: the sender restarts from a request
+                try fd.write(bytes, at: Int(offset))
+                let done = offset + UInt64(bytes.count)
+                if done >= rx.size {
+                    try fd.sync()
+                    snapshotReceive = nil
+                    try storage.installSnapshot(from: rx.path) { _, _ in }
+                    try? FileManager.default.removeItem(atPath: rx.path)
+                    lastSnapshotLSN = lsn
+                    step(.snapshotInstalled(lsn: lsn, term: rx.term))
+                    settings.log("event=snapshot_installed site=\(settings.site) lsn=\(lsn)")
+                } else {
+                    settings.log("event=snapshot_progress site=\(settings.site) lsn=\(lsn) received=\(done) of=\(rx.size)")
+                }
+            } catch {
+                settings.log("event=snapshot_receive_failed site=\(settings.site) error=\"\(error)\"")
+                snapshotReceive = nil
+                try? FileManager.default.removeItem(atPath: rx.path)
+            }
+        }
+    }
+
+    /// Streams the local snapshot file from `offset` on a thread of its own, waiting
+    /// while the peer's queue is full.
+    private func startSending(lsn: LSN, offset: UInt64, to peer: SiteID) {
+        guard !sendingSnapshot.contains(peer) else { return }
+        let path = storage.snapshotPath
+        guard let (info, _) = try? SnapshotFormat.readHeader(path: path), info.lsn == lsn else { return }
+        sendingSnapshot.insert(peer)
+        let transport = self.transport
+        let log = settings.log
+        let site = settings.site
+        let pause = settings.snapshotChunkPauseMicroseconds
+        let chunkBytes = max(1, min(settings.snapshotChunkBytes, Wire.snapshotChunkBytes))
+        Thread { [weak self] in
+            defer { self?.enqueue(.snapshotSent(peer)) }
+            guard let fd = try? FileDescriptor(path: path, flags: O_RDONLY), let size = try? fd.size() else { return }
+            var at = Int(offset)
+            while at < size {
+                guard let bytes = try? fd.read(count: min(chunkBytes, size - at), at: at), !bytes.isEmpty else { return }
+                var tries = 0
+                while !transport.send(.chunk(lsn: lsn, offset: UInt64(at), bytes: bytes), to: peer) {
+                    tries += 1
+                    if tries > 20_000 || !transport.connectedPeers.contains(peer) {
+                        log("event=snapshot_send_interrupted site=\(site) peer=\(peer) sent=\(at) of=\(size)")
+                        return
+                    }
+                    usleep(500)
+                }
+                at += bytes.count
+                if pause > 0 { usleep(pause) }
+            }
+            log("event=snapshot_sent site=\(site) peer=\(peer) lsn=\(lsn) bytes=\(size)")
+        }.start()
+    }
+}
