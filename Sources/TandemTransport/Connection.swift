@@ -64,6 +64,8 @@ public struct HandshakeExpectations: Sendable {
 public final class PeerConnection: @unchecked Sendable {
     public let peer: SiteID
     public let compress: Bool
+    /// SHA-256 of the certificate the peer presented.
+    public let peerCertificate: String?
     let stream: TLSStream
     private let lock = NSLock()
     // Guarded by `lock`.
@@ -142,6 +144,7 @@ public final class PeerConnection: @unchecked Sendable {
         }
         self.peer = peer
         self.stream = stream
+        peerCertificate = stream.peerCertificateFingerprint()
         self.decoder = decoder
         self.compress = compress
         self.metrics = metrics

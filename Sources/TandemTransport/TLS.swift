@@ -208,6 +208,16 @@ final class TLSStream: @unchecked Sendable {
         _ = poll(&p, 1, ms)
     }
 
+    /// The SHA-256 of the peer's certificate (DER), as hex.
+    func peerCertificateFingerprint() -> String? {
+        guard let cert = SSL_get1_peer_certificate(ssl) else { return nil }
+        defer { X509_free(cert) }
+        var md = [UInt8](repeating: 0, count: 32)
+        var n: UInt32 = 0
+        guard X509_digest(cert, EVP_sha256(), &md, &n) == 1 else { return nil }
+        return md.prefix(Int(n)).map { String(format: "%02x", $0) }.joined()
+    }
+
     /// The peer certificate names `site` (subject alternative name).
     func peerCertificateNames(_ site: SiteID) -> Bool {
         guard let cert = SSL_get1_peer_certificate(ssl) else { return false }
@@ -279,6 +289,21 @@ final class TLSStream: @unchecked Sendable {
 }
 
 extension TLSContext {
+    /// A new context from the same files, read again (certificate rotation, SIGHUP).
+    public func reloaded() throws(TransportError) -> TLSContext {
+        guard let files else { throw TransportError(.other, "a context without files cannot be reloaded") }
+        return try TLSContext(files: files)
+    }
+
+    /// The SHA-256 of this context's certificate (DER), as hex: which files are in use.
+    public var certificateFingerprint: String? {
+        guard let cert = SSL_CTX_get0_certificate(handle) else { return nil }
+        var md = [UInt8](repeating: 0, count: 32)
+        var n: UInt32 = 0
+        guard X509_digest(cert, EVP_sha256(), &md, &n) == 1 else { return nil }
+        return md.prefix(Int(n)).map { String(format: "%02x", $0) }.joined()
+    }
+
     /// A context that presents no certificate (to test that peers refuse it).
     public static func withoutCertificate(certificateAuthority: String) throws(TransportError) -> TLSContext {
         try TLSContext(certificateAuthority: certificateAuthority, identity: nil, allowTLS12: false)

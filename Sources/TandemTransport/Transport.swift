@@ -137,6 +137,21 @@ public final class Transport: @unchecked Sendable {
         return c.send(frame.encode())
     }
 
+    /// Re-reads the TLS files (SIGHUP): new connections use them; open ones stay up.
+    public func reloadTLS() throws(TransportError) {
+        let fresh = try lock.withLock { context }.reloaded()
+        reload(context: fresh)
+        log("event=tls_reloaded site=\(settings.site) certificate_sha256=\(fresh.certificateFingerprint ?? "?")")
+    }
+
+    /// SHA-256 of the certificate each connected peer presented.
+    public var peerCertificates: [SiteID: String] {
+        lock.withLock { connections.compactMapValues { $0.isOpen ? $0.peerCertificate : nil } }
+    }
+
+    /// Closes the connection to `peer` (it is re-established by the dialing side).
+    public func disconnect(_ peer: SiteID) { lock.withLock { connections[peer] }?.close() }
+
     public var connectedPeers: [SiteID] { lock.withLock { connections.filter { $0.value.isOpen }.map(\.key).sorted() } }
 
     // MARK: Connections
@@ -297,4 +312,38 @@ public final class Transport: @unchecked Sendable {
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         return fd
     }
+}
+
+/// Re-reads the TLS files when they change (the "reload on change" setting): polls their
+/// modification times and asks the transport to reload. A failed reload (a half-written
+/// file) is logged and retried at the next change; the old files stay in use.
+public final class TLSFileWatcher: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stopped = false  // guarded by `lock`
+
+    public init(transport: Transport, files: TLSFiles, intervalNanoseconds: UInt64 = 5_000_000_000,
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
+        let paths = [files.certificate, files.privateKey, files.certificateAuthority]
+        @Sendable func stamps() -> [Date?] {
+            paths.map { (try? FileManager.default.attributesOfItem(atPath: $0))?[.modificationDate] as? Date }
+        }
+        let thread = Thread { [self] in
+            var last = stamps()
+            while !lock.withLock({ stopped }) {
+                usleep(UInt32(min(intervalNanoseconds / 1000, UInt64(UInt32.max))))
+                let now = stamps()
+                guard now != last else { continue }
+                do {
+                    try transport.reloadTLS()
+                    last = now
+                } catch {
+                    log("event=tls_reload_failed reason=\"\(error)\"")
+                }
+            }
+        }
+        thread.name = "tandem-tls-watch"
+        thread.start()
+    }
+
+    public func stop() { lock.withLock { stopped = true } }
 }

@@ -172,3 +172,73 @@ struct TransportTests {
         for t in transports { t.stop() }
     }
 }
+
+@Suite("Certificate rotation", .serialized)
+struct RotationTests {
+    @Test("re-reading the TLS files keeps open connections and gives new ones the new certificate")
+    func reload() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let dir = NSTemporaryDirectory() + "tandem-rotate-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func makeCerts(_ sites: [String]) throws {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/bin/bash")
+            p.arguments = [root + "/Deploy/make-certs.sh", dir] + sites
+            p.standardOutput = FileHandle.nullDevice
+            try p.run()
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 0)
+        }
+        try makeCerts(["a", "b"])
+        func ctx(_ s: String) throws -> TLSContext {
+            try TLSContext(files: TLSFiles(certificate: "\(dir)/\(s).pem", privateKey: "\(dir)/\(s).key", certificateAuthority: "\(dir)/ca.pem"))
+        }
+        var ports: [String: UInt16] = [:]
+        for s in ["a", "b"] {
+            let fd = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
+            var addr = sockaddr_in()
+            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+            ports[s] = UInt16(bigEndian: addr.sin_port)
+            close(fd)
+        }
+        func settings(_ me: String, _ other: String) -> TransportSettings {
+            var t = TransportSettings(site: SiteID(me), clusterID: clusterA, listen: PeerEndpoint(host: "127.0.0.1", port: ports[me]!),
+                                      peers: [SiteID(other): PeerEndpoint(host: "127.0.0.1", port: ports[other]!)])
+            t.reconnectMinNanoseconds = 20_000_000
+            return t
+        }
+        let a = Transport(settings: settings("a", "b"), context: try ctx("a")) { _ in }
+        let b = Transport(settings: settings("b", "a"), context: try ctx("b")) { _ in }
+        try a.start()
+        try b.start()
+        defer {
+            a.stop()
+            b.stop()
+        }
+        for _ in 0..<200 where a.peerCertificates["b"] == nil { usleep(10_000) }
+        let before = try #require(a.peerCertificates["b"])
+        try makeCerts(["b"])  // a new key and certificate for b, same CA
+        try b.reloadTLS()
+        usleep(100_000)
+        #expect(a.peerCertificates["b"] == before, "the open connection stays up with the old certificate")
+        a.disconnect("b")
+        for _ in 0..<300 where a.peerCertificates["b"] == nil || a.peerCertificates["b"] == before { usleep(10_000) }
+        let after = try #require(a.peerCertificates["b"])
+        #expect(after != before, "the new connection uses the new certificate")
+        #expect(after == (try ctx("b")).certificateFingerprint)
+
+        // The watcher reloads by itself when the files change.
+        let watcher = TLSFileWatcher(transport: b, files: TLSFiles(certificate: "\(dir)/b.pem", privateKey: "\(dir)/b.key",
+                                                                   certificateAuthority: "\(dir)/ca.pem"),
+                                     intervalNanoseconds: 50_000_000)
+        defer { watcher.stop() }
+        usleep(120_000)
+        try makeCerts(["b"])
+        let third = try #require((try ctx("b")).certificateFingerprint)
+        usleep(300_000)
+        a.disconnect("b")
+        for _ in 0..<300 where a.peerCertificates["b"] != third { usleep(10_000) }
+        #expect(a.peerCertificates["b"] == third)
+    }
+}
