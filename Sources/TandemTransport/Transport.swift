@@ -82,6 +82,9 @@ public final class Transport: @unchecked Sendable {
 
     /// Binds the listener and starts dialing the peers this site dials.
     public func start() throws(TransportError) {
+        // OpenSSL writes with write(2): a peer that vanished would otherwise kill the
+        // whole process with SIGPIPE instead of failing that one connection with EPIPE.
+        signal(SIGPIPE, SIG_IGN)
         let fd = try Self.listen(on: settings.listen)
         lock.withLock { listenFD = fd }
         let acceptor = Thread { [self] in acceptLoop(fd) }

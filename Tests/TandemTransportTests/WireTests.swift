@@ -169,6 +169,16 @@ struct TransportTests {
         try transports[2].start()
         waitConnected(transports)
         #expect(transports[2].connectedPeers == ["a", "b"])
+        // A peer that vanishes while a large stream is being written to it fails that
+        // connection only (no SIGPIPE taking the whole process down).
+        let big = sampleMessages()[4]
+        for i in 0..<3000 {
+            transports[0].send(Message(from: "a", to: "c", term: big.term, body: big.body))
+            if i == 500 { transports[2].stop() }
+        }
+        for _ in 0..<200 where transports[0].connectedPeers.contains("c") { usleep(10_000) }
+        #expect(!transports[0].connectedPeers.contains("c"))
+        #expect(transports[0].metrics.messagesDropped > 0)
         for t in transports { t.stop() }
     }
 }
