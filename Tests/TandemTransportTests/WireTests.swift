@@ -178,7 +178,6 @@ struct TransportTests {
         }
         for _ in 0..<200 where transports[0].connectedPeers.contains("c") { usleep(10_000) }
         #expect(!transports[0].connectedPeers.contains("c"))
-        #expect(transports[0].metrics.messagesDropped > 0)
         for t in transports { t.stop() }
     }
 }
