@@ -213,3 +213,66 @@ struct CatchUpTests {
         #expect(Set(hashes.values.map(\.0)).count == 1, "equal state on every site: \(hashes)")
     }
 }
+
+@Suite("Back-pressure", .serialized)
+struct BackPressureTests {
+    @Test("a stalled peer (connected, never reading) does not block the primary's writes or its other peers")
+    func stalledPeer() async throws {
+        let c = try TestCluster()
+        defer { c.cleanup() }
+        c.configure = { $0.snapshotEveryRecords = 0 }
+        // "c" is an impostor with c's certificate that completes the handshakes and then
+        // never reads a byte: its TCP buffers fill, then the senders' queues.
+        let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: c.ports["c"]!))
+        defer { close(listener) }
+        let tls = try TLSContext(files: TLSFiles(certificate: "\(c.dir)/pki/c.pem", privateKey: "\(c.dir)/pki/c.key",
+                                                 certificateAuthority: "\(c.dir)/pki/ca.pem"))
+        final class Held: @unchecked Sendable {
+            let lock = NSLock()
+            var connections: [PeerConnection] = []
+        }
+        let held = Held()
+        let clusterID = c.clusterID
+        Thread {
+            for _ in 0..<2 {
+                let fd = accept(listener, nil, nil)
+                guard fd >= 0 else { return }
+                let expect = HandshakeExpectations(clusterID: clusterID, localSite: "c", knownSites: ["a", "b", "c"])
+                if let conn = try? PeerConnection.establish(fd: fd, context: tls, isServer: true, expectedPeer: nil, expect: expect,
+                                                            metrics: TransportMetrics(), maxQueuedBytes: 1 << 20) {
+                    held.lock.withLock { held.connections.append(conn) }  // never started: never reads
+                }
+            }
+        }.start()
+        try c.start("a")
+        try c.start("b")
+        let p = try #require(c.primary())
+        _ = try await p.write(WriteBatch([SQLStatement("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)")]))
+        let started = Date()
+        // 2 KiB rows: well over the 64 MiB a peer may have queued.
+        let blob = String(repeating: "x", count: 2048)
+        let done = Counter(0)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for w in 0..<32 {
+                group.addTask {
+                    for i in 0..<1200 {
+                        guard let p = c.primary() else { throw WriteError.stopped }
+                        _ = try await p.write(WriteBatch([SQLStatement("INSERT INTO kv (k, v) VALUES (?, ?)", [.integer(Int64(w * 10_000 + i)), .text(blob)])]))
+                        _ = done.take()
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let seconds = Date().timeIntervalSince(started)
+        #expect(done.value == 38_400)
+        #expect(seconds < 120, "writes kept committing on the two live sites (\(seconds) s)")
+        #expect(held.lock.withLock { held.connections.count } >= 1, "the stalled peer was connected")
+        // The core's in-flight budget per peer (8 MiB, 64 messages) bounds what waits for
+        // the stalled peer, well before the transport's 64 MiB queue.
+        #expect(c.waitConverged(timeout: 30))
+        let hashes = try c.stopAllAndHash()
+        #expect(hashes["a"]!.1 == hashes["b"]!.1 && hashes["a"]!.0 == hashes["b"]!.0)
+        held.lock.withLock { for h in held.connections { h.close() } }
+    }
+}
