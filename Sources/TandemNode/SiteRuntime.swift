@@ -85,8 +85,10 @@ public final class SiteRuntime: @unchecked Sendable {
     private var storageQueue: [(id: UInt64, after: [Message], done: Bool)] = []
     private var waiters: [LSN: (term: Term, resume: @Sendable (Result<Execution, WriteError>) -> Void, execution: Execution)] = [:]
     private var lastSnapshotLSN: LSN = .zero
-    private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String)?
+    private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String, peer: SiteID)?
     private var sendingSnapshot: Set<SiteID> = []
+    /// The no-op of a new primary whose log tail the database does not reflect yet.
+    private var primaryCatchUp: [LogRecord]?
 
     private let cond = NSCondition()
     // Guarded by `cond`.
@@ -102,6 +104,7 @@ public final class SiteRuntime: @unchecked Sendable {
         case write(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)
         case event(CoreEvent)
         case snapshotSent(SiteID)
+        case retryAppend(UInt64, [LogRecord])
     }
 
     var hardStatePath: String { settings.dataDirectory + "/hardstate" }
@@ -139,7 +142,12 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     static func loadHardState(_ path: String) throws -> HardState {
-        guard let data = FileManager.default.contents(atPath: path) else { return HardState() }
+        // Only a missing file means "no term, no vote yet"; an unreadable one must stop the
+        // start, or the site could vote twice in a term.
+        guard access(path, F_OK) == 0 else { return HardState() }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw StoreError.io("cannot read \(path): \(String(cString: strerror(errno)))")
+        }
         var r = ByteReader([UInt8](data))
         let term = Term(try r.u64("term"))
         let voted = try r.string("voted for", limit: 256)
@@ -241,7 +249,7 @@ public final class SiteRuntime: @unchecked Sendable {
             if case let .failure(error) = result {
                 // Fail-stop: nothing after an fsync error is trusted; the operator restarts.
                 settings.log("event=log_failed site=\(settings.site) error=\"\(error)\"")
-                cond.withLock { running = false }
+                failStop()
                 return
             }
             if let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
@@ -249,7 +257,15 @@ public final class SiteRuntime: @unchecked Sendable {
         case let .write(batch, resume): write(batch, resume)
         case let .snapshotFrame(peer, frame): snapshotFrame(peer, frame)
         case let .snapshotSent(peer): sendingSnapshot.remove(peer)
+        case let .retryAppend(id, records): appendToLog(id, records)
         }
+    }
+
+    /// Stops the site after a storage error: no more input is trusted until a restart
+    /// recovers from disk. Peers see the connection close.
+    private func failStop() {
+        cond.withLock { running = false }
+        transport.stop()
     }
 
     private func step(_ event: CoreEvent) {
@@ -265,7 +281,7 @@ public final class SiteRuntime: @unchecked Sendable {
             if let t = ready.truncateAfter { try storage.truncate(after: t) }
         } catch {
             settings.log("event=storage_failed site=\(settings.site) error=\"\(error)\"")
-            cond.withLock { running = false }
+            failStop()
             return
         }
         if ready.roleChanges.contains(where: { if case .becamePrimary = $0 { return true } else { return false } }) {
@@ -273,10 +289,7 @@ public final class SiteRuntime: @unchecked Sendable {
         }
         if ready.hasStorageWork, let id = ready.storageID {
             storageQueue.append((id, ready.messagesAfterPersist, ready.append.isEmpty))
-            if !ready.append.isEmpty {
-                storage.log.append(ready.append) { [weak self] result in self?.enqueue(.walDone(id, result)) }
-            }
-            drainStorageQueue()
+            if !ready.append.isEmpty { appendToLog(id, ready.append) }
         } else {
             for m in ready.messagesAfterPersist { transport.send(m) }
         }
@@ -289,6 +302,20 @@ public final class SiteRuntime: @unchecked Sendable {
             enqueue(.event(.logRead(peer: r.peer, records: records)))
         }
         for peer in ready.snapshotsNeeded { offerSnapshot(to: peer) }
+        // Completions go to the core only after this whole Ready was carried out, in order.
+        drainStorageQueue()
+    }
+
+    private func appendToLog(_ id: UInt64, _ records: [LogRecord]) {
+        storage.log.append(records) { [weak self] result in
+            if case .failure(.queueFull) = result {
+                // Back-pressure from the log, not a failure: try again shortly.
+                Thread.sleep(forTimeInterval: 0.002)
+                self?.enqueue(.retryAppend(id, records))
+                return
+            }
+            self?.enqueue(.walDone(id, result))
+        }
     }
 
     /// Storage completions are reported to the core in order, each once it and everything
@@ -299,6 +326,7 @@ public final class SiteRuntime: @unchecked Sendable {
             for m in first.after { transport.send(m) }
             step(.persisted(storageID: first.id))
         }
+        retryPrimaryCatchUp()
     }
 
     private func committed(through lsn: LSN) {
@@ -334,10 +362,23 @@ public final class SiteRuntime: @unchecked Sendable {
     /// the next LSN: the tail it holds from earlier terms (uncommitted until its no-op
     /// commits) and the no-op itself are applied, undoably.
     private func catchUpStoreAsPrimary(noop: [LogRecord]) {
+        primaryCatchUp = noop
+        retryPrimaryCatchUp()
+    }
+
+    /// Applies the new primary's tail once the records are durable (the log reads only
+    /// durable records); until then no write is taken.
+    private func retryPrimaryCatchUp() {
+        guard let noop = primaryCatchUp else { return }
+        guard core.role == .primary else {
+            primaryCatchUp = nil
+            return
+        }
+        let tailEnd = noop.first?.lsn.previous ?? core.log.lastLSN
+        guard storage.log.lastLSN >= tailEnd else { return }
         do {
             let store = storage.store
             var records: [LogRecord] = []
-            let tailEnd = noop.first?.lsn.previous ?? core.log.lastLSN
             var from = store.appliedLSN.next
             while from <= tailEnd {
                 let chunk = try storage.log.read(from: from, maxBytes: 4 << 20).filter { $0.lsn <= tailEnd }
@@ -347,15 +388,17 @@ public final class SiteRuntime: @unchecked Sendable {
             }
             records.append(contentsOf: noop.filter { $0.lsn > store.appliedLSN })
             try store.applySpeculatively(records.filter { $0.lsn > store.appliedLSN })
+            primaryCatchUp = nil
         } catch {
             settings.log("event=primary_catch_up_failed site=\(settings.site) error=\"\(error)\"")
+            failStop()
         }
     }
 
     // MARK: Writes
 
     private func write(_ batch: WriteBatch, _ resume: @escaping @Sendable (Result<Execution, WriteError>) -> Void) {
-        guard core.isAcceptingProposals, core.role == .primary else {
+        guard core.isAcceptingProposals, core.role == .primary, primaryCatchUp == nil else {
             resume(.failure(.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)))
             return
         }
@@ -410,33 +453,44 @@ public final class SiteRuntime: @unchecked Sendable {
     private func snapshotFrame(_ peer: SiteID, _ frame: SnapshotFrame) {
         switch frame {
         case let .offer(lsn, term, size):
-            guard lsn > storage.store.appliedLSN, size < 1 << 40 else { return }
-            let path = storage.snapshotPath + ".incoming-\(lsn)"
-            // Resume: what we already hold of this very snapshot.
+            // Only a site whose log does not reach the snapshot needs it: installing one
+            // below the log's end would drop records this site already acknowledged.
+            guard lsn > core.log.lastLSN, lsn > storage.store.appliedLSN, term <= core.hardState.term,
+                  size >= 64, size < 1 << 40, peer == core.primaryID || core.primaryID == nil
+            else { return }
+            let path = storage.snapshotPath + ".incoming-\(lsn)-\(term)"
+            // Partial files of other snapshots are obsolete.
+            let dir = (storage.snapshotPath as NSString).deletingLastPathComponent
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+            where name.contains(".incoming-") && dir + "/" + name != path {
+                try? FileManager.default.removeItem(atPath: dir + "/" + name)
+            }
+            // Resume from what we already hold of this very snapshot. (A prefix damaged by
+            // a crash is caught at install, which checks every chunk and the SHA-256.)
             let have = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.uint64Value ?? 0
             let offset = have <= size ? have : 0
             if offset == 0 { try? FileManager.default.removeItem(atPath: path) }
-            snapshotReceive = (lsn, term, size, path)
-            transport.send(.request(lsn: lsn, offset: offset), to: peer)
+            snapshotReceive = (lsn, term, size, path, peer)
             settings.log("event=snapshot_receive site=\(settings.site) from=\(peer) lsn=\(lsn) bytes=\(size) resume_offset=\(offset)")
+            if offset == size {
+                finishSnapshot()
+            } else {
+                transport.send(.request(lsn: lsn, offset: offset), to: peer)
+            }
         case let .request(lsn, offset):
             startSending(lsn: lsn, offset: offset, to: peer)
         case let .chunk(lsn, offset, bytes):
-            guard let rx = snapshotReceive, rx.lsn == lsn else { return }
+            guard let rx = snapshotReceive, rx.lsn == lsn, rx.peer == peer else { return }
             do {
                 let fd = try FileDescriptor(path: rx.path, flags: O_WRONLY | O_CREAT)
                 let size = UInt64(try fd.size())
-                guard size == offset else { return }  // out of order: the sender restarts from a request
+                // Out of order (a duplicate after a reconnection): the next offer restarts it.
+                guard size == offset, offset + UInt64(bytes.count) <= rx.size else { return }
                 try fd.write(bytes, at: Int(offset))
                 let done = offset + UInt64(bytes.count)
-                if done >= rx.size {
+                if done == rx.size {
                     try fd.sync()
-                    snapshotReceive = nil
-                    try storage.installSnapshot(from: rx.path) { _, _ in }
-                    try? FileManager.default.removeItem(atPath: rx.path)
-                    lastSnapshotLSN = lsn
-                    step(.snapshotInstalled(lsn: lsn, term: rx.term))
-                    settings.log("event=snapshot_installed site=\(settings.site) lsn=\(lsn)")
+                    finishSnapshot()
                 } else {
                     settings.log("event=snapshot_progress site=\(settings.site) lsn=\(lsn) received=\(done) of=\(rx.size)")
                 }
@@ -448,12 +502,37 @@ public final class SiteRuntime: @unchecked Sendable {
         }
     }
 
+    /// Installs a completely received snapshot, after checking it is what was offered.
+    private func finishSnapshot() {
+        guard let rx = snapshotReceive else { return }
+        snapshotReceive = nil
+        do {
+            let (header, _) = try SnapshotFormat.readHeader(path: rx.path)
+            guard header.lsn == rx.lsn, header.term == rx.term, UInt64(header.fileBytes) == rx.size else {
+                throw StoreError.snapshot("received snapshot holds LSN \(header.lsn) term \(header.term), \(header.fileBytes) bytes; offered \(rx.lsn) term \(rx.term), \(rx.size) bytes")
+            }
+            guard rx.lsn > core.log.lastLSN else { return }  // the log caught up meanwhile
+            try storage.installSnapshot(from: rx.path) { _, _ in }
+            try? FileManager.default.removeItem(atPath: rx.path)
+            lastSnapshotLSN = rx.lsn
+            step(.snapshotInstalled(lsn: rx.lsn, term: rx.term))
+            settings.log("event=snapshot_installed site=\(settings.site) lsn=\(rx.lsn)")
+        } catch {
+            settings.log("event=snapshot_install_failed site=\(settings.site) error=\"\(error)\"")
+            try? FileManager.default.removeItem(atPath: rx.path)
+        }
+    }
+
     /// Streams the local snapshot file from `offset` on a thread of its own, waiting
     /// while the peer's queue is full.
     private func startSending(lsn: LSN, offset: UInt64, to peer: SiteID) {
         guard !sendingSnapshot.contains(peer) else { return }
-        let path = storage.snapshotPath
-        guard let (info, _) = try? SnapshotFormat.readHeader(path: path), info.lsn == lsn else { return }
+        // Open first: a newer snapshot renamed into place later does not change this file.
+        guard let fd = try? FileDescriptor(path: storage.snapshotPath, flags: O_RDONLY), let size = try? fd.size(),
+              let head = try? fd.read(count: 64, at: 0),
+              let (info, _) = try? SnapshotFormat.decodeHeader(head, fileBytes: size, path: storage.snapshotPath),
+              info.lsn == lsn, offset <= UInt64(size)
+        else { return }
         sendingSnapshot.insert(peer)
         let transport = self.transport
         let log = settings.log
@@ -462,12 +541,13 @@ public final class SiteRuntime: @unchecked Sendable {
         let chunkBytes = max(1, min(settings.snapshotChunkBytes, Wire.snapshotChunkBytes))
         Thread { [weak self] in
             defer { self?.enqueue(.snapshotSent(peer)) }
-            guard let fd = try? FileDescriptor(path: path, flags: O_RDONLY), let size = try? fd.size() else { return }
             var at = Int(offset)
             while at < size {
                 guard let bytes = try? fd.read(count: min(chunkBytes, size - at), at: at), !bytes.isEmpty else { return }
                 var tries = 0
-                while !transport.send(.chunk(lsn: lsn, offset: UInt64(at), bytes: bytes), to: peer) {
+                // Leave room in the peer's queue for heartbeats and appends.
+                while transport.queuedBytes(to: peer) > 4 * chunkBytes + (1 << 20)
+                    || !transport.send(.chunk(lsn: lsn, offset: UInt64(at), bytes: bytes), to: peer) {
                     tries += 1
                     if tries > 20_000 || !transport.connectedPeers.contains(peer) {
                         log("event=snapshot_send_interrupted site=\(site) peer=\(peer) sent=\(at) of=\(size)")

@@ -70,7 +70,7 @@ public enum SnapshotFormat {
         return try decodeHeader(bytes, fileBytes: size, path: path)
     }
 
-    static func decodeHeader(_ bytes: [UInt8], fileBytes: Int, path: String) throws(StoreError) -> (info: SnapshotInfo, chunkSize: Int) {
+    public static func decodeHeader(_ bytes: [UInt8], fileBytes: Int, path: String) throws(StoreError) -> (info: SnapshotInfo, chunkSize: Int) {
         guard bytes.count == headerSize else { throw .snapshot("\(path): header truncated (\(bytes.count) of \(headerSize) bytes)") }
         guard Array(bytes[0..<8]) == magic else { throw .snapshot("\(path): not a Tandem snapshot (bad magic)") }
         let crc = CRC32C.checksum(Array(bytes[0..<60]))

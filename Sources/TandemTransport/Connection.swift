@@ -195,6 +195,8 @@ public final class PeerConnection: @unchecked Sendable {
     }
 
     public var isOpen: Bool { lock.withLock { !isClosed } }
+    /// Bytes waiting to be written to this peer.
+    public var queued: Int { lock.withLock { queuedBytes } }
 
     private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
         var readBuffer = [UInt8](repeating: 0, count: 64 << 10)
@@ -228,12 +230,16 @@ public final class PeerConnection: @unchecked Sendable {
                 case let .closed(why): return why
                 }
             }
-            // Read what is there.
+            // Read what is there, a bounded number of times so a peer that never stops
+            // sending cannot starve this side's writes (acknowledgements).
             var readProgress = true
-            while readProgress {
+            var reads = 0
+            while readProgress && reads < 16 {
+                reads += 1
                 let r = readBuffer.withUnsafeMutableBytes { stream.read(into: $0) }
                 switch r {
                 case let .done(n):
+                    // Something arrived: a write that waited for a read may go on.
                     wantReadForWrite = false
                     readBuffer.withUnsafeBytes { decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
                     do {
@@ -253,7 +259,11 @@ public final class PeerConnection: @unchecked Sendable {
                 }
             }
             let pendingWrite = offset < current.count
-            var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | ((pendingWrite || wantWriteForRead) ? Int16(POLLOUT) : 0), revents: 0),
+            if readProgress { continue }  // more to read: go round before sleeping
+            // POLLOUT only when a write can make progress (not while it waits for a read),
+            // or a read waits for the socket to drain.
+            let wantOut = (pendingWrite && !wantReadForWrite) || wantWriteForRead
+            var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | (wantOut ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             _ = poll(&fds, 2, 1000)
             if fds[1].revents != 0 {

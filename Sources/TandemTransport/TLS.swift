@@ -114,6 +114,8 @@ final class TLSStream: @unchecked Sendable {
     let fd: Int32
     let ssl: OpaquePointer
     private var closed = false
+    /// After a fatal error OpenSSL must not be asked to send a close_notify.
+    private var fatal = false
 
     /// Wraps `fd` (taking ownership). `expectedPeer`: on a client, the site id the server's
     /// certificate must name.
@@ -130,7 +132,13 @@ final class TLSStream: @unchecked Sendable {
         } else {
             SSL_set_connect_state(ssl)
             if let expectedPeer {
-                _ = SSL_set1_host(ssl, expectedPeer.name)
+                // Without the host check any certificate of the cluster CA would pass as
+                // the dialed site: refuse to go on if it cannot be set.
+                guard SSL_set1_host(ssl, expectedPeer.name) == 1 else {
+                    SSL_free(ssl)
+                    Glibc.close(fd)
+                    throw TransportError(.other, "cannot set the expected site name \(expectedPeer): \(openSSLErrors())")
+                }
                 _ = tandem_ssl_set_tlsext_host_name(ssl, expectedPeer.name)
             }
         }
@@ -143,7 +151,7 @@ final class TLSStream: @unchecked Sendable {
     func close() {
         guard !closed else { return }
         closed = true
-        SSL_shutdown(ssl)
+        if !fatal { SSL_shutdown(ssl) }
         SSL_free(ssl)
         Glibc.close(fd)
     }
@@ -165,6 +173,7 @@ final class TLSStream: @unchecked Sendable {
 
     /// Why the handshake failed, from the verification result and OpenSSL's errors.
     func classify(_ err: Int32) -> TransportError {
+        if err == SSL_ERROR_SSL || err == SSL_ERROR_SYSCALL { fatal = true }
         let verify = SSL_get_verify_result(ssl)
         let errors = openSSLErrors()
         let detail = "\(String(cString: X509_verify_cert_error_string(verify))); \(errors)"

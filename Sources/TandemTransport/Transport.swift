@@ -58,7 +58,7 @@ public final class Transport: @unchecked Sendable {
     private var connections: [SiteID: PeerConnection] = [:]
     private var stopped = false
     private var listenFD: Int32 = -1
-    private var encoderStats = WireStatistics()
+    private var handshakesInProgress = 0
     // Set before `start` (thread start orders these writes before any read).
     private var onMessage: @Sendable (Message) -> Void
     private var onSnapshotFrame: (@Sendable (SiteID, SnapshotFrame) -> Void)?
@@ -147,6 +147,9 @@ public final class Transport: @unchecked Sendable {
         log("event=tls_reloaded site=\(settings.site) certificate_sha256=\(fresh.certificateFingerprint ?? "?")")
     }
 
+    /// Bytes waiting to be written to `peer` (0 when not connected).
+    public func queuedBytes(to peer: SiteID) -> Int { lock.withLock { connections[peer] }?.queued ?? 0 }
+
     /// SHA-256 of the certificate each connected peer presented.
     public var peerCertificates: [SiteID: String] {
         lock.withLock { connections.compactMapValues { $0.isOpen ? $0.peerCertificate : nil } }
@@ -160,10 +163,16 @@ public final class Transport: @unchecked Sendable {
     // MARK: Connections
 
     private func adopt(_ c: PeerConnection) {
-        let old: PeerConnection? = lock.withLock {
+        let (old, refused): (PeerConnection?, Bool) = lock.withLock {
+            if stopped { return (nil, true) }
             let o = connections[c.peer]
             connections[c.peer] = c
-            return o
+            return (o, false)
+        }
+        if refused {
+            c.close()
+            c.stream.close()
+            return
         }
         old?.close()
         let limits = settings.limits
@@ -200,8 +209,12 @@ public final class Transport: @unchecked Sendable {
         while true {
             let client = accept(fd, nil, nil)
             if client < 0 {
-                if errno == EINTR { continue }
-                return  // listener closed
+                let e = errno
+                if lock.withLock({ stopped }) { return }
+                if e == EBADF || e == EINVAL { return }  // the listener was closed
+                // EMFILE, ECONNABORTED, ENOBUFS...: transient; wait a little and go on.
+                if e != EINTR { usleep(50_000) }
+                continue
             }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
             if lock.withLock({ stopped }) {
@@ -211,8 +224,20 @@ public final class Transport: @unchecked Sendable {
             var one: Int32 = 1
             setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             let ctx = lock.withLock { context }
-            // Each handshake on its own thread, so a slow or hostile client cannot stall others.
+            // Each handshake on its own thread, so a slow or hostile client cannot stall
+            // others; at most 32 at once, so a flood cannot exhaust threads.
+            let admitted: Bool = lock.withLock {
+                guard handshakesInProgress < 32 else { return false }
+                handshakesInProgress += 1
+                return true
+            }
+            guard admitted else {
+                Glibc.close(client)
+                metrics.handshakeFailed(.other)
+                continue
+            }
             let t = Thread { [self] in
+                defer { lock.withLock { handshakesInProgress -= 1 } }
                 do throws(TransportError) {
                     let c = try PeerConnection.establish(fd: client, context: ctx, isServer: true, expectedPeer: nil,
                                                          expect: settings.expectations, metrics: metrics,
@@ -255,11 +280,11 @@ public final class Transport: @unchecked Sendable {
     // MARK: Sockets
 
     public static func listen(on endpoint: PeerEndpoint) throws(TransportError) -> Int32 {
+        var addr = try socketAddress(endpoint)
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw TransportError(.other, "socket: \(String(cString: strerror(errno)))") }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var addr = try socketAddress(endpoint)
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
         guard rc == 0, Glibc.listen(fd, 64) == 0 else {
             let why = String(cString: strerror(errno))
@@ -292,9 +317,9 @@ public final class Transport: @unchecked Sendable {
 
     /// A TCP connection with a timeout.
     public static func connect(to endpoint: PeerEndpoint, timeoutNanoseconds: UInt64) throws(TransportError) -> Int32 {
+        var addr = try socketAddress(endpoint)
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard fd >= 0 else { throw TransportError(.other, "socket: \(String(cString: strerror(errno)))") }
-        var addr = try socketAddress(endpoint)
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
         if rc != 0 && errno != EINPROGRESS {
             let why = String(cString: strerror(errno))

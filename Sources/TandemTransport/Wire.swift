@@ -397,7 +397,9 @@ public struct FrameDecoder: Sendable {
             let kindByte = try rr.u8("record kind")
             guard let kind = RecordKind(rawValue: kindByte) else { throw WireError("unknown record kind \(kindByte)") }
             let payload = try rr.blob("record payload", limit: limits.maxRecordBlockBytes)
-            if let last = records.last, lsn != last.lsn.next { throw WireError("records out of sequence: \(lsn) after \(last.lsn)") }
+            if let last = records.last, last.lsn.rawValue == .max || lsn != last.lsn.next {
+                throw WireError("records out of sequence: \(lsn) after \(last.lsn)")
+            }
             records.append(LogRecord(term: term, lsn: lsn, kind: kind, payload: payload))
         }
         guard rr.offset == end else { throw WireError("record block length does not match its records") }
