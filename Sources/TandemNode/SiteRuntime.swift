@@ -87,6 +87,7 @@ public final class SiteRuntime: @unchecked Sendable {
     private var lastSnapshotLSN: LSN = .zero
     private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String, peer: SiteID)?
     private var sendingSnapshot: Set<SiteID> = []
+    private var snapshotInProgress = false
     /// The no-op of a new primary whose log tail the database does not reflect yet.
     private var primaryCatchUp: [LogRecord]?
 
@@ -105,6 +106,7 @@ public final class SiteRuntime: @unchecked Sendable {
         case event(CoreEvent)
         case snapshotSent(SiteID)
         case retryAppend(UInt64, [LogRecord])
+        case snapshotTaken(Result<SnapshotInfo, SnapshotFailure>)
     }
 
     var hardStatePath: String { settings.dataDirectory + "/hardstate" }
@@ -258,6 +260,7 @@ public final class SiteRuntime: @unchecked Sendable {
         case let .snapshotFrame(peer, frame): snapshotFrame(peer, frame)
         case let .snapshotSent(peer): sendingSnapshot.remove(peer)
         case let .retryAppend(id, records): appendToLog(id, records)
+        case let .snapshotTaken(result): snapshotTaken(result)
         }
     }
 
@@ -422,17 +425,38 @@ public final class SiteRuntime: @unchecked Sendable {
 
     // MARK: Snapshots
 
+    /// Takes a local snapshot on a thread of its own (copying and compressing a large
+    /// database must not stop this loop's heartbeats), then removes the log it covers.
     private func maybeSnapshot() {
-        guard settings.snapshotEveryRecords > 0, settings.config.site(settings.site)?.role == .voter else { return }
+        guard settings.snapshotEveryRecords > 0, !snapshotInProgress, settings.config.site(settings.site)?.role == .voter else { return }
         let applied = min(storage.store.appliedLSN, core.commitLSN)
         guard applied.rawValue >= lastSnapshotLSN.rawValue + UInt64(settings.snapshotEveryRecords) else { return }
-        do {
-            let info = try storage.takeSnapshot(retention: settings.retention)
+        snapshotInProgress = true
+        let source = storage.store.snapshotSource
+        let path = storage.snapshotPath
+        Thread { [weak self] in
+            let result = Result { try SiteStorage.writeSnapshot(source, to: path) }
+            self?.enqueue(.snapshotTaken(result.mapError { SnapshotFailure(message: "\($0)") }))
+        }.start()
+    }
+
+    private func snapshotTaken(_ result: Result<SnapshotInfo, SnapshotFailure>) {
+        snapshotInProgress = false
+        switch result {
+        case let .success(info):
             lastSnapshotLSN = info.lsn
-            step(.compacted(through: storage.log.firstLSN.previous))
-            settings.log("event=snapshot site=\(settings.site) lsn=\(info.lsn) bytes=\(info.fileBytes) log_first_lsn=\(storage.log.firstLSN)")
-        } catch {
-            settings.log("event=snapshot_failed site=\(settings.site) error=\"\(error)\"")
+            do {
+                try storage.log.removePrefix(through: info.lsn, retention: settings.retention)
+                step(.compacted(through: storage.log.firstLSN.previous))
+                settings.log("event=snapshot site=\(settings.site) lsn=\(info.lsn) bytes=\(info.fileBytes) log_first_lsn=\(storage.log.firstLSN)")
+            } catch {
+                settings.log("event=log_compaction_failed site=\(settings.site) error=\"\(error)\"")
+            }
+        case let .failure(error):
+            let why = error.message
+            // Retried after the next batch of records.
+            lastSnapshotLSN = min(storage.store.appliedLSN, core.commitLSN)
+            settings.log("event=snapshot_failed site=\(settings.site) error=\"\(why)\"")
         }
     }
 
@@ -561,4 +585,9 @@ public final class SiteRuntime: @unchecked Sendable {
             log("event=snapshot_sent site=\(site) peer=\(peer) lsn=\(lsn) bytes=\(size)")
         }.start()
     }
+}
+
+/// A local snapshot that could not be taken (it is retried later).
+struct SnapshotFailure: Error, Sendable {
+    let message: String
 }

@@ -171,9 +171,28 @@ public final class SiteStorage: @unchecked Sendable {
     /// `retention` allows.
     @discardableResult
     public func takeSnapshot(retention: RetentionPolicy = RetentionPolicy(), progress: ((Int, Int) -> Void)? = nil) throws -> SnapshotInfo {
-        try Durable.makeDirectory(snapshotDirectory)
-        let info = try store.createSnapshot(at: snapshotPath, progress: progress)
+        let info = try Self.writeSnapshot(store.snapshotSource, to: snapshotPath, progress: progress)
         try log.removePrefix(through: info.lsn, retention: retention)
+        return info
+    }
+
+    /// Writes the local snapshot from `source` (captured on the owner's thread); safe to
+    /// run on another thread while the site keeps going. An older snapshot never replaces
+    /// a newer one. Then the owner calls `log.removePrefix`.
+    public static func writeSnapshot(_ source: StateStore.SnapshotSource, to snapshotPath: String,
+                                     progress: ((Int, Int) -> Void)? = nil) throws -> SnapshotInfo {
+        try Durable.makeDirectory((snapshotPath as NSString).deletingLastPathComponent)
+        if let existing = try? SnapshotFormat.readHeader(path: snapshotPath).info, existing.lsn >= source.committedLSN {
+            return existing
+        }
+        let scratch = snapshotPath + ".new"
+        let info = try StateStore.createSnapshot(from: source, at: scratch, progress: progress)
+        if let existing = try? SnapshotFormat.readHeader(path: snapshotPath).info, existing.lsn > info.lsn {
+            try? FileManager.default.removeItem(atPath: scratch)
+            return existing
+        }
+        try Durable.rename(scratch, to: snapshotPath)
+        try Durable.syncDirectory((snapshotPath as NSString).deletingLastPathComponent)
         return info
     }
 

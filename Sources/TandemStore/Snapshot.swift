@@ -100,33 +100,59 @@ extension StateStore {
     /// Writes a snapshot of the committed state (speculative records undone in the copy)
     /// to `path`, crash-safely: temporary file, fsync, rename, fsync of the directory.
     /// `progress` gets (bytes done, bytes total) of the database as it is compressed.
+    /// What a snapshot taken on another thread needs to know of this store, captured on
+    /// the owner's thread.
+    public struct SnapshotSource: Sendable {
+        public let databasePath: String
+        public let directory: String
+        public let clusterID: ClusterID
+        public let limits: StoreLimits
+        public let committedLSN: LSN
+    }
+
+    public var snapshotSource: SnapshotSource {
+        SnapshotSource(databasePath: databasePath, directory: directory, clusterID: clusterID, limits: limits, committedLSN: committedLSN)
+    }
+
+    /// Writes a snapshot of the committed state (speculative records undone in the copy)
+    /// to `path`, crash-safely: temporary file, fsync, rename, fsync of the directory.
+    /// `progress` gets (bytes done, bytes total) of the database as it is compressed.
     @discardableResult
     public func createSnapshot(at path: String, progress: ((Int, Int) -> Void)? = nil) throws(StoreError) -> SnapshotInfo {
-        let scratch = directory + "/snapshot-scratch-\(UUID().uuidString)"
+        try Self.createSnapshot(from: snapshotSource, at: path, progress: progress)
+    }
+
+    /// The same, from any thread: it reads the database through a connection of its own
+    /// (SQLite's WAL mode lets it read a consistent state while the owner keeps writing).
+    public static func createSnapshot(from source: SnapshotSource, at path: String,
+                                      progress: ((Int, Int) -> Void)? = nil) throws(StoreError) -> SnapshotInfo {
+        let scratch = source.directory + "/snapshot-scratch-\(UUID().uuidString)"
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        let copyName = Self.generationName(1)
+        let copyName = generationName(1)
         do {
             try Durable.makeDirectory(scratch)
-            // A consistent copy under one read transaction. VACUUM INTO attaches the
-            // target internally, so the attach limit is lifted for it alone.
-            sqlite3_limit(db.handle, SQLITE_LIMIT_ATTACHED, 1)
-            defer { sqlite3_limit(db.handle, SQLITE_LIMIT_ATTACHED, 0) }
-            _ = try db.rows("VACUUM INTO ?", [.text(scratch + "/" + copyName)])
-            try Durable.writeFile(Array((copyName + "\n").utf8), to: scratch + "/" + Self.currentFile)
-        } catch { throw Self.storeError(error) }
-        let copy = try StateStore.open(directory: scratch, clusterID: clusterID, limits: limits)
-        copy.committedLSN = committedLSN
+            let reader = try SQLiteConnection(path: source.databasePath, create: false)
+            try reader.exec("PRAGMA busy_timeout = 10000")
+            // A consistent copy under one read transaction.
+            _ = try reader.rows("VACUUM INTO ?", [.text(scratch + "/" + copyName)])
+            try Durable.writeFile(Array((copyName + "\n").utf8), to: scratch + "/" + currentFile)
+        } catch { throw storeError(error) }
+        let copy = try StateStore.open(directory: scratch, clusterID: source.clusterID, limits: source.limits)
+        // The undo journal is a contiguous suffix of speculative records: keep what was
+        // committed when the snapshot was asked for, undo the rest.
+        let target = min(copy.appliedLSN, max(copy.committedLSN, source.committedLSN))
+        copy.committedLSN = target
         do {
-            try copy.rollback(to: committedLSN)
+            try copy.rollback(to: target)
         } catch {
             throw .snapshot("cannot snapshot while a schema change is uncommitted; retry once it commits (\(error))")
         }
         do {
             _ = try copy.db.rows("DELETE FROM tandem_undo")
             try copy.db.exec("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE")
-        } catch { throw Self.storeError(error) }
-        let info = SnapshotInfo(clusterID: clusterID, lsn: copy.appliedLSN, term: copy.appliedTerm, rawBytes: 0, fileBytes: 0, sha256: "")
-        return try Self.writeSnapshot(database: copy.databasePath, info: info, to: path, progress: progress)
+        } catch { throw storeError(error) }
+        let info = SnapshotInfo(clusterID: source.clusterID, lsn: copy.appliedLSN, term: copy.appliedTerm, rawBytes: 0, fileBytes: 0, sha256: "")
+        return try writeSnapshot(database: copy.databasePath, info: info, to: path, progress: progress)
     }
 
     static func writeSnapshot(database: String, info: SnapshotInfo, to path: String, progress: ((Int, Int) -> Void)?) throws(StoreError) -> SnapshotInfo {
