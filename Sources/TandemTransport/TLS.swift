@@ -95,6 +95,14 @@ public final class TLSContext: @unchecked Sendable {
     deinit { SSL_CTX_free(handle) }
 }
 
+/// The SHA-256 of a certificate (DER), as hex.
+func sha256Fingerprint(_ cert: OpaquePointer) -> String? {
+    var md = [UInt8](repeating: 0, count: 32)
+    var n: UInt32 = 0
+    guard X509_digest(cert, EVP_sha256(), &md, &n) == 1 else { return nil }
+    return md.prefix(Int(n)).map { String(format: "%02x", $0) }.joined()
+}
+
 /// Drains OpenSSL's error queue into one line.
 func openSSLErrors() -> String {
     var parts: [String] = []
@@ -221,10 +229,7 @@ final class TLSStream: @unchecked Sendable {
     func peerCertificateFingerprint() -> String? {
         guard let cert = SSL_get1_peer_certificate(ssl) else { return nil }
         defer { X509_free(cert) }
-        var md = [UInt8](repeating: 0, count: 32)
-        var n: UInt32 = 0
-        guard X509_digest(cert, EVP_sha256(), &md, &n) == 1 else { return nil }
-        return md.prefix(Int(n)).map { String(format: "%02x", $0) }.joined()
+        return sha256Fingerprint(cert)
     }
 
     /// The peer certificate names `site` (subject alternative name).
@@ -306,11 +311,7 @@ extension TLSContext {
 
     /// The SHA-256 of this context's certificate (DER), as hex: which files are in use.
     public var certificateFingerprint: String? {
-        guard let cert = SSL_CTX_get0_certificate(handle) else { return nil }
-        var md = [UInt8](repeating: 0, count: 32)
-        var n: UInt32 = 0
-        guard X509_digest(cert, EVP_sha256(), &md, &n) == 1 else { return nil }
-        return md.prefix(Int(n)).map { String(format: "%02x", $0) }.joined()
+        SSL_CTX_get0_certificate(handle).flatMap(sha256Fingerprint)
     }
 
     /// A context that presents no certificate (to test that peers refuse it).

@@ -11,10 +11,7 @@ public enum TLSCeiling {
         signal(SIGPIPE, SIG_IGN)
         let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
         defer { Glibc.close(listener) }
-        var addr = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) } }
-        let port = UInt16(bigEndian: addr.sin_port)
+        guard let port = Transport.localPort(of: listener) else { throw TransportError(.other, "no local port") }
         final class Box: @unchecked Sendable {
             let lock = NSLock()
             var received = 0

@@ -297,11 +297,23 @@ public final class Transport: @unchecked Sendable {
     /// The port a listener got (for port 0 in tests).
     public var boundPort: UInt16? {
         let fd = lock.withLock { listenFD }
-        guard fd >= 0 else { return nil }
+        return fd >= 0 ? Self.localPort(of: fd) : nil
+    }
+
+    /// The local port of a bound socket (a listener on port 0 gets one from the kernel).
+    public static func localPort(of fd: Int32) -> UInt16? {
         var addr = sockaddr_in()
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
         let rc = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         return rc == 0 ? UInt16(bigEndian: addr.sin_port) : nil
+    }
+
+    /// A free loopback port, found by binding port 0 (for tests and local clusters).
+    public static func freeLoopbackPort() throws(TransportError) -> UInt16 {
+        let fd = try listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
+        defer { Glibc.close(fd) }
+        guard let port = localPort(of: fd) else { throw TransportError(.other, "getsockname: \(String(cString: strerror(errno)))") }
+        return port
     }
 
     static func socketAddress(_ endpoint: PeerEndpoint) throws(TransportError) -> sockaddr_in {

@@ -38,12 +38,7 @@ final class TestCluster: @unchecked Sendable {
         try p.run()
         p.waitUntilExit()
         for id in ids {
-            let fd = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
-            var addr = sockaddr_in()
-            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-            _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-            ports[id] = UInt16(bigEndian: addr.sin_port)
-            close(fd)
+            ports[id] = try Transport.freeLoopbackPort()
             try SiteRuntime.bootstrap(dataDirectory: dataDir(id), clusterID: clusterID, walOptions: walOptions)
         }
     }

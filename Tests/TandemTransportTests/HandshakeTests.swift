@@ -26,10 +26,7 @@ func handshake(server: TLSContext, client: TLSContext, serverSite: SiteID = "b",
                clientVersion: UInt16 = Wire.protocolVersion) throws -> (server: Result<PeerConnection, TransportError>, client: Result<PeerConnection, TransportError>) {
     let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
     defer { Glibc.close(listener) }
-    var addr = sockaddr_in()
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) } }
-    let port = UInt16(bigEndian: addr.sin_port)
+    let port = try #require(Transport.localPort(of: listener))
     let metrics = TransportMetrics()
     let sites: Set<SiteID> = ["a", "b", "c"]
     let outcome = Outcome()
@@ -126,10 +123,7 @@ struct HandshakeTests {
         let metrics = TransportMetrics()
         let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
         defer { Glibc.close(listener) }
-        var addr = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) } }
-        let port = UInt16(bigEndian: addr.sin_port)
+        let port = try #require(Transport.localPort(of: listener))
         let server = try context("b")
         let outcome = Outcome()
         Thread {

@@ -132,14 +132,7 @@ struct TransportTests {
         let ids: [SiteID] = ["a", "b", "c"]
         // Ports picked by binding first.
         var ports: [SiteID: UInt16] = [:]
-        for id in ids {
-            let fd = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
-            var addr = sockaddr_in()
-            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-            _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-            ports[id] = UInt16(bigEndian: addr.sin_port)
-            close(fd)
-        }
+        for id in ids { ports[id] = try Transport.freeLoopbackPort() }
         func make(_ id: SiteID) throws -> Transport {
             var peers: [SiteID: PeerEndpoint] = [:]
             for p in ids where p != id { peers[p] = PeerEndpoint(host: "127.0.0.1", port: ports[p]!) }
@@ -203,14 +196,7 @@ struct RotationTests {
             try TLSContext(files: TLSFiles(certificate: "\(dir)/\(s).pem", privateKey: "\(dir)/\(s).key", certificateAuthority: "\(dir)/ca.pem"))
         }
         var ports: [String: UInt16] = [:]
-        for s in ["a", "b"] {
-            let fd = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
-            var addr = sockaddr_in()
-            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-            _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-            ports[s] = UInt16(bigEndian: addr.sin_port)
-            close(fd)
-        }
+        for s in ["a", "b"] { ports[s] = try Transport.freeLoopbackPort() }
         func settings(_ me: String, _ other: String) -> TransportSettings {
             var t = TransportSettings(site: SiteID(me), clusterID: clusterA, listen: PeerEndpoint(host: "127.0.0.1", port: ports[me]!),
                                       peers: [SiteID(other): PeerEndpoint(host: "127.0.0.1", port: ports[other]!)])
