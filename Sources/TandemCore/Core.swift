@@ -785,10 +785,13 @@ public struct Core: Sendable {
             log.compact(through: lsn)
             return
         }
+        let diverged = log.term(at: lsn).map { $0 != term } ?? false
         log.reset(after: lsn, term: term)
         durableLSN = lsn
-        commitLSN = max(commitLSN, lsn)
-        emittedCommit = max(emittedCommit, lsn)
+        // A log that diverged below its commit LSN (records lost in an async window) starts
+        // over from the snapshot's history.
+        commitLSN = diverged ? lsn : max(commitLSN, lsn)
+        emittedCommit = diverged ? lsn : max(emittedCommit, lsn)
         pendingStorage = pendingStorage.map { ($0.id, min($0.last, lsn)) }
     }
 

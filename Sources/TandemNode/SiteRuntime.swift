@@ -477,9 +477,11 @@ public final class SiteRuntime: @unchecked Sendable {
     private func snapshotFrame(_ peer: SiteID, _ frame: SnapshotFrame) {
         switch frame {
         case let .offer(lsn, term, size):
-            // Only a site whose log does not reach the snapshot needs it: installing one
-            // below the log's end would drop records this site already acknowledged.
-            guard lsn > core.log.lastLSN, lsn > storage.store.appliedLSN, term <= core.hardState.term,
+            // Only a site whose log does not reach the snapshot, or diverged from it (a
+            // different term there: records lost in an async window), needs it; installing
+            // one below a matching log's end would drop records this site acknowledged.
+            let diverged = core.log.term(at: lsn).map { $0 != term } ?? false
+            guard lsn > core.log.lastLSN || diverged, lsn > storage.store.appliedLSN || diverged, term <= core.hardState.term,
                   size >= 64, size < 1 << 40, peer == core.primaryID || core.primaryID == nil
             else { return }
             let path = storage.snapshotPath + ".incoming-\(lsn)-\(term)"
@@ -535,7 +537,8 @@ public final class SiteRuntime: @unchecked Sendable {
             guard header.lsn == rx.lsn, header.term == rx.term, UInt64(header.fileBytes) == rx.size else {
                 throw StoreError.snapshot("received snapshot holds LSN \(header.lsn) term \(header.term), \(header.fileBytes) bytes; offered \(rx.lsn) term \(rx.term), \(rx.size) bytes")
             }
-            guard rx.lsn > core.log.lastLSN else { return }  // the log caught up meanwhile
+            let diverged = core.log.term(at: rx.lsn).map { $0 != rx.term } ?? false
+            guard rx.lsn > core.log.lastLSN || diverged else { return }  // the log caught up meanwhile
             try storage.installSnapshot(from: rx.path) { _, _ in }
             try? FileManager.default.removeItem(atPath: rx.path)
             lastSnapshotLSN = rx.lsn

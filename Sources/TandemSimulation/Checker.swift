@@ -43,7 +43,9 @@ struct Checker {
 
     /// A lease read must reflect every write acknowledged before it started.
     mutating func staleRead(_ t: VirtualTime, site: SiteID, applied: LSN, acknowledged: LSN) {
-        if !allowLeaseOverlap {
+        // Under async commit a failover may lose acknowledged writes (the documented
+        // window), so a later read cannot be held to them; losses are counted at the end.
+        if !allowLeaseOverlap && !asyncPolicy {
             fail(t, "linearizable-read", "\(site) served a lease read at applied LSN \(applied) after LSN \(acknowledged) was acknowledged")
         }
     }
