@@ -132,3 +132,82 @@ struct CrashTests {
     }
 
 }
+
+/// Crashes in the middle of maintenance: what each step leaves on disk must recover to a
+/// contiguous log that loses nothing still wanted.
+@Suite("Write-ahead log maintenance crashes")
+struct MaintenanceCrashTests {
+    func makeLog(_ dir: TempDir, batches: Int = 40) async throws -> [LogRecord] {
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        var records: [LogRecord] = []
+        for b in 0..<batches {
+            let batch = (1...10).map { record(UInt64(b * 10 + $0), size: 200) }
+            records.append(contentsOf: batch)
+            try await log.append(batch)
+        }
+        log.close()
+        return records
+    }
+
+    func segments(_ dir: TempDir) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []).filter { $0.hasSuffix(".wal") }.sorted()
+    }
+
+    @Test("a suffix truncation interrupted after deleting later segments recovers to a contiguous prefix")
+    func truncationAfterDeletingSegments() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let records = try await makeLog(dir, batches: 100)
+        let segs = segments(dir)
+        #expect(segs.count >= 3)
+        // The crash came after the newest segments were deleted, before the cut.
+        for s in segs.suffix(2) { try FileManager.default.removeItem(atPath: dir.file(s)) }
+        let log = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { log.close() }
+        let kept = try readAll(log)
+        #expect(kept == Array(records.prefix(kept.count)), "a prefix of what was there, with no gap")
+        #expect(!kept.isEmpty)
+    }
+
+    @Test("a segment rewrite interrupted before its rename leaves the old segment, and the temporary file is removed")
+    func rewriteBeforeRename() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let records = try await makeLog(dir, batches: 5)
+        let seg = dir.file(segments(dir)[0])
+        // A half-written rewrite.
+        _ = FileManager.default.createFile(atPath: seg + ".tmp", contents: Data(fileBytes(seg).prefix(300)))
+        let log = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { log.close() }
+        #expect(try readAll(log) == records)
+        #expect(!FileManager.default.fileExists(atPath: seg + ".tmp"))
+    }
+
+    @Test("a reset interrupted after moving a segment aside, before the new segment exists, puts it back")
+    func resetInterrupted() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let records = try await makeLog(dir, batches: 5)
+        let seg = dir.file(segments(dir)[0])
+        try FileManager.default.moveItem(atPath: seg, toPath: seg + ".obsolete")
+        let log = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { log.close() }
+        #expect(try readAll(log) == records)
+    }
+
+    @Test("a reset interrupted after its new segment was made drops the segments before it")
+    func resetAfterNewSegment() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        _ = try await makeLog(dir, batches: 30)
+        let log = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        let before = segments(dir)
+        // Make the reset segment as reset() does, then "crash" before deleting the old ones.
+        _ = try WriteAheadLog.createSegment(directory: dir.path, clusterID: testCluster, options: smallOptions(),
+                                            firstLSN: LSN(5001), previousTerm: Term(4), isReset: true)
+        log.close()
+        #expect(segments(dir).count == before.count + 1)
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(again.firstLSN == LSN(5001) && again.lastLSN == LSN(5000))
+        #expect(again.term(at: LSN(5000)) == Term(4))
+        #expect(segments(dir).count == 1)
+        #expect(again.recovery.obsoleteSegmentsRemoved == before.count)
+    }
+}
