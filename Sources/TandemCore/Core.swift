@@ -426,7 +426,7 @@ public struct Core: Sendable {
             return
         }
         // Caught up: ask the sites that refused again, once the fetched records are durable.
-        for s in refusals {
+        for s in refusals.sorted() {
             send(Message(from: id, to: s, term: hardState.term,
                          body: .vote(lastLSN: log.lastLSN, lastTerm: log.lastTerm, transfer: false)), afterPersist: true)
         }

@@ -58,7 +58,7 @@ struct Checker {
         primaries[term] = site
         // Leader completeness: the new primary holds every acknowledged write.
         guard !asyncPolicy else { return }
-        for (lsn, record) in acknowledged where lsn >= log.firstLSN {
+        for (lsn, record) in acknowledged.sorted(by: { $0.key < $1.key }) where lsn >= log.firstLSN {
             if log.term(at: lsn) != record.term {
                 fail(t, "acknowledged-writes-kept", "\(site) became primary in term \(term) without acknowledged write \(lsn) (term \(record.term))")
                 return
@@ -100,6 +100,23 @@ struct Checker {
         acknowledged[record.lsn] = record
         if let known = history[record.lsn], known != record, !asyncPolicy {
             fail(t, "acknowledged-writes-kept", "write acknowledged at LSN \(record.lsn) differs from the committed record there")
+        }
+    }
+
+    /// A write acknowledged by a primary that had been superseded: the newest primary's
+    /// log must hold it, or the stale primary's write got through.
+    mutating func staleAcknowledgement(_ t: VirtualTime, record: LogRecord, newestPrimary: SiteID, newestTerm: Term, termThere: Term?) {
+        guard !asyncPolicy, termThere != record.term else { return }
+        fail(t, "stale-primary-write", "a write of term \(record.term) at LSN \(record.lsn) was acknowledged while \(newestPrimary) (term \(newestTerm)) holds \(termThere.map { "term \($0)" } ?? "nothing") there")
+    }
+
+    /// Witnesses keep no database: their logs are compared with the committed history.
+    mutating func witnessLog(_ t: VirtualTime, site: SiteID, records: [LogRecord], committedThrough: LSN) {
+        for r in records where r.lsn <= committedThrough {
+            if let known = history[r.lsn], known != r, !asyncPolicy {
+                fail(t, "committed-prefix", "witness \(site) holds \(r.kind)@t\(r.term) at LSN \(r.lsn) where \(known.kind)@t\(known.term) was committed")
+                return
+            }
         }
     }
 

@@ -9,6 +9,7 @@ extension SimulationResult {
         out.append("  lease reads: \(linearizableReads), each checked against every write acknowledged before it")
         out.append("  writes: \(writesProposed) proposed, \(writesAcknowledged) acknowledged, \(writesLost) acknowledged and lost, \(writesFailed) failed (no primary within 30 s)")
         out.append("  commit LSN \(finalCommitLSN); applied per site: " + finalAppliedLSN.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value) (lag \(finalCommitLSN > $0.value ? finalCommitLSN - $0.value : 0))" }.joined(separator: ", "))
+        out.append("  largest lag during the run: " + maxLagRecords.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value) records" }.joined(separator: ", "))
         if failovers.isEmpty {
             out.append("  no failover")
         } else {
@@ -39,7 +40,7 @@ extension SimulationResult {
             "scenario": scenario, "seed": seed, "passed": passed,
             "virtual_seconds": virtualSeconds, "wall_seconds": wallSeconds, "speedup": speedup, "events": events,
             "writes_proposed": writesProposed, "writes_acknowledged": writesAcknowledged, "writes_lost": writesLost,
-            "writes_failed": writesFailed, "linearizable_reads": linearizableReads, "final_commit_lsn": finalCommitLSN, "final_applied_lsn": finalAppliedLSN,
+            "writes_failed": writesFailed, "linearizable_reads": linearizableReads, "final_commit_lsn": finalCommitLSN, "final_applied_lsn": finalAppliedLSN, "max_lag_records": maxLagRecords,
             "failovers": failovers.map { ["from_seconds": $0.fromSeconds, "to_seconds": $0.toSeconds, "recovery_seconds": $0.recoverySeconds,
                                           "new_primary": $0.newPrimary, "term": $0.term] as [String: Any] },
             "violations": violations.map { ["time_seconds": $0.timeSeconds, "invariant": $0.invariant, "detail": $0.detail] as [String: Any] },

@@ -152,8 +152,30 @@ final class SimulatedSite {
         appliedTerm = r.term
     }
 
-    /// The process dies: everything not yet synced is lost.
-    func crash() {
+    /// The process dies. Writes not yet synced may be lost, or may have reached the disk
+    /// anyway (the page cache was flushed): the first `survivingOps` pending storage
+    /// operations survive whole, and of the next one only its first `survivingRecords`
+    /// records (the record torn in the middle is cut off by recovery, as the log does).
+    func crash(survivingOps: Int = 0, survivingRecords: Int = 0) -> (hardStates: [HardState], records: Int) {
+        var persistedHard: [HardState] = []
+        var recordsKept = 0
+        for (i, p) in pending.enumerated() where i <= survivingOps {
+            let whole = i < survivingOps
+            if whole, let h = p.hardState {
+                diskHardState = h
+                persistedHard.append(h)
+            }
+            if whole, let t = p.truncateAfter { disk.truncate(after: t) }
+            // A torn op keeps a prefix of its records only if it truncated nothing (the
+            // truncation and the appends after it are one ordered unit).
+            if whole || p.truncateAfter == nil {
+                let kept = whole ? p.append : Array(p.append.prefix(survivingRecords))
+                let before = disk.lastLSN
+                disk.append(kept)
+                recordsKept += Int(disk.lastLSN.rawValue - before.rawValue)
+            }
+            if !whole { break }
+        }
         up = false
         core = nil
         leaseUntil = nil
@@ -166,5 +188,6 @@ final class SimulatedSite {
         proposals = [:]
         snapshotInFlight = false
         epoch += 1
+        return (persistedHard, recordsKept)
     }
 }

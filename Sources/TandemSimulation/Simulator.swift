@@ -58,6 +58,8 @@ public struct SimulationResult: Sendable {
     public var finalAppliedLSN: [String: UInt64]
     public var finalCommitLSN: UInt64
     public var lanes: [Lane]
+    /// The largest lag each voter showed during the run (sampled every 100 ms).
+    public var maxLagRecords: [String: UInt64]
     public var commitProgress: [(Double, UInt64)]
     public var faultMarks: [(Double, String)]
 
@@ -128,6 +130,8 @@ struct World {
     var lastHolder: SiteID?
     var lanes: [SiteID: [(Double, String)]] = [:]
     var commitProgress: [(Double, UInt64)] = []
+    /// Largest lag (records behind the commit LSN) seen per running voter.
+    var maxLag: [String: UInt64] = [:]
     var faultMarks: [(Double, String)] = []
     var lastHealTime: VirtualTime = 0
     var primaryAfterHeal = false
@@ -277,6 +281,11 @@ struct World {
         case .sample:
             let commit = sites.values.filter(\.up).map(\.commitLSN.rawValue).max() ?? 0
             commitProgress.append((seconds, commit))
+            for id in order {
+                guard let s = sites[id], s.up, s.descriptor.role == .voter else { continue }
+                let lag = commit > s.appliedLSN.rawValue ? commit - s.appliedLSN.rawValue : 0
+                maxLag[id.name] = max(maxLag[id.name] ?? 0, lag)
+            }
             queue.push(now + 100_000_000, .sample)
         }
     }
@@ -469,7 +478,12 @@ struct World {
 
     mutating func crash(_ s: SimulatedSite) {
         guard s.up else { return }
-        s.crash()
+        // Some writes that were never reported durable reach the disk anyway.
+        let ops = s.pending.isEmpty ? 0 : Int(rng.next() % UInt64(s.pending.count + 1))
+        let records = Int(rng.next() % 8)
+        let (hardStates, kept) = s.crash(survivingOps: ops, survivingRecords: records)
+        for h in hardStates { checker.persistedTerm(now, site: s.id, term: h.term) }
+        if kept > 0 || !hardStates.isEmpty { note("\(s.id) crashed; \(kept) unsynced records survived on disk") }
         lane(s.id, "down")
     }
 
@@ -495,7 +509,7 @@ struct World {
             if let s = sites[SiteID(site)] { crash(s) }
             label = "crash \(site)"
         case let .crashDomain(domain):
-            for s in sites.values where s.descriptor.domain.name == domain { crash(s) }
+            for id in order where sites[id]?.descriptor.domain.name == domain { if let s = sites[id] { crash(s) } }
             label = "fire: campus \(domain) lost"
         case let .restart(site):
             if let s = sites[SiteID(site)] { restart(s) }
@@ -662,6 +676,12 @@ struct World {
         acknowledgedCount += 1
         highestAcknowledged = max(highestAcknowledged, record.lsn)
         checker.acknowledge(now, record: record)
+        // If a newer primary exists, its log must hold what this (older) primary acknowledged.
+        if let newest = order.compactMap({ sites[$0] }).filter({ $0.isRunning && $0.role == .primary && $0.term > record.term })
+            .max(by: { $0.term < $1.term }) {
+            checker.staleAcknowledgement(now, record: record, newestPrimary: newest.id, newestTerm: newest.term,
+                                         termThere: newest.log.record(at: record.lsn)?.term)
+        }
     }
 
     mutating func scheduleNextRead() {
@@ -727,6 +747,11 @@ struct World {
                 checker.fail(now, "convergence", "\(s.id) applied \(s.appliedLSN), others \(maxApplied), \(Self.settleSeconds) s after writes stopped")
             }
         }
+        let committed = LSN(sites.values.filter(\.up).map(\.commitLSN.rawValue).max() ?? 0)
+        for id in order {
+            guard let s = sites[id], s.descriptor.role == .witness else { continue }
+            checker.witnessLog(now, site: id, records: s.disk.records, committedThrough: committed)
+        }
         let lost = checker.lostAcknowledged(finalHistory: checker.history)
         if lost > scenario.expect.maxLostAcknowledged {
             checker.fail(now, "acknowledged-writes-kept", "\(lost) acknowledged writes lost (allowed: \(scenario.expect.maxLostAcknowledged))")
@@ -740,9 +765,12 @@ struct World {
             violations: checker.violations.map { .init(timeSeconds: Double($0.time) / 1e9, invariant: $0.invariant, detail: $0.detail) },
             trace: Array(trace.suffix(traceLimit)), timeline: timeline, failovers: failovers,
             writesProposed: proposed, writesAcknowledged: acknowledgedCount, writesFailed: failed, writesLost: lost, linearizableReads: reads,
-            finalAppliedLSN: Dictionary(uniqueKeysWithValues: order.compactMap { id in sites[id].map { (id.name, $0.appliedLSN.rawValue) } }),
+            // Witnesses keep no database: only voters have an applied LSN.
+            finalAppliedLSN: Dictionary(uniqueKeysWithValues: order.compactMap { id in
+                sites[id].flatMap { $0.descriptor.role == .voter ? (id.name, $0.appliedLSN.rawValue) : nil }
+            }),
             finalCommitLSN: sites.values.filter(\.up).map(\.commitLSN.rawValue).max() ?? 0,
-            lanes: order.map { SimulationResult.Lane(site: $0.name, states: lanes[$0] ?? []) },
+            lanes: order.map { SimulationResult.Lane(site: $0.name, states: lanes[$0] ?? []) }, maxLagRecords: maxLag,
             commitProgress: commitProgress, faultMarks: faultMarks)
     }
 }
