@@ -97,6 +97,7 @@ public final class SiteRuntime: @unchecked Sendable {
     private var running = false
     private var exited = false
     private var statusCache: SiteStatus
+    private var droppedMessages = 0
 
     enum Input {
         case message(Message)
@@ -197,8 +198,16 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Starts a switchover to `target`.
     public func transferLeadership(to target: SiteID) { enqueue(.event(.transferLeadership(to: target))) }
 
+    /// Peer messages waiting beyond this are dropped (the protocol re-sends what
+    /// matters), so a flood cannot grow memory without bound while the loop is busy.
+    static let maxQueuedPeerMessages = 50_000
+
     func enqueue(_ input: Input) {
         cond.withLock {
+            if case .message = input, inbox.count >= Self.maxQueuedPeerMessages {
+                droppedMessages += 1
+                return
+            }
             inbox.append(input)
             cond.signal()
         }
