@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "TandemCore", dependencies: ["TandemModel"], swiftSettings: strict),
         // Peer transport: mutual TLS (system OpenSSL), framing, LZ4 record batches.
         .target(name: "TandemTransport", dependencies: ["TandemCore", "COpenSSL", "CLZ4"], swiftSettings: strict),
+        // A site's configuration file: a TOML reader and the schema, with errors that name the key.
+        .target(name: "TandemConfig", dependencies: ["TandemCore"], swiftSettings: strict),
         // A running site: the core driven by a real clock, files and sockets.
         .target(name: "TandemNode", dependencies: ["TandemCore", "TandemStore", "TandemWAL", "TandemTransport"], swiftSettings: strict),
         // The deterministic disaster simulator: network, clocks, disks and checkers.
@@ -77,6 +79,7 @@ let package = Package(
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
+        .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
         .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],

@@ -1,0 +1,241 @@
+import Foundation
+import TandemCore
+import TandemModel
+
+/// One site's configuration file (TOML). Every key, its meaning and its default are in
+/// Deploy/README.md; an unknown key is an error. A single key may be overridden by an
+/// environment variable named TANDEM_ followed by its path in capitals, dots as
+/// underscores (`TANDEM_TIMING_LEASE_MS=3000`).
+public struct SiteConfiguration: Sendable {
+    public struct Site: Hashable, Sendable {
+        public var id: SiteID
+        public var domain: FailureDomain
+        public var role: SiteRole
+        /// host:port of its peer (TLS) listener, and of its HTTP API.
+        public var peerAddress: String
+        public var httpAddress: String
+    }
+
+    public var clusterID: ClusterID
+    public var siteID: SiteID
+    public var dataDirectory: String
+    public var listenPeer: String
+    public var listenHTTP: String
+    public var sites: [Site]
+    public var commitPolicy: CommitPolicy
+    public var timing: Timing
+    public var tlsCertificate: String
+    public var tlsPrivateKey: String
+    public var tlsCA: String
+    public var allowTLS12: Bool
+    public var reloadTLSOnChange: Bool
+    public var apiTokenFile: String?
+    public var logFormat: String
+    public var replicaLagDefault: String
+    public var maxBodyBytes: Int
+
+    /// The cluster as the core sees it.
+    public var cluster: ClusterConfig {
+        ClusterConfig(sites: sites.map { SiteDescriptor(id: $0.id, domain: $0.domain, role: $0.role) }, commitPolicy: commitPolicy, timing: timing)
+    }
+
+    public var me: Site? { sites.first { $0.id == siteID } }
+}
+
+/// A configuration that does not hold: the file, the key, the line when known, and what
+/// was expected.
+public struct ConfigFileError: Error, CustomStringConvertible, Sendable {
+    public let file: String
+    public let key: String
+    public let line: Int?
+    public let expected: String
+    public var description: String {
+        "\(file)\(line.map { ":\($0)" } ?? ""): key \(key): expected \(expected)"
+    }
+}
+
+extension SiteConfiguration {
+    /// Reads and validates a site's configuration file.
+    public static func load(path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigFileError) -> SiteConfiguration {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw ConfigFileError(file: path, key: "(file)", line: nil, expected: "a readable UTF-8 file")
+        }
+        return try parse(text, file: path, environment: environment)
+    }
+
+    public static func parse(_ text: String, file: String, environment: [String: String] = [:]) throws(ConfigFileError) -> SiteConfiguration {
+        let table: TOMLTable
+        do { table = try TOMLParser.parse(text) } catch {
+            throw ConfigFileError(file: file, key: "(syntax)", line: error.line, expected: "valid TOML (\(error.message), column \(error.column))")
+        }
+        var r = ConfigReader(file: file, environment: environment)
+        return try r.read(table)
+    }
+}
+
+struct ConfigReader {
+    let file: String
+    let environment: [String: String]
+
+    func fail(_ key: String, _ line: Int?, _ expected: String) -> ConfigFileError {
+        ConfigFileError(file: file, key: key, line: line, expected: expected)
+    }
+
+    func check(_ t: TOMLTable, _ path: String, allowed: Set<String>) throws(ConfigFileError) {
+        for k in t.keys where !allowed.contains(k) {
+            throw fail(path.isEmpty ? k : "\(path).\(k)", t.line(of: k), "one of the known keys (\(allowed.sorted().joined(separator: ", ")))")
+        }
+    }
+
+    /// The value at `key` of `t`, or the environment's override of it.
+    func raw(_ t: TOMLTable, _ path: String, _ key: String) -> (TOMLValue?, Int?, fromEnvironment: Bool) {
+        let full = path.isEmpty ? key : "\(path).\(key)"
+        let env = "TANDEM_" + full.uppercased().replacingOccurrences(of: ".", with: "_")
+        if let override = environment[env] {
+            if let n = Int64(override) { return (.integer(n), nil, true) }
+            if let d = Double(override), override.contains(".") { return (.float(d), nil, true) }
+            if override == "true" || override == "false" { return (.bool(override == "true"), nil, true) }
+            return (.string(override), nil, true)
+        }
+        return (t[key], t.line(of: key), false)
+    }
+
+    func string(_ t: TOMLTable, _ path: String, _ key: String, default d: String? = nil) throws(ConfigFileError) -> String {
+        let (v, line, _) = raw(t, path, key)
+        let full = path.isEmpty ? key : "\(path).\(key)"
+        guard let v else {
+            if let d { return d }
+            throw fail(full, nil, "a string (required)")
+        }
+        guard case let .string(s) = v, !s.isEmpty else { throw fail(full, line, "a non-empty string, found \(v.typeName)") }
+        return s
+    }
+
+    func integer(_ t: TOMLTable, _ path: String, _ key: String, default d: Int64, min: Int64, max: Int64) throws(ConfigFileError) -> Int64 {
+        let (v, line, _) = raw(t, path, key)
+        let full = path.isEmpty ? key : "\(path).\(key)"
+        guard let v else { return d }
+        guard case let .integer(n) = v else { throw fail(full, line, "an integer, found \(v.typeName)") }
+        guard n >= min, n <= max else { throw fail(full, line, "an integer between \(min) and \(max), found \(n)") }
+        return n
+    }
+
+    func double(_ t: TOMLTable, _ path: String, _ key: String, default d: Double, min: Double, max: Double) throws(ConfigFileError) -> Double {
+        let (v, line, _) = raw(t, path, key)
+        let full = path.isEmpty ? key : "\(path).\(key)"
+        guard let v else { return d }
+        let x: Double
+        switch v {
+        case let .float(f): x = f
+        case let .integer(n): x = Double(n)
+        default: throw fail(full, line, "a number, found \(v.typeName)")
+        }
+        guard x >= min, x <= max else { throw fail(full, line, "a number between \(min) and \(max), found \(x)") }
+        return x
+    }
+
+    func bool(_ t: TOMLTable, _ path: String, _ key: String, default d: Bool) throws(ConfigFileError) -> Bool {
+        let (v, line, _) = raw(t, path, key)
+        guard let v else { return d }
+        guard case let .bool(b) = v else { throw fail(path.isEmpty ? key : "\(path).\(key)", line, "true or false, found \(v.typeName)") }
+        return b
+    }
+
+    func table(_ t: TOMLTable, _ key: String) throws(ConfigFileError) -> TOMLTable {
+        guard let v = t[key] else { return TOMLTable() }
+        guard case let .table(sub) = v else { throw fail(key, t.line(of: key), "a table ([\(key)]), found \(v.typeName)") }
+        return sub
+    }
+
+    func address(_ s: String, _ key: String, _ line: Int?) throws(ConfigFileError) -> String {
+        let parts = s.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, let port = Int(parts[1]), port > 0, port < 65536 else {
+            throw fail(key, line, "host:port, like 10.0.0.1:7401, found \"\(s)\"")
+        }
+        return s
+    }
+
+    mutating func read(_ top: TOMLTable) throws(ConfigFileError) -> SiteConfiguration {
+        try check(top, "", allowed: ["cluster_id", "site_id", "data_directory", "commit_policy", "async_max_lag_records", "listen",
+                                     "timing", "tls", "api", "logging", "sites"])
+        let cidText = try string(top, "", "cluster_id")
+        guard let cid = ClusterID(cidText) else { throw fail("cluster_id", top.line(of: "cluster_id"), "a UUID, found \"\(cidText)\"") }
+        let siteID = SiteID(try string(top, "", "site_id"))
+        let dataDirectory = try string(top, "", "data_directory")
+
+        let listen = try table(top, "listen")
+        try check(listen, "listen", allowed: ["peer", "http"])
+        let listenPeer = try address(try string(listen, "listen", "peer"), "listen.peer", listen.line(of: "peer"))
+        let listenHTTP = try address(try string(listen, "listen", "http"), "listen.http", listen.line(of: "http"))
+
+        let policyText = try string(top, "", "commit_policy", default: "majority")
+        let policy: CommitPolicy
+        switch policyText {
+        case "majority": policy = .majority
+        case "majority-two-domains": policy = .majorityTwoDomains
+        case "async":
+            policy = .async(maxLagRecords: UInt64(try integer(top, "", "async_max_lag_records", default: 1000, min: 1, max: 1_000_000_000)))
+        default:
+            throw fail("commit_policy", top.line(of: "commit_policy"), "\"majority\", \"majority-two-domains\" or \"async\", found \"\(policyText)\"")
+        }
+
+        let t = try table(top, "timing")
+        try check(t, "timing", allowed: ["lease_ms", "heartbeat_ms", "drift_bound", "election_jitter_ms", "transfer_timeout_ms"])
+        var timing = Timing()
+        timing.leaseDuration = .milliseconds(Double(try integer(t, "timing", "lease_ms", default: 2000, min: 10, max: 600_000)))
+        timing.heartbeatInterval = .milliseconds(Double(try integer(t, "timing", "heartbeat_ms", default: 500, min: 1, max: 600_000)))
+        timing.driftBound = try double(t, "timing", "drift_bound", default: 0.01, min: 0.000001, max: 0.099)
+        timing.electionJitter = .milliseconds(Double(try integer(t, "timing", "election_jitter_ms", default: 300, min: 1, max: 600_000)))
+        timing.transferTimeout = .milliseconds(Double(try integer(t, "timing", "transfer_timeout_ms", default: 4000, min: 10, max: 600_000)))
+        do { try timing.validate() } catch {
+            guard case let .invalid(key, expected) = error else { throw fail("timing", nil, "\(error)") }
+            let k = ["lease_duration": "lease_ms", "heartbeat_interval": "heartbeat_ms", "election_jitter": "election_jitter_ms",
+                     "transfer_timeout": "transfer_timeout_ms"][key] ?? key
+            throw fail("timing.\(k)", t.line(of: k), expected)
+        }
+
+        let tls = try table(top, "tls")
+        try check(tls, "tls", allowed: ["certificate", "private_key", "ca", "allow_tls12", "reload_on_change"])
+        let api = try table(top, "api")
+        try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes"])
+        let logging = try table(top, "logging")
+        try check(logging, "logging", allowed: ["format"])
+        let format = try string(logging, "logging", "format", default: "keyvalue")
+        guard format == "keyvalue" || format == "json" else {
+            throw fail("logging.format", logging.line(of: "format"), "\"keyvalue\" or \"json\", found \"\(format)\"")
+        }
+
+        guard case let .array(items)? = top["sites"], !items.isEmpty else {
+            throw fail("sites", top.line(of: "sites"), "one [[sites]] table per site of the cluster")
+        }
+        var sites: [SiteConfiguration.Site] = []
+        for (i, item) in items.enumerated() {
+            let path = "sites[\(i)]"
+            guard case let .table(s) = item else { throw fail(path, top.line(of: "sites"), "a [[sites]] table") }
+            try check(s, path, allowed: ["id", "domain", "role", "peer_address", "http_address"])
+            let roleText = try string(s, path, "role", default: "voter")
+            guard let role = SiteRole(rawValue: roleText) else { throw fail("\(path).role", s.line(of: "role"), "\"voter\" or \"witness\", found \"\(roleText)\"") }
+            sites.append(SiteConfiguration.Site(
+                id: SiteID(try string(s, path, "id")), domain: FailureDomain(try string(s, path, "domain")), role: role,
+                peerAddress: try address(try string(s, path, "peer_address"), "\(path).peer_address", s.line(of: "peer_address")),
+                httpAddress: try address(try string(s, path, "http_address"), "\(path).http_address", s.line(of: "http_address"))))
+        }
+        guard Set(sites.map(\.id)).count == sites.count else { throw fail("sites", top.line(of: "sites"), "unique site ids") }
+        guard sites.contains(where: { $0.id == siteID }) else {
+            throw fail("site_id", top.line(of: "site_id"), "one of the [[sites]] ids (\(sites.map(\.id.name).joined(separator: ", "))), found \"\(siteID)\"")
+        }
+        let config = SiteConfiguration(
+            clusterID: cid, siteID: siteID, dataDirectory: dataDirectory, listenPeer: listenPeer, listenHTTP: listenHTTP, sites: sites,
+            commitPolicy: policy, timing: timing,
+            tlsCertificate: try string(tls, "tls", "certificate"), tlsPrivateKey: try string(tls, "tls", "private_key"),
+            tlsCA: try string(tls, "tls", "ca"), allowTLS12: try bool(tls, "tls", "allow_tls12", default: false),
+            reloadTLSOnChange: try bool(tls, "tls", "reload_on_change", default: false),
+            apiTokenFile: api["token_file"] == nil ? nil : try string(api, "api", "token_file"),
+            logFormat: format, replicaLagDefault: try string(api, "api", "replica_lag_default", default: "16MB"),
+            maxBodyBytes: Int(try integer(api, "api", "max_body_bytes", default: 32 << 20, min: 1024, max: 1 << 30)))
+        do { try config.cluster.validate() } catch {
+            throw fail("sites", top.line(of: "sites"), "\(error)")
+        }
+        return config
+    }
+}
