@@ -55,7 +55,8 @@ let package = Package(
 
         .executableTarget(
             name: "tandemd",
-            dependencies: ["TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TandemStore", "TandemConfig", "TandemNode", "TandemTransport",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandemd", swiftSettings: strict),
         .executableTarget(
             name: "tandemctl",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job. Until tandemd serves (the daemon issue), it builds Tandem in release mode,
-# creates a site's storage with the telehealth schema, writes and reads a few
-# appointments through it, replays the Strasbourg fire on a simulated three-site cluster,
-# and runs the storage and simulator benchmarks.
+# The main job: builds Tandem in release mode, creates a site's storage with the
+# telehealth schema and books a few appointments through it, replays the Strasbourg fire
+# on a simulated cluster, starts three real tandemd processes on loopback and kills the
+# primary with SIGKILL to watch another take over, then runs the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,26 @@ svg="${TMPDIR:-/tmp}/tandem-strasbourg-fire.svg"
 echo "== The Strasbourg fire, replayed in virtual time on a simulated cluster (picture: $svg)"
 "$bin/tandem-sim" Simulations/strasbourg-fire.json --seed 1 --svg "$svg"
 "$bin/tandem-sim" Simulations/*.json --seeds 20 | tail -n 12
+
+echo
+echo "== Three real tandemd processes on loopback (mutual TLS), and a fire: kill -9 of the primary"
+export TANDEM_LOCAL="$work/cluster"
+bash Deploy/local-cluster.sh start
+primary=$( (grep -l 'becamePrimary' "$TANDEM_LOCAL"/*.log || true) | head -n 1 | xargs -r -n1 basename | sed 's/\.log$//')
+if [ -n "$primary" ]; then
+  killed_at=$(date +%s.%N)
+  kill -9 "$(cat "$TANDEM_LOCAL/$primary.pid")"
+  rm -f "$TANDEM_LOCAL/$primary.pid"
+  echo "killed the primary, $primary, with SIGKILL"
+  for _ in $(seq 1 100); do
+    new=$( (grep -l 'becamePrimary' "$TANDEM_LOCAL"/*.log || true) | xargs -r -n1 basename | sed 's/\.log$//' | grep -v "^$primary$" | head -n 1 || true)
+    [ -n "$new" ] && break
+    sleep 0.1
+  done
+  elected_at=$(date +%s.%N)
+  echo "new primary: ${new:-none}, $(python3 -c "print(round($elected_at - $killed_at, 2))") s after the kill"
+fi
+bash Deploy/local-cluster.sh stop
 
 echo
 echo "== Benchmarks (one JSON object per result on stdout)"

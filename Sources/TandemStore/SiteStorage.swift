@@ -43,6 +43,11 @@ public final class SiteStorage: @unchecked Sendable {
         return SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits)
     }
 
+    /// Whether `dataDirectory` holds a site's storage (its log or its database).
+    public static func exists(dataDirectory: String) -> Bool {
+        WriteAheadLog.exists(directory: dataDirectory + "/wal") || StateStore.exists(directory: dataDirectory + "/state")
+    }
+
     /// Opens existing storage and reconciles the database with the log.
     public static func open(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions(),
                             limits: StoreLimits = StoreLimits()) throws -> SiteStorage {
