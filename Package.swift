@@ -17,6 +17,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.0.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.70.0"),
     ],
     targets: [
         // System C libraries, each behind a small shim header.
@@ -44,6 +46,9 @@ let package = Package(
         .target(name: "TandemConfig", dependencies: ["TandemCore"], swiftSettings: strict),
         // A running site: the core driven by a real clock, files and sockets.
         .target(name: "TandemNode", dependencies: ["TandemCore", "TandemStore", "TandemWAL", "TandemTransport"], swiftSettings: strict),
+        // The site's HTTP API (Hummingbird): health probes and status.
+        .target(name: "TandemHTTP", dependencies: ["TandemNode", .product(name: "Hummingbird", package: "hummingbird"),
+                                                   .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         // The deterministic disaster simulator: network, clocks, disks and checkers.
         // Single-threaded and hot: dynamic exclusivity checks on its classes cost ~6% of a run.
         .target(name: "TandemSimulation", dependencies: ["TandemCore"],
@@ -55,7 +60,7 @@ let package = Package(
 
         .executableTarget(
             name: "tandemd",
-            dependencies: ["TandemStore", "TandemConfig", "TandemNode", "TandemTransport",
+            dependencies: ["TandemStore", "TandemConfig", "TandemNode", "TandemTransport", "TandemHTTP",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandemd", swiftSettings: strict),
         .executableTarget(
@@ -81,7 +86,7 @@ let package = Package(
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
         .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
-        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode"], swiftSettings: strict),
+        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

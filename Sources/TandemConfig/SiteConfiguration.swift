@@ -231,7 +231,7 @@ struct ConfigReader {
             tlsCA: try string(tls, "tls", "ca"), allowTLS12: try bool(tls, "tls", "allow_tls12", default: false),
             reloadTLSOnChange: try bool(tls, "tls", "reload_on_change", default: false),
             apiTokenFile: api["token_file"] == nil ? nil : try string(api, "api", "token_file"),
-            logFormat: format, replicaLagDefault: try string(api, "api", "replica_lag_default", default: "16MB"),
+            logFormat: format, replicaLagDefault: try string(api, "api", "replica_lag_default", default: "10000"),
             maxBodyBytes: Int(try integer(api, "api", "max_body_bytes", default: 32 << 20, min: 1024, max: 1 << 30)))
         do { try config.cluster.validate() } catch {
             throw fail("sites", top.line(of: "sites"), "\(error)")

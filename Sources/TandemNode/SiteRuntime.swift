@@ -69,6 +69,10 @@ public struct SiteStatus: Sendable {
     public var logFirstLSN: LSN
     public var logLastLSN: LSN
     public var holdsLease: Bool
+    /// A follower that has heard from its primary within a lease (its promise runs).
+    public var followsLivePrimary: Bool
+    /// The site stopped after a storage error (fail-stop).
+    public var failed: Bool
 }
 
 /// Drives one site's core with a real clock (CLOCK_BOOTTIME), real files and real
@@ -98,6 +102,8 @@ public final class SiteRuntime: @unchecked Sendable {
     private var exited = false
     private var statusCache: SiteStatus
     private var droppedMessages = 0
+    /// Guarded by `cond`: the lease end while the core may serve lease reads.
+    private var leaseValidUntil: Instant?
 
     enum Input {
         case message(Message)
@@ -131,7 +137,8 @@ public final class SiteRuntime: @unchecked Sendable {
                         commitLSN: storage.store.committedLSN, now: Self.clock(), entropy: rng.next())
         lastSnapshotLSN = storage.store.appliedLSN
         statusCache = SiteStatus(site: settings.site, role: .follower, term: hard.term, primary: nil, commitLSN: .zero,
-                                 appliedLSN: storage.store.appliedLSN, logFirstLSN: log.firstLSN, logLastLSN: log.lastLSN, holdsLease: false)
+                                 appliedLSN: storage.store.appliedLSN, logFirstLSN: log.firstLSN, logLastLSN: log.lastLSN, holdsLease: false,
+                                 followsLivePrimary: false, failed: false)
         transport = Transport(settings: settings.transport, context: tls, log: settings.log, onMessage: { _ in })
         transport.setHandlers(onMessage: { [weak self] m in self?.enqueue(.message(m)) },
                               onSnapshotFrame: { [weak self] peer, f in self?.enqueue(.snapshotFrame(peer, f)) })
@@ -185,7 +192,14 @@ public final class SiteRuntime: @unchecked Sendable {
         storage.close()
     }
 
-    public var status: SiteStatus { cond.withLock { statusCache } }
+    /// The site's state. Whether it holds the lease is decided now, against the clock,
+    /// not when the loop last published (a stalled loop must not keep claiming a lease).
+    public var status: SiteStatus {
+        let (s, until) = cond.withLock { (statusCache, leaseValidUntil) }
+        var out = s
+        out.holdsLease = until.map { Self.clock() < $0 } ?? false
+        return out
+    }
 
     /// Runs a write batch on this site if it is the primary, and returns once committed.
     public func write(_ batch: WriteBatch) async throws(WriteError) -> Execution {
@@ -248,8 +262,14 @@ public final class SiteRuntime: @unchecked Sendable {
         let now = Self.clock()
         let s = SiteStatus(site: settings.site, role: core.role, term: core.hardState.term, primary: core.primaryID, commitLSN: core.commitLSN,
                            appliedLSN: storage.store.appliedLSN, logFirstLSN: storage.log.firstLSN, logLastLSN: storage.log.lastLSN,
-                           holdsLease: core.canServeLeaseRead(at: now))
-        cond.withLock { statusCache = s }
+                           holdsLease: core.canServeLeaseRead(at: now),
+                           followsLivePrimary: core.role == .follower && core.primaryID != nil && now < core.promiseUntil,
+                           failed: false)
+        let until: Instant? = core.canServeLeaseRead(at: now) ? core.leaseUntil : nil
+        cond.withLock {
+            statusCache = s
+            leaseValidUntil = until
+        }
     }
 
     private func handle(_ input: Input) {
@@ -276,7 +296,11 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Stops the site after a storage error: no more input is trusted until a restart
     /// recovers from disk. Peers see the connection close.
     private func failStop() {
-        cond.withLock { running = false }
+        cond.withLock {
+            running = false
+            statusCache.failed = true
+            leaseValidUntil = nil
+        }
         transport.stop()
     }
 

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import TandemConfig
 import TandemCore
+import TandemHTTP
 import TandemModel
 import TandemNode
 import TandemStore
@@ -55,8 +56,21 @@ struct Tandemd: AsyncParsableCommand {
         }
         let runtime = try makeRuntime(c, log: log)
         try runtime.start()
+        let lag: LagThreshold
+        switch LagThreshold.parse(c.replicaLagDefault) {
+        case let .success(l): lag = l
+        case .failure: lag = LagThreshold(records: 10_000)
+        }
+        let router = makeRouter(runtime: runtime, site: c.siteID, defaultLag: lag, sites: c.cluster.sites)
+        let parts = c.listenHTTP.split(separator: ":")
+        let http = Task {
+            do { try await runHTTP(router: router, host: String(parts[0]), port: Int(parts[1]) ?? 0) } catch {
+                log.emit("event=http_failed reason=\"\(error)\"")
+            }
+        }
         log.emit("event=started peer=\(c.listenPeer) http=\(c.listenHTTP)")
         await waitForTermination(runtime, config: c, log: log)
+        http.cancel()
         runtime.stop()
         log.emit("event=stopped")
     }
