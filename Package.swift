@@ -19,6 +19,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.0.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.70.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.0.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.0.0"),
     ],
     targets: [
         // System C libraries, each behind a small shim header.
@@ -47,8 +52,12 @@ let package = Package(
         // A running site: the core driven by a real clock, files and sockets.
         .target(name: "TandemNode", dependencies: ["TandemCore", "TandemStore", "TandemWAL", "TandemTransport"], swiftSettings: strict),
         // The site's HTTP API (Hummingbird): health probes and status.
-        .target(name: "TandemHTTP", dependencies: ["TandemNode", .product(name: "Hummingbird", package: "hummingbird"),
-                                                   .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
+        .target(name: "TandemHTTP", dependencies: ["TandemNode", "TandemStore", .product(name: "Hummingbird", package: "hummingbird"),
+                                                   .product(name: "NIOCore", package: "swift-nio"),
+                                                   .product(name: "HTTPTypes", package: "swift-http-types"),
+                                                   .product(name: "Logging", package: "swift-log"),
+                                                   .product(name: "CoreMetrics", package: "swift-metrics"),
+                                                   .product(name: "Prometheus", package: "swift-prometheus")], swiftSettings: strict),
         // The deterministic disaster simulator: network, clocks, disks and checkers.
         // Single-threaded and hot: dynamic exclusivity checks on its classes cost ~6% of a run.
         .target(name: "TandemSimulation", dependencies: ["TandemCore"],
@@ -61,7 +70,10 @@ let package = Package(
         .executableTarget(
             name: "tandemd",
             dependencies: ["TandemStore", "TandemConfig", "TandemNode", "TandemTransport", "TandemHTTP",
-                           .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Hummingbird", package: "hummingbird"),
+                           .product(name: "Logging", package: "swift-log"),
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")],
             path: "Sources/tandemd", swiftSettings: strict),
         .executableTarget(
             name: "tandemctl",
@@ -86,7 +98,7 @@ let package = Package(
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
         .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
-        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP"], swiftSettings: strict),
+        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -33,6 +33,14 @@ public struct SiteConfiguration: Sendable {
     public var logFormat: String
     public var replicaLagDefault: String
     public var maxBodyBytes: Int
+    public var maxDocumentBytes: Int
+    public var waitForPrimaryMilliseconds: Int
+    public var readWaitMilliseconds: Int
+    /// A command run on each role change (becoming primary, ceasing to be, losing or
+    /// regaining the majority), with TANDEM_EVENT, TANDEM_SITE, TANDEM_ROLE, TANDEM_TERM
+    /// and TANDEM_REASON in its environment.
+    public var hookCommand: String?
+    public var hookTimeoutMilliseconds: Int
 
     /// The cluster as the core sees it.
     public var cluster: ClusterConfig {
@@ -157,7 +165,7 @@ struct ConfigReader {
 
     mutating func read(_ top: TOMLTable) throws(ConfigFileError) -> SiteConfiguration {
         try check(top, "", allowed: ["cluster_id", "site_id", "data_directory", "commit_policy", "async_max_lag_records", "listen",
-                                     "timing", "tls", "api", "logging", "sites"])
+                                     "timing", "tls", "api", "logging", "hooks", "sites"])
         let cidText = try string(top, "", "cluster_id")
         guard let cid = ClusterID(cidText) else { throw fail("cluster_id", top.line(of: "cluster_id"), "a UUID, found \"\(cidText)\"") }
         let siteID = SiteID(try string(top, "", "site_id"))
@@ -197,7 +205,16 @@ struct ConfigReader {
         let tls = try table(top, "tls")
         try check(tls, "tls", allowed: ["certificate", "private_key", "ca", "allow_tls12", "reload_on_change"])
         let api = try table(top, "api")
-        try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes"])
+        try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes", "max_document_bytes",
+                                        "wait_for_primary_ms", "read_wait_ms"])
+        let hooks = try table(top, "hooks")
+        try check(hooks, "hooks", allowed: ["command", "timeout_ms"])
+        let maxBody = Int(try integer(api, "api", "max_body_bytes", default: 20 << 20, min: 1024, max: 30 << 20))
+        let maxDocument = Int(try integer(api, "api", "max_document_bytes", default: 16 << 20, min: 1, max: 16 << 20))
+        guard maxDocument <= maxBody else {
+            throw fail("api.max_document_bytes", api.line(of: "max_document_bytes"), "at most api.max_body_bytes (\(maxBody))")
+        }
+        let lagDefault = try string(api, "api", "replica_lag_default", default: "10000")
         let logging = try table(top, "logging")
         try check(logging, "logging", allowed: ["format"])
         let format = try string(logging, "logging", "format", default: "keyvalue")
@@ -231,8 +248,12 @@ struct ConfigReader {
             tlsCA: try string(tls, "tls", "ca"), allowTLS12: try bool(tls, "tls", "allow_tls12", default: false),
             reloadTLSOnChange: try bool(tls, "tls", "reload_on_change", default: false),
             apiTokenFile: api["token_file"] == nil ? nil : try string(api, "api", "token_file"),
-            logFormat: format, replicaLagDefault: try string(api, "api", "replica_lag_default", default: "10000"),
-            maxBodyBytes: Int(try integer(api, "api", "max_body_bytes", default: 32 << 20, min: 1024, max: 1 << 30)))
+            logFormat: format, replicaLagDefault: lagDefault,
+            maxBodyBytes: maxBody, maxDocumentBytes: maxDocument,
+            waitForPrimaryMilliseconds: Int(try integer(api, "api", "wait_for_primary_ms", default: 6000, min: 0, max: 600_000)),
+            readWaitMilliseconds: Int(try integer(api, "api", "read_wait_ms", default: 5000, min: 0, max: 600_000)),
+            hookCommand: hooks["command"] == nil ? nil : try string(hooks, "hooks", "command"),
+            hookTimeoutMilliseconds: Int(try integer(hooks, "hooks", "timeout_ms", default: 5000, min: 10, max: 600_000)))
         do { try config.cluster.validate() } catch {
             throw fail("sites", top.line(of: "sites"), "\(error)")
         }

@@ -17,6 +17,9 @@ public struct Core: Sendable {
     public private(set) var primaryID: SiteID?
     /// Highest LSN known committed.
     public private(set) var commitLSN: LSN
+    /// The highest commit LSN a primary has announced to this site (a replica's lag is
+    /// measured against it; its own `commitLSN` stops at the records it holds).
+    public private(set) var primaryCommitLSN: LSN = .zero
     /// Highest LSN durable in the local log.
     public private(set) var durableLSN: LSN
 
@@ -722,6 +725,7 @@ public struct Core: Sendable {
         } else if let t = log.term(at: a.prevLSN), t == a.prevTerm {
             matched = acceptRecords(after: a.prevLSN, prevTerm: a.prevTerm, a.records)
         }
+        primaryCommitLSN = max(primaryCommitLSN, a.commitLSN)
         guard let matched else {
             let hint = min(log.lastLSN, a.prevLSN.previous)
             send(Message(from: id, to: m.from, term: hardState.term,

@@ -122,7 +122,7 @@ public struct HardState: Hashable, Sendable {
 }
 
 /// A site's role as the core sees it.
-public enum CoreRole: String, Hashable, Sendable {
+public enum CoreRole: String, Hashable, Sendable, CaseIterable {
     case follower, preCandidate, candidate, primary
 }
 

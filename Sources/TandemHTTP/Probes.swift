@@ -1,9 +1,12 @@
 import Foundation
+import HTTPTypes
 import Hummingbird
+import Logging
 import NIOCore
 import TandemCore
 import TandemModel
 import TandemNode
+import TandemTransport
 
 /// What a load balancer's health check learns, with Patroni's meaning of 200 and 503.
 public enum Probe: String, CaseIterable, Sendable {
@@ -29,21 +32,38 @@ public enum Probe: String, CaseIterable, Sendable {
     }
 }
 
-/// A replica-lag threshold: a number of records (`1000`) for now. Bytes (`16MB`) and
-/// times (`500ms`) need the primary's byte and time positions, which replicas do not
-/// receive yet; they are refused with a clear error rather than guessed.
+/// A replica-lag threshold: records (`1000`, `1000records`), or a time (`500ms`, `2s`):
+/// how long ago the replica last held everything its primary had committed. Bytes
+/// (`16MB`) are refused with a clear error: a replica does not learn the primary's byte
+/// position, and a guess would make the probe lie.
 public struct LagThreshold: Sendable, Equatable {
-    public var records: UInt64
+    public var records: UInt64?
+    public var nanoseconds: UInt64?
 
-    public init(records: UInt64) { self.records = records }
+    public init(records: UInt64? = nil, nanoseconds: UInt64? = nil) {
+        self.records = records
+        self.nanoseconds = nanoseconds
+    }
 
     public static func parse(_ text: String) -> Result<LagThreshold, ProbeError> {
-        let t = text.trimmingCharacters(in: .whitespaces)
-        if let n = UInt64(t) { return .success(LagThreshold(records: n)) }
-        if t.lowercased().hasSuffix("records"), let n = UInt64(t.dropLast("records".count).trimmingCharacters(in: .whitespaces)) {
-            return .success(LagThreshold(records: n))
+        let t = text.trimmingCharacters(in: .whitespaces).lowercased()
+        func number(_ suffix: String) -> Double? {
+            guard t.hasSuffix(suffix) else { return nil }
+            return Double(t.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)).flatMap { $0 >= 0 && $0 < 1e12 ? $0 : nil }
         }
-        return .failure(ProbeError(message: "lag must be a number of records, like ?lag=1000 (got \"\(text)\")"))
+        if let n = UInt64(t) { return .success(LagThreshold(records: n)) }
+        if let n = number("records") { return .success(LagThreshold(records: UInt64(n))) }
+        if let ms = number("ms") { return .success(LagThreshold(nanoseconds: UInt64(ms * 1e6))) }
+        if let m = number("min") { return .success(LagThreshold(nanoseconds: UInt64(m * 60e9))) }
+        if let s = number("s") { return .success(LagThreshold(nanoseconds: UInt64(s * 1e9))) }
+        if t.hasSuffix("b") {
+            return .failure(ProbeError(message: "lag in bytes (\"\(text)\") is not supported: give records (?lag=1000) or a time (?lag=500ms)"))
+        }
+        return .failure(ProbeError(message: "lag must be a number of records (?lag=1000) or a time (?lag=500ms, ?lag=2s), got \"\(text)\""))
+    }
+
+    func allows(records: UInt64, nanoseconds: UInt64) -> Bool {
+        (self.records.map { records <= $0 } ?? true) && (self.nanoseconds.map { nanoseconds <= $0 } ?? true)
     }
 }
 
@@ -53,8 +73,9 @@ public struct ProbeError: Error, Sendable {
 
 /// The answer to a probe: pass or fail, and a small JSON body (never patient data).
 public func evaluate(_ probe: Probe, status s: SiteStatus, lag: LagThreshold, site: SiteID) -> (pass: Bool, body: [String: Any]) {
-    let lagRecords = s.commitLSN > s.appliedLSN ? s.commitLSN.rawValue - s.appliedLSN.rawValue : 0
-    let replicaOK = !s.failed && s.role != .primary && s.followsLivePrimary && lagRecords <= lag.records
+    let target = max(s.primaryCommitLSN, s.commitLSN)
+    let lagRecords = target > s.appliedLSN ? target.rawValue - s.appliedLSN.rawValue : 0
+    let replicaOK = !s.failed && s.role != .primary && s.followsLivePrimary && lag.allows(records: lagRecords, nanoseconds: s.lagNanoseconds)
     let pass: Bool = switch probe {
     case .health: !s.failed
     case .liveness: true
@@ -66,7 +87,7 @@ public func evaluate(_ probe: Probe, status s: SiteStatus, lag: LagThreshold, si
     let body: [String: Any] = [
         "site": site.name, "role": s.role.rawValue, "term": s.term.rawValue, "primary": s.primary?.name ?? NSNull(),
         "holds_lease": s.holdsLease, "commit_lsn": s.commitLSN.rawValue, "applied_lsn": s.appliedLSN.rawValue,
-        "lag_records": lagRecords, "state": s.failed ? "failed" : "running",
+        "lag_records": lagRecords, "lag_ms": Double(s.lagNanoseconds / 1000) / 1000, "state": s.failed ? "failed" : "running",
     ]
     return (pass, body)
 }
@@ -94,9 +115,10 @@ func json(_ object: [String: Any], status: HTTPResponse.Status, bodyless: Bodyle
 }
 
 /// The site's HTTP routes: health probes (GET with a JSON body; HEAD and OPTIONS with the
-/// status only, as HAProxy's `option httpchk` sends) and /status.
-public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThreshold,
-                       sites: [SiteDescriptor]) -> Router<BasicRequestContext> {
+/// status only, as HAProxy's `option httpchk` sends), /status, /metrics, and the data API
+/// under /v1 when `api` is given.
+public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThreshold, sites: [SiteDescriptor],
+                       api: DataAPI? = nil, metrics: SiteMetrics? = nil, maxBodyBytes: Int = 20 << 20) -> Router<BasicRequestContext> {
     let router = Router()
     for probe in Probe.allCases {
         for path in probe.paths {
@@ -116,32 +138,130 @@ public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThresh
             router.on(RouterPath(stringLiteral: path), method: .options) { request, _ in answer(request, bodyless: .options) }
         }
     }
-    router.get("status") { _, _ in
-        let s = runtime.status
-        let connected = Set(runtime.transport.connectedPeers)
-        let others: [[String: Any]] = sites.filter { $0.id != site }.map {
-            ["id": $0.id.name, "domain": $0.domain.name, "role": $0.role.rawValue, "reachable": connected.contains($0.id)]
+    router.get("status") { _, _ in json(statusDocument(runtime: runtime, site: site, sites: sites), status: .ok) }
+    if let metrics {
+        router.get("metrics") { _, _ in
+            let s = runtime.status
+            let text = metrics.render(status: s, transport: runtime.transport.metrics, now: SiteRuntime.now, leaseLeftNanoseconds: s.leaseLeftNanoseconds)
+            var headers = HTTPFields()
+            headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
+            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))
         }
-        var votesByDomain: [String: Int] = [:]
-        for d in sites { votesByDomain[d.domain.name, default: 0] += 1 }
-        let body: [String: Any] = [
-            "site": [
-                "id": site.name, "failure_domain": sites.first { $0.id == site }?.domain.name ?? "", "role": s.role.rawValue,
-                "term": s.term.rawValue, "primary": s.primary?.name ?? NSNull(), "holds_lease": s.holdsLease,
-                "commit_lsn": s.commitLSN.rawValue, "applied_lsn": s.appliedLSN.rawValue,
-                "log_first_lsn": s.logFirstLSN.rawValue, "log_last_lsn": s.logLastLSN.rawValue, "degraded": !(s.holdsLease || s.followsLivePrimary),
-            ] as [String: Any],
-            "sites": others,
-            "placement": ["votes_by_failure_domain": votesByDomain,
-                          "warnings": ClusterConfig(sites: sites).placementWarnings] as [String: Any],
-        ]
-        return json(body, status: .ok)
+    }
+    if let api {
+        @Sendable func dataCall(_ request: Request) async -> Response {
+            let call: ForwardedCall
+            let scope: Scope
+            do throws(APIError) {
+                scope = try api.authenticate(authorization: request.headers[.authorization])
+                let body = try await collect(request, limit: maxBodyBytes)
+                let wanted = ["Tandem-Patient", "Tandem-Document-Kind", "Tandem-Appointment", "Tandem-SHA256"]
+                var headers: [ForwardedHeader] = []
+                for name in wanted {
+                    if let field = HTTPField.Name(name), let v = request.headers[field] { headers.append(ForwardedHeader(name: name, value: v)) }
+                }
+                call = ForwardedCall(method: request.method.rawValue, path: request.uri.path, query: request.uri.query ?? "",
+                                     contentType: request.headers[.contentType] ?? "", headers: headers, body: body,
+                                     deadlineMilliseconds: api.settings.waitForPrimaryMilliseconds)
+            } catch {
+                return response(error.answer)
+            }
+            return response(await api.handle(call, scope: scope))
+        }
+        for method in [HTTPRequest.Method.get, .post, .put, .delete, .patch] {
+            router.on("v1/**", method: method) { request, _ in await dataCall(request) }
+        }
     }
     return router
 }
 
-/// Runs the HTTP server until the task is cancelled.
+/// Reads a request body, refusing (413) one larger than `limit` before holding it all.
+func collect(_ request: Request, limit: Int) async throws(APIError) -> [UInt8] {
+    let tooLarge = APIError(status: 413, code: "too_large", message: "the request body exceeds the limit of \(limit) bytes")
+    if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit { throw tooLarge }
+    var bytes: [UInt8] = []
+    do {
+        for try await var chunk in request.body {
+            guard bytes.count + chunk.readableBytes <= limit else { throw tooLarge }
+            bytes.append(contentsOf: chunk.readBytes(length: chunk.readableBytes) ?? [])
+        }
+    } catch let e as APIError {
+        throw e
+    } catch {
+        throw APIError.badRequest("bad_body", "the request body could not be read: \(error)")
+    }
+    return bytes
+}
+
+func response(_ a: ForwardedAnswer) -> Response {
+    var headers = HTTPFields()
+    for h in a.headers {
+        if let name = HTTPField.Name(h.name) { headers[name] = h.value }
+    }
+    headers[.cacheControl] = "no-store"
+    return Response(status: HTTPResponse.Status(code: Int(a.status)), headers: headers,
+                    body: ResponseBody(byteBuffer: ByteBuffer(bytes: a.body)))
+}
+
+/// GET /status: this site, every other site as seen from here, and where the data lives.
+public func statusDocument(runtime: SiteRuntime, site: SiteID, sites: [SiteDescriptor]) -> [String: Any] {
+    let s = runtime.status
+    let connected = Set(runtime.transport.connectedPeers)
+    let domains = Dictionary(uniqueKeysWithValues: sites.map { ($0.id, $0.domain) })
+    let me = sites.first { $0.id == site }
+    let others: [[String: Any]] = sites.filter { $0.id != site }.map { d in
+        var o: [String: Any] = ["id": d.id.name, "failure_domain": d.domain.name, "role": d.role.rawValue,
+                                "is_primary": s.primary == d.id, "reachable": connected.contains(d.id)]
+        if let p = s.peers[d.id] {
+            o["match_lsn"] = p.matchLSN.rawValue
+            o["lag_records"] = s.commitLSN > p.matchLSN ? s.commitLSN.rawValue - p.matchLSN.rawValue : 0
+            o["lag_ms"] = Double(p.lagNanoseconds / 1000) / 1000
+            o["last_contact_ms_ago"] = Double(p.sinceContactNanoseconds / 1000) / 1000
+        }
+        return o
+    }
+    var votesByDomain: [String: Int] = [:]
+    for d in sites where d.role == .voter || d.role == .witness { votesByDomain[d.domain.name, default: 0] += 1 }
+    var placement: [String: Any] = ["votes_by_failure_domain": votesByDomain]
+    var warnings = ClusterConfig(sites: sites).placementWarnings
+    if s.role == .primary {
+        // Who holds every record up to the commit LSN: this site and each peer whose log matches that far.
+        var holders = [site]
+        for (peer, p) in s.peers where p.matchLSN >= s.commitLSN { holders.append(peer) }
+        holders.sort()
+        let holderDomains = Set(holders.compactMap { domains[$0]?.name }).sorted()
+        placement["commit_lsn"] = s.commitLSN.rawValue
+        placement["sites_holding_commit_lsn"] = holders.map(\.name)
+        placement["failure_domains_holding_commit_lsn"] = holderDomains
+        if holderDomains.count < 2 {
+            warnings.append("every copy of the writes through LSN \(s.commitLSN) stands in one failure domain (\(holderDomains.joined(separator: ", "))): losing it loses them")
+        }
+    } else {
+        placement["note"] = "the primary (\(s.primary?.name ?? "none known")) knows which sites hold the latest writes; ask its /status"
+    }
+    placement["warnings"] = warnings
+    let target = max(s.primaryCommitLSN, s.commitLSN)
+    return [
+        "site": [
+            "id": site.name, "failure_domain": me?.domain.name ?? "", "role": s.role.rawValue,
+            "term": s.term.rawValue, "primary": s.primary?.name ?? NSNull(), "holds_lease": s.holdsLease,
+            "lease_ms_left": Double(s.leaseLeftNanoseconds / 1000) / 1000,
+            "commit_lsn": s.commitLSN.rawValue, "applied_lsn": s.appliedLSN.rawValue,
+            "lag_records": target > s.appliedLSN ? target.rawValue - s.appliedLSN.rawValue : 0,
+            "lag_ms": Double(s.lagNanoseconds / 1000) / 1000,
+            "log_first_lsn": s.logFirstLSN.rawValue, "log_last_lsn": s.logLastLSN.rawValue,
+            "degraded": !s.failed && !(s.holdsLease || s.followsLivePrimary), "failed": s.failed,
+        ] as [String: Any],
+        "sites": others,
+        "placement": placement,
+    ]
+}
+
+/// Runs the HTTP server until the task is cancelled (tests; tandemd runs the application
+/// in its service group). Cancellation makes the server log errors: only critical ones show.
 public func runHTTP(router: Router<BasicRequestContext>, host: String, port: Int) async throws {
-    let app = Application(router: router, configuration: .init(address: .hostname(host, port: port), serverName: "tandemd"))
+    var logger = Logger(label: "tandem-http")
+    logger.logLevel = .critical
+    let app = Application(router: router, configuration: .init(address: .hostname(host, port: port), serverName: "tandemd"), logger: logger)
     try await app.runService(gracefulShutdownSignals: [])
 }

@@ -27,6 +27,15 @@ public struct NodeSettings: Sendable {
     public var snapshotChunkPauseMicroseconds: UInt32 = 0
     /// Log lines (one event per line, key=value).
     public var log: @Sendable (String) -> Void = { _ in }
+    /// Called (on the loop thread: return quickly) for each role change, with the term.
+    public var onRoleChange: @Sendable (RoleChange) -> Void = { _ in }
+    /// Schema migrations (each a schema batch with its version) the primary brings the
+    /// database to, through the log, when it finds the database at an older version.
+    public var schemaMigrations: [WriteBatch] = []
+    /// Reads waiting for an LSN (`min_lsn`) or for their commit, at most.
+    public var maxWaitingReads = 10_000
+    /// Forwarded API calls served at once for other sites, at most (beyond: 503).
+    public var maxForwardedInFlight = 1_024
 
     public init(config: ClusterConfig, site: SiteID, clusterID: ClusterID, dataDirectory: String, transport: TransportSettings) {
         self.config = config
@@ -50,10 +59,71 @@ public enum WriteError: Error, CustomStringConvertible, Sendable {
     public var description: String {
         switch self {
         case let .notPrimary(p): "this site is not the primary" + (p.map { " (the primary is \($0))" } ?? "")
+        case .stopped: "the site is stopping"
         case let .refused(e): "\(e)"
         case let .store(e): "\(e)"
         case let .outcomeUnknown(why): "outcome unknown: \(why)"
+        }
+    }
+}
+
+/// How fresh a read must be.
+public enum ReadConsistency: String, Sendable {
+    /// Reflects every write acknowledged before the read began: served by the primary
+    /// under a valid lease (other sites forward it).
+    case linearizable
+    /// This site's own committed state, possibly stale; with `minLSN`, at least that LSN.
+    case local
+}
+
+/// A read asked of this site.
+public struct ReadRequest: Sendable {
+    public var statement: SQLStatement
+    public var consistency: ReadConsistency
+    public var minLSN: LSN
+    /// Monotonic (CLOCK_BOOTTIME) deadline, in nanoseconds.
+    public var deadline: UInt64
+    public init(statement: SQLStatement, consistency: ReadConsistency, minLSN: LSN = .zero, deadline: UInt64) {
+        self.statement = statement
+        self.consistency = consistency
+        self.minLSN = minLSN
+        self.deadline = deadline
+    }
+}
+
+/// Why a read failed.
+public enum ReadError: Error, CustomStringConvertible, Sendable {
+    /// Linearizable reads are served by the primary under a valid lease.
+    case notPrimary(SiteID?)
+    /// `min_lsn` was not applied here (or a primary's read not committed) before the deadline.
+    case timedOut(waitingFor: LSN, applied: LSN)
+    case tooManyWaiting(limit: Int)
+    case store(StoreError)
+    case stopped
+
+    public var description: String {
+        switch self {
+        case let .notPrimary(p): "this site is not the primary" + (p.map { " (the primary is \($0))" } ?? "")
+        case let .timedOut(lsn, applied): "this site had not reached LSN \(lsn) before the deadline (it is at \(applied))"
+        case let .tooManyWaiting(limit): "more than \(limit) reads are waiting"
+        case let .store(e): "\(e)"
         case .stopped: "the site is stopping"
+        }
+    }
+}
+
+/// Why a forwarded call got no answer.
+public enum ForwardError: Error, Sendable, CustomStringConvertible {
+    case noPrimary
+    case notConnected(SiteID)
+    case timedOut(SiteID)
+    case tooMany(limit: Int)
+    public var description: String {
+        switch self {
+        case .noPrimary: "no primary is known"
+        case let .notConnected(p): "the primary \(p) is not connected"
+        case let .timedOut(p): "the primary \(p) did not answer before the deadline"
+        case let .tooMany(limit): "more than \(limit) calls are being forwarded"
         }
     }
 }
@@ -73,6 +143,25 @@ public struct SiteStatus: Sendable {
     public var followsLivePrimary: Bool
     /// The site stopped after a storage error (fail-stop).
     public var failed: Bool
+    /// The commit LSN its primary last announced (a replica's lag in records is the
+    /// distance from its applied LSN to it).
+    public var primaryCommitLSN: LSN = .zero
+    /// Nanoseconds since this site last held everything its primary had committed (0
+    /// while caught up; on a primary, 0).
+    public var lagNanoseconds: UInt64 = 0
+    /// Nanoseconds left on this site's lease (0 unless it holds one).
+    public var leaseLeftNanoseconds: UInt64 = 0
+    /// The primary's view of each peer (empty on other sites).
+    public var peers: [SiteID: PeerView] = [:]
+
+    /// What the primary knows of one peer.
+    public struct PeerView: Sendable {
+        public var matchLSN: LSN
+        /// Nanoseconds since the peer last answered.
+        public var sinceContactNanoseconds: UInt64
+        /// Nanoseconds since the oldest record the peer lacks was written (0: in step).
+        public var lagNanoseconds: UInt64
+    }
 }
 
 /// Drives one site's core with a real clock (CLOCK_BOOTTIME), real files and real
@@ -94,6 +183,28 @@ public final class SiteRuntime: @unchecked Sendable {
     private var snapshotInProgress = false
     /// The no-op of a new primary whose log tail the database does not reflect yet.
     private var primaryCatchUp: [LogRecord]?
+    /// Reads waiting until this site's visible state reaches their `minLSN`.
+    private var readGate: ReadGate<UInt64>
+    private var gatedReads: [UInt64: (request: ReadRequest, resume: @Sendable (Result<QueryResult, ReadError>) -> Void)] = [:]
+    /// Reads a primary ran whose result includes records not yet committed: answered once
+    /// those commit, failed if this site loses its office first (no dirty read escapes).
+    private var commitWaits: [(lsn: LSN, term: Term, deadline: UInt64, result: QueryResult,
+                               resume: @Sendable (Result<QueryResult, ReadError>) -> Void)] = []
+    private var nextReadID: UInt64 = 0
+    /// When records were written here (primary) or learned committed (replica), sampled:
+    /// lag in time is read from it.
+    private var positionTimes: [(lsn: LSN, at: Instant)] = []
+    /// The last time this site held everything its primary had committed.
+    private var caughtUpAt: Instant = 0
+    /// The term in which this site, as primary, proposed the pending schema migrations.
+    private var migratedInTerm: Term?
+
+    // Forwarded calls this site waits on (any thread; guarded by `forwardLock`).
+    private let forwardLock = NSLock()
+    private var pendingForwards: [UInt64: (peer: SiteID, deadline: UInt64, resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void)] = [:]
+    private var nextForwardID: UInt64 = 0
+    private var forwardedInFlight = 0
+    private var forwardHandler: (@Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer)?
 
     private let cond = NSCondition()
     // Guarded by `cond`.
@@ -114,6 +225,8 @@ public final class SiteRuntime: @unchecked Sendable {
         case snapshotSent(SiteID)
         case retryAppend(UInt64, [LogRecord])
         case snapshotTaken(Result<SnapshotInfo, SnapshotFailure>)
+        case read(ReadRequest, @Sendable (Result<QueryResult, ReadError>) -> Void)
+        case withStore(@Sendable (StateStore?) -> Void)
     }
 
     var hardStatePath: String { settings.dataDirectory + "/hardstate" }
@@ -133,6 +246,7 @@ public final class SiteRuntime: @unchecked Sendable {
         let view = LogView(firstLSN: log.firstLSN, previousTerm: log.term(at: log.firstLSN.previous) ?? .zero,
                            lastLSN: log.lastLSN, termRuns: log.termRunsSnapshot)
         rng = SeededRandom(seed: monotonicNanoseconds() ^ UInt64(getpid()))
+        readGate = ReadGate(maxWaiting: settings.maxWaitingReads)
         core = try Core(id: settings.site, config: settings.config, hardState: hard, log: view,
                         commitLSN: storage.store.committedLSN, now: Self.clock(), entropy: rng.next())
         lastSnapshotLSN = storage.store.appliedLSN
@@ -141,7 +255,8 @@ public final class SiteRuntime: @unchecked Sendable {
                                  followsLivePrimary: false, failed: false)
         transport = Transport(settings: settings.transport, context: tls, log: settings.log, onMessage: { _ in })
         transport.setHandlers(onMessage: { [weak self] m in self?.enqueue(.message(m)) },
-                              onSnapshotFrame: { [weak self] peer, f in self?.enqueue(.snapshotFrame(peer, f)) })
+                              onSnapshotFrame: { [weak self] peer, f in self?.enqueue(.snapshotFrame(peer, f)) },
+                              onForwardFrame: { [weak self] peer, f in self?.forwardFrame(peer, f) })
     }
 
     /// The local clock for leases: CLOCK_BOOTTIME keeps counting through a suspension.
@@ -197,7 +312,9 @@ public final class SiteRuntime: @unchecked Sendable {
     public var status: SiteStatus {
         let (s, until) = cond.withLock { (statusCache, leaseValidUntil) }
         var out = s
-        out.holdsLease = until.map { Self.clock() < $0 } ?? false
+        let now = Self.clock()
+        out.holdsLease = until.map { now < $0 } ?? false
+        out.leaseLeftNanoseconds = until.map { $0 > now ? $0 - now : 0 } ?? 0
         return out
     }
 
@@ -209,6 +326,99 @@ public final class SiteRuntime: @unchecked Sendable {
         return try result.get()
     }
 
+    /// Runs a read on this site. `linearizable` needs this site to be the primary with a
+    /// valid lease (callers forward it otherwise); `local` reads this site's committed
+    /// state once it reaches `minLSN`, waiting until the request's deadline.
+    public func read(_ request: ReadRequest) async throws(ReadError) -> QueryResult {
+        let result: Result<QueryResult, ReadError> = await withCheckedContinuation { c in
+            enqueue(.read(request, { c.resume(returning: $0) }))
+        }
+        return try result.get()
+    }
+
+    /// Runs `body` on the loop thread, which owns the database (state hashes, exports
+    /// that must not race with applies).
+    public func withStore<T: Sendable>(_ body: @escaping @Sendable (StateStore) throws -> T) async throws -> T {
+        let r: Result<T, any Error> = await withCheckedContinuation { c in
+            enqueue(.withStore({ store in
+                guard let store else { return c.resume(returning: .failure(WriteError.stopped)) }
+                c.resume(returning: Result { try body(store) })
+            }))
+        }
+        return try r.get()
+    }
+
+    /// The local clock, for deadlines of reads (CLOCK_BOOTTIME, nanoseconds).
+    public static var now: UInt64 { clock() }
+
+    /// Serves API calls other sites forward to this one (set before `start`).
+    public func setForwardHandler(_ handler: @escaping @Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer) {
+        forwardLock.withLock { forwardHandler = handler }
+    }
+
+    /// Sends an API call to `peer` (the primary) over the peer TLS link and waits for its
+    /// answer until the call's deadline.
+    public func forward(_ call: ForwardedCall, to peer: SiteID) async -> Result<ForwardedAnswer, ForwardError> {
+        guard transport.connectedPeers.contains(peer) else { return .failure(.notConnected(peer)) }
+        return await withCheckedContinuation { c in
+            let deadline = Self.clock() + UInt64(call.deadlineMilliseconds) * 1_000_000
+            let resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void = { c.resume(returning: $0) }
+            let id: UInt64? = forwardLock.withLock {
+                guard pendingForwards.count < settings.maxForwardedInFlight else { return nil }
+                nextForwardID += 1
+                pendingForwards[nextForwardID] = (peer, deadline, resume)
+                return nextForwardID
+            }
+            guard let id else {
+                c.resume(returning: .failure(.tooMany(limit: settings.maxForwardedInFlight)))
+                return
+            }
+            if !transport.send(.request(id: id, call: call), to: peer) {
+                let waiter = forwardLock.withLock { pendingForwards.removeValue(forKey: id) }
+                waiter?.resume(.failure(.notConnected(peer)))
+            }
+        }
+    }
+
+    private func forwardFrame(_ peer: SiteID, _ frame: ForwardFrame) {
+        switch frame {
+        case let .response(id, answer):
+            let waiter = forwardLock.withLock { () -> (peer: SiteID, deadline: UInt64, resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void)? in
+                guard let w = pendingForwards[id], w.peer == peer else { return nil }
+                pendingForwards[id] = nil
+                return w
+            }
+            waiter?.resume(.success(answer))
+        case let .request(id, call):
+            let (handler, admitted): ((@Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer)?, Bool) = forwardLock.withLock {
+                guard forwardedInFlight < settings.maxForwardedInFlight else { return (forwardHandler, false) }
+                forwardedInFlight += 1
+                return (forwardHandler, true)
+            }
+            let transport = self.transport
+            guard admitted, let handler else {
+                let body = Array(#"{"error":{"code":"overloaded","message":"too many forwarded calls in progress"}}"#.utf8)
+                transport.send(.response(id: id, answer: ForwardedAnswer(status: 503, headers: [], body: body)), to: peer)
+                return
+            }
+            Task { [weak self] in
+                let answer = await handler(peer, call)
+                transport.send(.response(id: id, answer: answer), to: peer)
+                self?.forwardLock.withLock { self?.forwardedInFlight -= 1 }
+            }
+        }
+    }
+
+    /// Forwarded calls whose deadline passed get their answer: timed out.
+    private func expireForwards(_ now: UInt64) {
+        let expired = forwardLock.withLock { () -> [(SiteID, @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void)] in
+            let gone = pendingForwards.filter { $0.value.deadline <= now }
+            for id in gone.keys { pendingForwards[id] = nil }
+            return gone.values.map { ($0.peer, $0.resume) }
+        }
+        for (peer, resume) in expired { resume(.failure(.timedOut(peer))) }
+    }
+
     /// Starts a switchover to `target`.
     public func transferLeadership(to target: SiteID) { enqueue(.event(.transferLeadership(to: target))) }
 
@@ -217,13 +427,26 @@ public final class SiteRuntime: @unchecked Sendable {
     static let maxQueuedPeerMessages = 50_000
 
     func enqueue(_ input: Input) {
-        cond.withLock {
+        let accepted: Bool = cond.withLock {
+            if exited || (!running && statusCache.failed) { return false }
             if case .message = input, inbox.count >= Self.maxQueuedPeerMessages {
                 droppedMessages += 1
-                return
+                return true
             }
             inbox.append(input)
             cond.signal()
+            return true
+        }
+        if !accepted { Self.refuse(input) }
+    }
+
+    /// Answers a caller whose input arrived after the loop stopped.
+    private static func refuse(_ input: Input) {
+        switch input {
+        case let .write(_, resume): resume(.failure(.stopped))
+        case let .read(_, resume): resume(.failure(.stopped))
+        case let .withStore(body): body(nil)
+        default: break
         }
     }
 
@@ -246,16 +469,26 @@ public final class SiteRuntime: @unchecked Sendable {
             if Self.clock() >= nextTick {
                 step(.tick)
                 maybeSnapshot()
+                maybeMigrateSchema()
+                expireReads(Self.clock())
                 nextTick = Self.clock() + settings.tickNanoseconds
             }
             publishStatus()
         }
         for (_, w) in waiters { w.resume(.failure(.stopped)) }
         waiters = [:]
-        cond.withLock {
+        for (_, r) in gatedReads { r.resume(.failure(.stopped)) }
+        gatedReads = [:]
+        for w in commitWaits { w.resume(.failure(.stopped)) }
+        commitWaits = []
+        expireForwards(.max)
+        let rest: [Input] = cond.withLock {
             exited = true
             cond.broadcast()
+            defer { inbox = [] }
+            return inbox
         }
+        for input in rest { Self.refuse(input) }
     }
 
     private func publishStatus() {
@@ -264,7 +497,8 @@ public final class SiteRuntime: @unchecked Sendable {
                            appliedLSN: storage.store.appliedLSN, logFirstLSN: storage.log.firstLSN, logLastLSN: storage.log.lastLSN,
                            holdsLease: core.canServeLeaseRead(at: now),
                            followsLivePrimary: core.role == .follower && core.primaryID != nil && now < core.promiseUntil,
-                           failed: false)
+                           failed: false, primaryCommitLSN: core.role == .primary ? core.commitLSN : max(core.primaryCommitLSN, core.commitLSN),
+                           lagNanoseconds: lagNanoseconds(now), peers: peerViews(now))
         let until: Instant? = core.canServeLeaseRead(at: now) ? core.leaseUntil : nil
         cond.withLock {
             statusCache = s
@@ -290,6 +524,8 @@ public final class SiteRuntime: @unchecked Sendable {
         case let .snapshotSent(peer): sendingSnapshot.remove(peer)
         case let .retryAppend(id, records): appendToLog(id, records)
         case let .snapshotTaken(result): snapshotTaken(result)
+        case let .read(request, resume): read(request, resume)
+        case let .withStore(body): body(storage.store)
         }
     }
 
@@ -376,15 +612,138 @@ public final class SiteRuntime: @unchecked Sendable {
             do { try storage.applyCommitted(through: lsn) } catch {
                 settings.log("event=apply_failed site=\(settings.site) error=\"\(error)\"")
             }
+            notePosition(lsn)
         }
+        releaseReads()
+    }
+
+    // MARK: Reads
+
+    /// What this site's reads may show: its database, but on a primary only what committed.
+    private var visibleLSN: LSN { min(storage.store.appliedLSN, core.commitLSN) }
+
+    private func read(_ request: ReadRequest, _ resume: @escaping @Sendable (Result<QueryResult, ReadError>) -> Void) {
+        let now = Self.clock()
+        if request.consistency == .linearizable {
+            // The lease proves no other site can have committed anything newer right now.
+            guard core.canServeLeaseRead(at: now), primaryCatchUp == nil else {
+                resume(.failure(.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)))
+                return
+            }
+            serve(request, resume)
+            return
+        }
+        nextReadID += 1
+        switch readGate.wait(nextReadID, minLSN: request.minLSN, appliedLSN: visibleLSN, deadline: request.deadline) {
+        case .ready: serve(request, resume)
+        case .waiting: gatedReads[nextReadID] = (request, resume)
+        case let .refused(limit): resume(.failure(.tooManyWaiting(limit: limit)))
+        }
+    }
+
+    /// Runs the query now. A primary's database also holds records executed but not yet
+    /// committed: the answer waits until they commit, so a read never shows a write that
+    /// could still be lost.
+    private func serve(_ request: ReadRequest, _ resume: @escaping @Sendable (Result<QueryResult, ReadError>) -> Void) {
+        let result: QueryResult
+        do { result = try storage.store.query(request.statement) } catch {
+            resume(.failure(.store(error)))
+            return
+        }
+        if result.appliedLSN <= core.commitLSN {
+            resume(.success(result))
+        } else if commitWaits.count >= settings.maxWaitingReads {
+            resume(.failure(.tooManyWaiting(limit: settings.maxWaitingReads)))
+        } else {
+            commitWaits.append((result.appliedLSN, core.hardState.term, request.deadline, result, resume))
+        }
+    }
+
+    private func releaseReads() {
+        for id in readGate.applied(visibleLSN) {
+            if let r = gatedReads.removeValue(forKey: id) { serve(r.request, r.resume) }
+        }
+        let commit = core.commitLSN
+        let term = core.hardState.term
+        commitWaits.removeAll { w in
+            if w.term != term || core.role != .primary {
+                w.resume(.failure(.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)))
+                return true
+            }
+            guard w.lsn <= commit else { return false }
+            w.resume(.success(w.result))
+            return true
+        }
+    }
+
+    private func expireReads(_ now: UInt64) {
+        for id in readGate.expire(now: now) {
+            if let r = gatedReads.removeValue(forKey: id) {
+                r.resume(.failure(.timedOut(waitingFor: r.request.minLSN, applied: visibleLSN)))
+            }
+        }
+        commitWaits.removeAll { w in
+            guard now >= w.deadline else { return false }
+            w.resume(.failure(.timedOut(waitingFor: w.lsn, applied: core.commitLSN)))
+            return true
+        }
+        expireForwards(now)
+    }
+
+    // MARK: Lag
+
+    /// Remembers when a position was reached (sampled, bounded), for lag in time.
+    private func notePosition(_ lsn: LSN) {
+        let now = Self.clock()
+        if let last = positionTimes.last, last.lsn >= lsn { return }
+        if positionTimes.count >= 8_192 {
+            // Keep every other sample: the history stays bounded and gets coarser.
+            positionTimes = positionTimes.enumerated().filter { $0.offset % 2 == 1 }.map(\.element)
+        }
+        positionTimes.append((lsn, now))
+    }
+
+    /// When the first record after `lsn` was noted (nil: nothing after it).
+    private func notedTime(after lsn: LSN) -> Instant? {
+        var lo = 0, hi = positionTimes.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if positionTimes[mid].lsn <= lsn { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < positionTimes.count ? positionTimes[lo].at : nil
+    }
+
+    private func lagNanoseconds(_ now: Instant) -> UInt64 {
+        guard core.role != .primary else { return 0 }
+        // In step: this site holds all its live primary has committed. The lag in time is
+        // how long ago that last held (it keeps growing while no primary is heard).
+        let live = core.primaryID != nil && now < core.promiseUntil
+        if caughtUpAt == 0 || (live && storage.store.appliedLSN >= core.primaryCommitLSN) { caughtUpAt = now }
+        return now - min(now, caughtUpAt)
+    }
+
+    private func peerViews(_ now: Instant) -> [SiteID: SiteStatus.PeerView] {
+        guard core.role == .primary else { return [:] }
+        var out: [SiteID: SiteStatus.PeerView] = [:]
+        for site in settings.config.sites where site.id != settings.site {
+            guard let p = core.peerState(site.id) else { continue }
+            let behind = p.match < core.log.lastLSN
+            let since = behind ? notedTime(after: p.match).map { now - min(now, $0) } ?? 0 : 0
+            out[site.id] = SiteStatus.PeerView(matchLSN: p.match, sinceContactNanoseconds: now - min(now, p.lastContact),
+                                               lagNanoseconds: since)
+        }
+        return out
     }
 
     private func roleChanged(_ change: RoleChange) {
         settings.log("event=role_change site=\(settings.site) change=\"\(change)\"")
+        settings.onRoleChange(change)
         guard case let .steppedDown(term, reason) = change else { return }
         // Undo what this site executed but never committed; the new primary's log decides.
         for (_, w) in waiters { w.resume(.failure(.outcomeUnknown("the primary stepped down in term \(term): \(reason)"))) }
         waiters = [:]
+        for w in commitWaits { w.resume(.failure(.notPrimary(nil))) }
+        commitWaits = []
         do {
             if storage.store.appliedLSN > core.commitLSN { try storage.store.rollback(to: core.commitLSN) }
         } catch {
@@ -449,10 +808,30 @@ public final class SiteRuntime: @unchecked Sendable {
             let (proposed, ready) = try core.propose(kind: execution.record.kind, payload: execution.record.payload, at: Self.clock())
             precondition(proposed == lsn, "the core numbered the record differently from the store")
             waiters[lsn] = (term, resume, execution)
+            notePosition(lsn)
             perform(ready)
         } catch {
             try? storage.store.rollback(to: lsn.previous)
             resume(.failure(.refused(error)))
+        }
+    }
+
+    /// A new primary whose database is at an older schema version proposes the missing
+    /// migrations, once per term (after its catch-up, so it sees what its log holds).
+    private func maybeMigrateSchema() {
+        guard core.role == .primary, core.isAcceptingProposals, primaryCatchUp == nil, migratedInTerm != core.hardState.term,
+              let target = settings.schemaMigrations.last?.schemaVersion, storage.store.schemaVersion < target
+        else { return }
+        migratedInTerm = core.hardState.term
+        let site = settings.site
+        let log = settings.log
+        for m in settings.schemaMigrations where m.schemaVersion > storage.store.schemaVersion {
+            write(m) { result in
+                switch result {
+                case let .success(e): log("event=schema_migrated site=\(site) version=\(m.schemaVersion) lsn=\(e.record.lsn)")
+                case let .failure(e): log("event=schema_migration_failed site=\(site) version=\(m.schemaVersion) error=\"\(e)\"")
+                }
+            }
         }
     }
 

@@ -34,9 +34,14 @@ public enum SQLValue: Hashable, Sendable, CustomStringConvertible {
 public struct SQLStatement: Hashable, Sendable {
     public var sql: String
     public var params: [SQLValue]
-    public init(_ sql: String, _ params: [SQLValue] = []) {
+    /// The whole batch fails (nothing applied) unless this statement changes at least one
+    /// row: a conditional write such as "book this slot if no booking overlaps it".
+    /// Checked on the primary only; it is not part of the log.
+    public var requireChanges: Bool
+    public init(_ sql: String, _ params: [SQLValue] = [], requireChanges: Bool = false) {
         self.sql = sql
         self.params = params
+        self.requireChanges = requireChanges
     }
 }
 

@@ -197,6 +197,9 @@ public final class StateStore: @unchecked Sendable {
             var resultBytes = 0
             for (i, s) in batch.statements.enumerated() {
                 let (result, ddl) = try run(s, index: i, mode: .write, resultBytes: &resultBytes)
+                if s.requireChanges && result.rowsAffected == 0 {
+                    throw StoreError.preconditionFailed(statement: i)
+                }
                 if let isSchema, isSchema != ddl {
                     throw StoreError.refused("schema statements (CREATE, ALTER, DROP) must be in a batch of their own, not mixed with data statements", statement: i)
                 }

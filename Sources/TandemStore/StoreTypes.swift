@@ -62,6 +62,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
     case alreadyExists(String)
     case io(String)
     case snapshot(String)
+    /// A statement marked `requireChanges` changed no row: the batch was not applied.
+    case preconditionFailed(statement: Int)
 
     public var code: String {
         switch self {
@@ -85,6 +87,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case .alreadyExists: "already_exists"
         case .io: "io_error"
         case .snapshot: "bad_snapshot"
+        case .preconditionFailed: "precondition_failed"
         }
     }
 
@@ -105,6 +108,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case let .alreadyExists(p): return "a state database already exists at \(p)"
         case let .io(why): return "I/O error: \(why)"
         case let .snapshot(why): return "snapshot: \(why)"
+        case let .preconditionFailed(i): return "statement \(i + 1) changed no row, so the batch was not applied"
         }
     }
 }

@@ -30,6 +30,8 @@ public final class TransportMetrics: @unchecked Sendable {
 
     public var handshakeFailures: [HandshakeFailure: Int] { lock.withLock { failures } }
     public var compressionRatio: Double { lock.withLock { wire.compressionRatio } }
+    /// Record bytes sent to peers, before and after compression.
+    public var recordBytes: WireStatistics { lock.withLock { wire } }
     public var framesSent: Int { lock.withLock { sentFrames } }
     public var framesReceived: Int { lock.withLock { receivedFrames } }
     /// Messages dropped because a peer's queue was full or it was not connected (the

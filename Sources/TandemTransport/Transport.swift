@@ -62,6 +62,7 @@ public final class Transport: @unchecked Sendable {
     // Set before `start` (thread start orders these writes before any read).
     private var onMessage: @Sendable (Message) -> Void
     private var onSnapshotFrame: (@Sendable (SiteID, SnapshotFrame) -> Void)?
+    private var onForwardFrame: (@Sendable (SiteID, ForwardFrame) -> Void)?
     private let log: @Sendable (String) -> Void
 
     /// `onMessage` runs on a connection's I/O thread for each message received.
@@ -75,9 +76,11 @@ public final class Transport: @unchecked Sendable {
 
     /// Replaces the receivers of messages and snapshot frames. Call before `start`.
     public func setHandlers(onMessage: @escaping @Sendable (Message) -> Void,
-                            onSnapshotFrame: @escaping @Sendable (SiteID, SnapshotFrame) -> Void) {
+                            onSnapshotFrame: @escaping @Sendable (SiteID, SnapshotFrame) -> Void,
+                            onForwardFrame: (@Sendable (SiteID, ForwardFrame) -> Void)? = nil) {
         self.onMessage = onMessage
         self.onSnapshotFrame = onSnapshotFrame
+        self.onForwardFrame = onForwardFrame
     }
 
     /// Binds the listener and starts dialing the peers this site dials.
@@ -140,6 +143,13 @@ public final class Transport: @unchecked Sendable {
         return c.send(frame.encode())
     }
 
+    /// Sends a forwarded API call or its answer; false if not connected or the queue is full.
+    @discardableResult
+    public func send(_ frame: ForwardFrame, to peer: SiteID) -> Bool {
+        guard let c = lock.withLock({ connections[peer] }), c.isOpen else { return false }
+        return c.send(frame.encode())
+    }
+
     /// Re-reads the TLS files (SIGHUP): new connections use them; open ones stay up.
     public func reloadTLS() throws(TransportError) {
         let fresh = try lock.withLock { context }.reloaded()
@@ -180,6 +190,13 @@ public final class Transport: @unchecked Sendable {
             guard let self else { return }
             if type == .snapshot {
                 do { self.onSnapshotFrame?(c.peer, try SnapshotFrame.decode(body)) } catch {
+                    self.log("event=frame_refused peer=\(c.peer) reason=\"\(error)\"")
+                    c.close()
+                }
+                return
+            }
+            if type == .forward {
+                do { self.onForwardFrame?(c.peer, try ForwardFrame.decode(body)) } catch {
                     self.log("event=frame_refused peer=\(c.peer) reason=\"\(error)\"")
                     c.close()
                 }

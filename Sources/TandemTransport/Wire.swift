@@ -21,6 +21,7 @@ public enum Wire {
         case message = 2
         case goodbye = 3
         case snapshot = 4
+        case forward = 5
     }
 
     /// Largest snapshot chunk sent in one frame.
@@ -103,6 +104,121 @@ public enum SnapshotFrame: Hashable, Sendable {
         } catch {
             throw WireError("malformed snapshot frame: \(error)")
         }
+    }
+}
+
+/// An API call a site forwards to the primary over the peer link (writes and
+/// linearizable reads reach the primary this way, never in clear between sites), and its
+/// answer. The body is the HTTP request's, already authenticated by the forwarding site.
+public enum ForwardFrame: Hashable, Sendable {
+    /// kind 1: id u64 | deadline in ms u32 | method, path, query, content type (u16 len + UTF-8
+    /// each) | headers u16 count, (name, value) strings | body (u32 length + bytes)
+    case request(id: UInt64, call: ForwardedCall)
+    /// kind 2: id u64 | status u16 | headers u16 count, (name, value) strings | body (u32 length + bytes)
+    case response(id: UInt64, answer: ForwardedAnswer)
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter(capacity: 128)
+        func headers(_ h: [(String, String)]) {
+            w.u16(UInt16(min(h.count, Int(UInt16.max))))
+            for (n, v) in h.prefix(Int(UInt16.max)) { w.string(n); w.string(v) }
+        }
+        switch self {
+        case let .request(id, c):
+            w.u8(1); w.u64(id); w.u32(c.deadlineMilliseconds)
+            w.string(c.method); w.string(c.path); w.string(c.query); w.string(c.contentType)
+            headers(c.headers.map { ($0.name, $0.value) })
+            w.blob(c.body)
+        case let .response(id, a):
+            w.u8(2); w.u64(id); w.u16(a.status)
+            headers(a.headers.map { ($0.name, $0.value) })
+            w.blob(a.body)
+        }
+        return WireEncoder.frame(.forward, w.bytes)
+    }
+
+    public static func decode(_ body: [UInt8]) throws(WireError) -> ForwardFrame {
+        var r = ByteReader(body)
+        do {
+            func headers() throws -> [ForwardedHeader] {
+                let n = Int(try r.u16("header count"))
+                guard n <= 64 else { throw WireError("\(n) forwarded headers exceed the limit of 64") }
+                var out: [ForwardedHeader] = []
+                for _ in 0..<n { out.append(ForwardedHeader(name: try r.string("header name", limit: 256), value: try r.string("header value", limit: 8192))) }
+                return out
+            }
+            let kind = try r.u8("forward frame kind")
+            let f: ForwardFrame
+            switch kind {
+            case 1:
+                let id = try r.u64(), deadline = try r.u32()
+                let method = try r.string("method", limit: 16), path = try r.string("path", limit: 4096)
+                let query = try r.string("query", limit: 8192), type = try r.string("content type", limit: 256)
+                let h = try headers()
+                let b = try r.blob("body")
+                f = .request(id: id, call: ForwardedCall(method: method, path: path, query: query, contentType: type, headers: h,
+                                                         body: b, deadlineMilliseconds: deadline))
+            case 2:
+                let id = try r.u64(), status = try r.u16()
+                let h = try headers()
+                f = .response(id: id, answer: ForwardedAnswer(status: status, headers: h, body: try r.blob("body")))
+            default: throw WireError("unknown forward frame kind \(kind)")
+            }
+            guard r.isAtEnd else { throw WireError("\(r.remaining) trailing bytes in a forward frame") }
+            return f
+        } catch let e as WireError {
+            throw e
+        } catch {
+            throw WireError("malformed forward frame: \(error)")
+        }
+    }
+}
+
+/// One header of a forwarded call or answer.
+public struct ForwardedHeader: Hashable, Sendable {
+    public var name: String
+    public var value: String
+    public init(name: String, value: String) {
+        self.name = name
+        self.value = value
+    }
+}
+
+/// An HTTP API call, as the forwarding site received (and authenticated) it.
+public struct ForwardedCall: Hashable, Sendable {
+    public var method: String
+    public var path: String
+    public var query: String
+    public var contentType: String
+    /// Application headers the primary needs (document metadata, the caller's scope).
+    public var headers: [ForwardedHeader]
+    public var body: [UInt8]
+    /// How long the forwarding site will wait for the answer.
+    public var deadlineMilliseconds: UInt32
+
+    public init(method: String, path: String, query: String, contentType: String, headers: [ForwardedHeader], body: [UInt8],
+                deadlineMilliseconds: UInt32) {
+        self.method = method
+        self.path = path
+        self.query = query
+        self.contentType = contentType
+        self.headers = headers
+        self.body = body
+        self.deadlineMilliseconds = deadlineMilliseconds
+    }
+
+    public func header(_ name: String) -> String? { headers.first { $0.name.lowercased() == name.lowercased() }?.value }
+}
+
+/// The primary's answer to a forwarded call.
+public struct ForwardedAnswer: Hashable, Sendable {
+    public var status: UInt16
+    public var headers: [ForwardedHeader]
+    public var body: [UInt8]
+    public init(status: UInt16, headers: [ForwardedHeader], body: [UInt8]) {
+        self.status = status
+        self.headers = headers
+        self.body = body
     }
 }
 

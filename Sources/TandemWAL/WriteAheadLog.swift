@@ -371,6 +371,7 @@ public final class WriteAheadLog: @unchecked Sendable {
                 }
                 stats.batches += 1
                 stats.fsyncNanoseconds += lastFsyncNanoseconds
+                options.fsyncObserver?(lastFsyncNanoseconds)
                 stats.bytes += WALFormat.batchHeaderSize
                 for p in taken {
                     stats.records += p.records.count

@@ -19,6 +19,7 @@ public func fuzzFrames(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
             case .message: _ = try decoder.message(frame.body)
             case .goodbye: break
             case .snapshot: _ = try SnapshotFrame.decode(frame.body)
+            case .forward: _ = try ForwardFrame.decode(frame.body)
             }
         }
     } catch {

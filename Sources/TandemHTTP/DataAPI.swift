@@ -1,0 +1,407 @@
+import Foundation
+import TandemCore
+import TandemModel
+import TandemNode
+import TandemStore
+import TandemTransport
+
+/// An answer that is an error: its HTTP status and a stable code, sent as
+/// `{"error":{"code":"...","message":"..."}}`.
+public struct APIError: Error, Sendable, CustomStringConvertible {
+    public var status: UInt16
+    public var code: String
+    public var message: String
+    /// Seconds, for 503: when to try again.
+    public var retryAfter: Int?
+
+    public var description: String { "\(status) \(code): \(message)" }
+
+    static func badRequest(_ code: String, _ message: String) -> APIError { APIError(status: 400, code: code, message: message) }
+    static func notFound(_ message: String) -> APIError { APIError(status: 404, code: "not_found", message: message) }
+    static func conflict(_ code: String, _ message: String) -> APIError { APIError(status: 409, code: code, message: message) }
+    /// This site is not (or no longer) the primary: the call was not carried out and may
+    /// be sent to the primary. 421 Misdirected Request, between sites only.
+    static func misdirected(_ message: String) -> APIError { APIError(status: 421, code: "not_primary", message: message) }
+    static func unavailable(_ code: String, _ message: String, retryAfter: Int? = 1) -> APIError {
+        APIError(status: 503, code: code, message: message, retryAfter: retryAfter)
+    }
+
+    var answer: ForwardedAnswer {
+        let body: [String: Any] = ["error": ["code": code, "message": message]]
+        var headers = [ForwardedHeader(name: "Content-Type", value: "application/json")]
+        if let retryAfter { headers.append(ForwardedHeader(name: "Retry-After", value: String(retryAfter))) }
+        return ForwardedAnswer(status: status, headers: headers, body: encodeJSON(body))
+    }
+
+    /// The answer for a store error: the status that fits it.
+    static func store(_ e: StoreError) -> APIError {
+        switch e.code {
+        case "constraint": return APIError(status: 409, code: "constraint", message: e.description)
+        case "precondition_failed": return APIError(status: 409, code: "precondition_failed", message: e.description)
+        case "too_large": return APIError(status: 413, code: "too_large", message: e.description)
+        case "disk_full": return APIError(status: 507, code: "disk_full", message: e.description)
+        case "refused": return APIError(status: 400, code: "refused", message: e.description)
+        case "sql_error", "no_primary_key": return APIError(status: 400, code: e.code, message: e.description)
+        default: return APIError(status: 500, code: e.code, message: e.description)
+        }
+    }
+}
+
+func encodeJSON(_ object: Any) -> [UInt8] {
+    guard JSONSerialization.isValidJSONObject(object),
+          let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    else { return Array(#"{"error":{"code":"internal","message":"answer not encodable"}}"#.utf8) }
+    return [UInt8](data)
+}
+
+/// Settings of the data API.
+public struct DataAPISettings: Sendable {
+    public var site: SiteID
+    /// How long a call waits for a primary (during an election) before 503: a little
+    /// longer than a failover, so clients see a pause, not an error.
+    public var waitForPrimaryMilliseconds: UInt32 = 6_000
+    /// How long a `min_lsn` read (or a primary's read of uncommitted records) may wait.
+    public var readWaitMilliseconds: UInt32 = 5_000
+    /// Largest request body.
+    public var maxBodyBytes = 20 << 20
+    /// Largest document.
+    public var maxDocumentBytes = 16 << 20
+    /// Switchover: how long to wait for the new primary.
+    public var switchoverWaitMilliseconds: UInt32 = 10_000
+
+    public init(site: SiteID) { self.site = site }
+}
+
+/// The data API of one site: every site accepts every call; writes and linearizable reads
+/// are carried out by the primary, reached over the peer TLS link when it is elsewhere.
+public final class DataAPI: Sendable {
+    public let runtime: SiteRuntime
+    public let settings: DataAPISettings
+    public let tokens: TokenStore
+    public let metrics: SiteMetrics
+
+    public init(runtime: SiteRuntime, settings: DataAPISettings, tokens: TokenStore, metrics: SiteMetrics = SiteMetrics()) {
+        self.runtime = runtime
+        self.settings = settings
+        self.tokens = tokens
+        self.metrics = metrics
+        runtime.setForwardHandler { [weak self] peer, call in
+            guard let self else { return APIError.unavailable("stopping", "the site is stopping").answer }
+            let scope = call.header("Tandem-Scope").flatMap { Scope(name: $0) } ?? .read
+            self.metrics.forwardedIn()
+            return await self.handle(call, scope: scope, forwardedFrom: peer)
+        }
+    }
+
+    /// Authenticates a call from a client: the scope its bearer token grants.
+    public func authenticate(authorization: String?) throws(APIError) -> Scope {
+        guard tokens.isConfigured else {
+            throw APIError(status: 401, code: "unauthorized", message: "this site has no API token file (api.token_file); the data API is closed")
+        }
+        guard let authorization, authorization.hasPrefix("Bearer ") else {
+            throw APIError(status: 401, code: "unauthorized", message: "an Authorization: Bearer token is required")
+        }
+        guard let entry = tokens.entry(forToken: String(authorization.dropFirst("Bearer ".count)).trimmingCharacters(in: .whitespaces)) else {
+            throw APIError(status: 401, code: "unauthorized", message: "the bearer token is not known to this site")
+        }
+        return entry.scope
+    }
+
+    /// Carries out one call. `forwardedFrom`: the site that forwarded it (then this site
+    /// answers 421 rather than forward again if it is not the primary).
+    public func handle(_ call: ForwardedCall, scope: Scope, forwardedFrom: SiteID? = nil) async -> ForwardedAnswer {
+        do throws(APIError) {
+            let route = try Route(call)
+            guard scope >= route.scope else {
+                throw APIError(status: 403, code: "forbidden", message: "this call needs a token with scope \(route.scope); yours has \(scope)")
+            }
+            if try !route.needsPrimary(call) || forwardedFrom != nil { return try await local(route, call) }
+            return try await viaPrimary(route, call, scope: scope)
+        } catch {
+            return error.answer
+        }
+    }
+
+    /// Runs a call that needs the primary: here if this site is primary, otherwise on the
+    /// primary over the peer link; while there is none, waits up to the deadline.
+    func viaPrimary(_ route: Route, _ call: ForwardedCall, scope: Scope) async throws(APIError) -> ForwardedAnswer {
+        let start = SiteRuntime.now
+        let deadline = start + UInt64(settings.waitForPrimaryMilliseconds) * 1_000_000
+        var waited = false
+        defer { if waited { metrics.waitedForPrimary(nanoseconds: SiteRuntime.now - start) } }
+        while true {
+            let s = runtime.status
+            if s.failed { throw APIError(status: 503, code: "site_failed", message: "this site stopped after a storage error", retryAfter: nil) }
+            if s.role == .primary {
+                do { return try await local(route, call) } catch {
+                    guard error.status == 421 else { throw error }
+                }
+            } else if let p = s.primary, p != settings.site {
+                var forwarded = call
+                forwarded.deadlineMilliseconds = UInt32(max(1_000, (deadline - min(deadline, SiteRuntime.now)) / 1_000_000 + 1_000))
+                forwarded.headers.append(ForwardedHeader(name: "Tandem-Scope", value: scope.description))
+                metrics.forwardedOut()
+                switch await runtime.forward(forwarded, to: p) {
+                case let .success(answer) where answer.status != 421:
+                    var a = answer
+                    a.headers.append(ForwardedHeader(name: "Tandem-Served-By", value: p.name))
+                    return a
+                case .success, .failure(.notConnected), .failure(.noPrimary):
+                    break  // not carried out: try again
+                case .failure(.timedOut) where route.isWrite:
+                    // Sent but unanswered: it may have committed. Retrying could apply it twice.
+                    throw APIError(status: 503, code: "outcome_unknown",
+                                   message: "the primary \(p) did not answer in time; the write may or may not have committed: read it back before retrying",
+                                   retryAfter: nil)
+                case .failure(.timedOut):
+                    break
+                case let .failure(e):
+                    throw APIError.unavailable("overloaded", "\(e)")
+                }
+            }
+            if SiteRuntime.now >= deadline {
+                throw APIError.unavailable("no_primary", "no primary could take the call within \(settings.waitForPrimaryMilliseconds) ms (an election, or this site is cut off from the majority)")
+            }
+            waited = true
+            try? await Task.sleep(nanoseconds: 25_000_000)
+        }
+    }
+
+    // MARK: Carrying out calls on this site
+
+    func local(_ route: Route, _ call: ForwardedCall) async throws(APIError) -> ForwardedAnswer {
+        switch route {
+        case .execute: return try await execute(call)
+        case .query: return try await query(call)
+        case .bookAppointment: return try await bookAppointment(call)
+        case .listAppointments: return try await listAppointments(call)
+        case let .cancelAppointment(id): return try await cancelAppointment(id)
+        case let .rescheduleAppointment(id): return try await rescheduleAppointment(id, call)
+        case .uploadDocument: return try await uploadDocument(call)
+        case let .document(id): return try await document(id, call)
+        case .listDocuments: return try await listDocuments(call)
+        case .exportAppointments: return try await exportAppointments(call)
+        case .stateHash: return try await stateHash()
+        case .switchover: return try await switchover(call)
+        }
+    }
+
+    /// Runs a write batch on this site, which must be the primary.
+    func write(_ batch: WriteBatch) async throws(APIError) -> Execution {
+        let start = SiteRuntime.now
+        do {
+            let e = try await runtime.write(batch)
+            metrics.committed(nanoseconds: SiteRuntime.now - start)
+            return e
+        } catch {
+            switch error {
+            case .notPrimary: throw APIError.misdirected("this site is not the primary")
+            case let .refused(p):
+                switch p {
+                case .notPrimary, .noLease, .switchoverInProgress, .tooManyUncommitted:
+                    throw APIError.misdirected("the primary cannot take writes now: \(p)")
+                case .replicasTooFarBehind:
+                    throw APIError.unavailable("replicas_behind", "\(p)")
+                }
+            case let .store(e): throw APIError.store(e)
+            case let .outcomeUnknown(why):
+                throw APIError(status: 503, code: "outcome_unknown",
+                               message: "\(why); the write may or may not have committed: read it back before retrying", retryAfter: nil)
+            case .stopped: throw APIError.unavailable("stopping", "the site is stopping")
+            }
+        }
+    }
+
+    /// Runs a read; `linearizable` here means this site is the primary under its lease.
+    func read(_ statement: SQLStatement, consistency: ReadConsistency, minLSN: LSN, waitMilliseconds: UInt32? = nil) async throws(APIError) -> QueryResult {
+        let wait = UInt64(waitMilliseconds ?? settings.readWaitMilliseconds)
+        let request = ReadRequest(statement: statement, consistency: consistency, minLSN: minLSN, deadline: SiteRuntime.now + wait * 1_000_000)
+        do { return try await runtime.read(request) } catch {
+            switch error {
+            case .notPrimary: throw APIError.misdirected("this site is not the primary under a valid lease")
+            case .timedOut: throw APIError.unavailable("lsn_not_reached", error.description)
+            case .tooManyWaiting: throw APIError.unavailable("overloaded", error.description)
+            case let .store(e): throw APIError.store(e)
+            case .stopped: throw APIError.unavailable("stopping", error.description)
+            }
+        }
+    }
+
+    /// Headers every data answer carries: the LSN it reflects, and whether it may be
+    /// stale (a site that follows no live primary answers `local` reads from what it has).
+    func dataHeaders(lsn: LSN, consistency: ReadConsistency? = nil) -> [ForwardedHeader] {
+        var h = [ForwardedHeader(name: "Content-Type", value: "application/json"), ForwardedHeader(name: "Tandem-LSN", value: String(lsn.rawValue))]
+        if consistency == .local, isStale { h.append(ForwardedHeader(name: "Tandem-Stale", value: "true")) }
+        return h
+    }
+
+    var isStale: Bool {
+        let s = runtime.status
+        return !(s.holdsLease || s.followsLivePrimary)
+    }
+
+    // MARK: /v1/execute and /v1/query
+
+    func execute(_ call: ForwardedCall) async throws(APIError) -> ForwardedAnswer {
+        let body = try FieldReader(try JSONValue.parse(call.body), allowed: ["statements"])
+        guard let items = try body.array("statements"), !items.isEmpty else {
+            throw APIError.badRequest("missing_field", "statements is required: a non-empty array of {\"sql\": ..., \"params\": [...]}")
+        }
+        var statements: [SQLStatement] = []
+        for (i, item) in items.enumerated() {
+            statements.append(try statement(item, path: "statements[\(i)]"))
+        }
+        let e = try await write(WriteBatch(statements))
+        let results: [[String: Any]] = e.results.map { r in
+            var o: [String: Any] = ["rows_affected": r.rowsAffected, "last_insert_rowid": r.lastInsertRowID]
+            if !r.columns.isEmpty { o["columns"] = r.columns; o["rows"] = r.rows.map { $0.map(\.json) } }
+            return o
+        }
+        return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: e.record.lsn),
+                               body: encodeJSON(["results": results, "lsn": e.record.lsn.rawValue] as [String: Any]))
+    }
+
+    func statement(_ v: JSONValue, path: String, extra: Set<String> = []) throws(APIError) -> SQLStatement {
+        let f = try FieldReader(v, path: path, allowed: Set(["sql", "params"]).union(extra))
+        let sql = try f.requiredString("sql")
+        var params: [SQLValue] = []
+        for (j, p) in (try f.array("params") ?? []).enumerated() { params.append(try SQLValue(json: p, path: "\(path).params[\(j)]")) }
+        return SQLStatement(sql, params)
+    }
+
+    func consistency(_ text: String?) throws(APIError) -> ReadConsistency {
+        guard let text else { return .linearizable }
+        guard let c = ReadConsistency(rawValue: text) else {
+            throw APIError.badRequest("bad_value", "consistency must be \"linearizable\" or \"local\", found \"\(text)\"")
+        }
+        return c
+    }
+
+    func query(_ call: ForwardedCall) async throws(APIError) -> ForwardedAnswer {
+        let v = try JSONValue.parse(call.body)
+        let f = try FieldReader(v, allowed: ["sql", "params", "consistency", "min_lsn", "timeout_ms"])
+        let s = try statement(v, path: "body", extra: ["consistency", "min_lsn", "timeout_ms"])
+        let c = try consistency(try f.string("consistency"))
+        let minLSN = try f.integer("min_lsn") ?? 0
+        guard minLSN >= 0 else { throw APIError.badRequest("bad_value", "min_lsn must be 0 or more") }
+        let timeout = try f.integer("timeout_ms")
+        if let timeout, timeout < 0 || timeout > 60_000 { throw APIError.badRequest("bad_value", "timeout_ms must be between 0 and 60000") }
+        let r = try await read(s, consistency: c, minLSN: LSN(UInt64(minLSN)), waitMilliseconds: timeout.map { UInt32($0) })
+        var body: [String: Any] = ["columns": r.columns, "rows": r.rows.map { $0.map(\.json) }, "lsn": r.appliedLSN.rawValue,
+                                   "consistency": c.rawValue]
+        if c == .local { body["stale"] = isStale }
+        return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: r.appliedLSN, consistency: c), body: encodeJSON(body))
+    }
+
+    // MARK: Operations
+
+    func stateHash() async throws(APIError) -> ForwardedAnswer {
+        do {
+            let (lsn, hash) = try await runtime.withStore { store in (store.appliedLSN, try store.stateHash()) }
+            return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: lsn),
+                                   body: encodeJSON(["site": settings.site.name, "lsn": lsn.rawValue, "state_hash": hash] as [String: Any]))
+        } catch {
+            throw APIError(status: 500, code: "state_hash_failed", message: "\(error)")
+        }
+    }
+
+    func switchover(_ call: ForwardedCall) async throws(APIError) -> ForwardedAnswer {
+        let f = try FieldReader(try JSONValue.parse(call.body), allowed: ["to"])
+        let target = SiteID(try f.requiredString("to"))
+        guard let d = runtime.settings.config.site(target) else { throw APIError.notFound("no site \(target) in this cluster") }
+        guard d.role == .voter else { throw APIError.badRequest("bad_value", "\(target) is a witness; only a voter can become primary") }
+        let s = runtime.status
+        guard s.role == .primary else { throw APIError.misdirected("this site is not the primary") }
+        if target == settings.site {
+            return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: s.commitLSN),
+                                   body: encodeJSON(["primary": target.name, "term": s.term.rawValue] as [String: Any]))
+        }
+        let start = SiteRuntime.now
+        runtime.transferLeadership(to: target)
+        let deadline = start + UInt64(settings.switchoverWaitMilliseconds) * 1_000_000
+        while SiteRuntime.now < deadline {
+            try? await Task.sleep(nanoseconds: 20_000_000)
+            let now = runtime.status
+            if now.role != .primary, let p = now.primary, p != settings.site {
+                let ms = Double(SiteRuntime.now - start) / 1e6
+                return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: now.commitLSN),
+                                       body: encodeJSON(["primary": p.name, "term": now.term.rawValue, "milliseconds": ms] as [String: Any]))
+            }
+            if now.role == .primary && SiteRuntime.now - start > UInt64(runtime.settings.config.timing.transferTimeout) + 500_000_000 {
+                break
+            }
+        }
+        throw APIError.conflict("switchover_failed", "\(target) did not take over (not caught up or not reachable); \(settings.site) stays primary")
+    }
+}
+
+/// The calls of the data API.
+enum Route: Sendable {
+    case execute, query
+    case bookAppointment, listAppointments
+    case cancelAppointment(Int64), rescheduleAppointment(Int64)
+    case uploadDocument, document(Int64), listDocuments
+    case exportAppointments
+    case stateHash, switchover
+
+    init(_ call: ForwardedCall) throws(APIError) {
+        let parts = call.path.split(separator: "/").map(String.init)
+        guard parts.first == "v1" else { throw APIError.notFound("no such path: \(call.path)") }
+        let p = Array(parts.dropFirst())
+        func id(_ s: String) throws(APIError) -> Int64 {
+            guard let i = Int64(s), i > 0 else { throw APIError.notFound("\(s) is not an id") }
+            return i
+        }
+        let m = call.method
+        switch (m, p.count) {
+        case ("POST", 1) where p[0] == "execute": self = .execute
+        case ("POST", 1) where p[0] == "query": self = .query
+        case ("POST", 1) where p[0] == "appointments": self = .bookAppointment
+        case ("GET", 1) where p[0] == "appointments": self = .listAppointments
+        case ("POST", 3) where p[0] == "appointments" && p[2] == "cancel": self = .cancelAppointment(try id(p[1]))
+        case ("POST", 3) where p[0] == "appointments" && p[2] == "reschedule": self = .rescheduleAppointment(try id(p[1]))
+        case ("POST", 1) where p[0] == "documents": self = .uploadDocument
+        case ("GET", 1) where p[0] == "documents": self = .listDocuments
+        case ("GET", 2) where p[0] == "documents": self = .document(try id(p[1]))
+        case ("GET", 2) where p[0] == "export" && p[1] == "appointments": self = .exportAppointments
+        case ("GET", 2) where p[0] == "admin" && p[1] == "state-hash": self = .stateHash
+        case ("POST", 2) where p[0] == "admin" && p[1] == "switchover": self = .switchover
+        default:
+            let known = ["execute", "query", "appointments", "documents", "export", "admin"]
+            if let first = p.first, known.contains(first) {
+                throw APIError(status: 405, code: "method_not_allowed", message: "\(m) \(call.path) is not a call of this API")
+            }
+            throw APIError.notFound("no such path: \(call.path)")
+        }
+    }
+
+    var scope: Scope {
+        switch self {
+        case .execute, .bookAppointment, .cancelAppointment, .rescheduleAppointment, .uploadDocument: .write
+        case .switchover: .admin
+        default: .read
+        }
+    }
+
+    var isWrite: Bool { scope >= .write }
+
+    /// Writes, and reads that ask for linearizability (the default), need the primary.
+    func needsPrimary(_ call: ForwardedCall) throws(APIError) -> Bool {
+        switch self {
+        case .execute, .bookAppointment, .cancelAppointment, .rescheduleAppointment, .uploadDocument, .switchover: return true
+        case .exportAppointments, .stateHash: return false
+        case .query:
+            let v = try JSONValue.parse(call.body)
+            guard case let .object(o) = v else { return true }
+            if case let .string(c)? = o["consistency"] { return c != "local" }
+            return true
+        case .listAppointments, .document, .listDocuments:
+            return queryItem(call, "consistency") != "local"
+        }
+    }
+}
+
+/// A query-string parameter of a call.
+func queryItem(_ call: ForwardedCall, _ name: String) -> String? {
+    URLComponents(string: "http://x/?" + call.query)?.queryItems?.first { $0.name == name }?.value
+}

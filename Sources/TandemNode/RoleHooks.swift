@@ -1,0 +1,101 @@
+import Foundation
+import Glibc
+import TandemCore
+import TandemModel
+
+/// Runs the operator's role-change command, one event at a time in the order they
+/// happened, on a thread of its own: a slow or hanging command never blocks the site.
+/// Each run is bounded in time (then killed) and its failure is logged. Events beyond
+/// `maxQueued` waiting are dropped, and the drop is logged.
+public final class RoleHooks: @unchecked Sendable {
+    public let command: String
+    public let timeoutMilliseconds: Int
+    public let site: SiteID
+    let maxQueued = 64
+    private let log: @Sendable (String) -> Void
+    private let cond = NSCondition()
+    // Guarded by `cond`.
+    private var queue: [[String: String]] = []
+    private var stopped = false
+
+    public init(command: String, timeoutMilliseconds: Int, site: SiteID, log: @escaping @Sendable (String) -> Void) {
+        self.command = command
+        self.timeoutMilliseconds = timeoutMilliseconds
+        self.site = site
+        self.log = log
+        let t = Thread { [self] in run() }
+        t.name = "tandem-hooks"
+        t.start()
+    }
+
+    /// The event name a role change gives to the command (nil: not a hook event).
+    public static func event(_ change: RoleChange) -> (event: String, role: String, term: Term, reason: String)? {
+        switch change {
+        case let .becamePrimary(term): ("became_primary", "primary", term, "elected")
+        case let .steppedDown(term, reason): ("stepped_down", "replica", term, reason)
+        case let .lostMajority(term): ("lost_majority", "primary", term, "no majority heard within the lease")
+        case let .regainedMajority(term): ("regained_majority", "primary", term, "a majority answers again")
+        default: nil
+        }
+    }
+
+    /// Queues the command for this change (returns at once).
+    public func roleChanged(_ change: RoleChange) {
+        guard let e = Self.event(change) else { return }
+        let env = ["TANDEM_EVENT": e.event, "TANDEM_SITE": site.name, "TANDEM_ROLE": e.role,
+                   "TANDEM_TERM": String(e.term.rawValue), "TANDEM_REASON": e.reason]
+        let dropped: Bool = cond.withLock {
+            guard queue.count < maxQueued else { return true }
+            queue.append(env)
+            cond.signal()
+            return false
+        }
+        if dropped { log("event=hook_dropped hook_event=\(e.event) reason=\"more than \(maxQueued) hook runs waiting\"") }
+    }
+
+    public func stop() {
+        cond.withLock {
+            stopped = true
+            cond.broadcast()
+        }
+    }
+
+    private func run() {
+        while true {
+            let next: [String: String]? = cond.withLock {
+                while queue.isEmpty && !stopped { cond.wait() }
+                return stopped ? nil : queue.removeFirst()
+            }
+            guard let env = next else { return }
+            runOnce(env)
+        }
+    }
+
+    private func runOnce(_ env: [String: String]) {
+        let event = env["TANDEM_EVENT"] ?? "?"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", command]
+        p.environment = ProcessInfo.processInfo.environment.merging(env) { _, new in new }
+        p.standardInput = FileHandle.nullDevice
+        let done = DispatchSemaphore(value: 0)
+        p.terminationHandler = { _ in done.signal() }
+        let start = monotonicNanoseconds()
+        do { try p.run() } catch {
+            log("event=hook_failed hook_event=\(event) reason=\"cannot start /bin/sh: \(error)\"")
+            return
+        }
+        if done.wait(timeout: .now() + .milliseconds(timeoutMilliseconds)) == .timedOut {
+            kill(p.processIdentifier, SIGKILL)
+            done.wait()
+            log("event=hook_failed hook_event=\(event) reason=\"killed after \(timeoutMilliseconds) ms\"")
+            return
+        }
+        let ms = (monotonicNanoseconds() - start) / 1_000_000
+        if p.terminationStatus != 0 {
+            log("event=hook_failed hook_event=\(event) exit_status=\(p.terminationStatus) milliseconds=\(ms)")
+        } else {
+            log("event=hook_ran hook_event=\(event) milliseconds=\(ms)")
+        }
+    }
+}
