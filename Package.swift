@@ -77,7 +77,7 @@ let package = Package(
             path: "Sources/tandemd", swiftSettings: strict),
         .executableTarget(
             name: "tandemctl",
-            dependencies: ["TandemStore", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TandemStore", "TandemConfig", "TandemHTTP", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandemctl", swiftSettings: strict),
         .executableTarget(
             name: "tandem-sim",

@@ -2,12 +2,15 @@
 # Starts a three-site cluster on loopback (Strasbourg, Gravelines, Roubaix) with a
 # development CA made for it, and waits until a primary is elected.
 #
-#   Deploy/local-cluster.sh start     (default)  build, make certificates and configs, start
+#   Deploy/local-cluster.sh start     (default)  build, make certificates, configs and an API token, start
 #   Deploy/local-cluster.sh stop                 stop the three daemons
-#   Deploy/local-cluster.sh status               show who is primary, from the logs
+#   Deploy/local-cluster.sh status               tandemctl status: roles, terms, LSNs, lag, placement
+#   Deploy/local-cluster.sh start-site SITE      start one site again (after a drill killed it)
 #
 # Everything lives in $TANDEM_LOCAL (default /tmp/tandem-local): certificates, one
-# configuration file and one data directory per site, logs.
+# configuration file and one data directory per site, logs, and $TANDEM_LOCAL/token, an
+# admin API token for trying the data API:
+#   curl -H "Authorization: Bearer $(cat /tmp/tandem-local/token)" http://127.0.0.1:8402/v1/appointments?patient=PAT-1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${TANDEM_LOCAL:-/tmp/tandem-local}
@@ -25,23 +28,24 @@ stop() {
 }
 
 status() {
-  for s in "${sites[@]}"; do
-    local state="stopped"
-    if [ -f "$root/$s.pid" ] && kill -0 "$(cat "$root/$s.pid")" 2>/dev/null; then state="running (pid $(cat "$root/$s.pid"))"; fi
-    local last
-    last=$( (grep -h 'event=role_change' "$root/$s.log" 2>/dev/null || true) | tail -n 1 | sed 's/.*change="\(.*\)"/\1/')
-    echo "$s: $state; last role change: ${last:-none}"
-  done
+  "$bin/tandemctl" status --config "$root/sbg.toml"
+}
+
+start_site() {
+  local s=$1
+  nohup "$bin/tandemd" --config "$root/$s.toml" --init >>"$root/$s.log" 2>&1 &
+  echo $! > "$root/$s.pid"
 }
 
 case "${1:-start}" in
   stop) stop; echo "stopped"; exit 0 ;;
   status) status; exit 0 ;;
+  start-site) start_site "${2:?which site}"; exit 0 ;;
   start) ;;
-  *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start|stop|status|start-site SITE]" >&2; exit 2 ;;
 esac
 
-[ -x "$bin/tandemd" ] || swift build -c release --product tandemd
+if [ ! -x "$bin/tandemd" ] || [ ! -x "$bin/tandemctl" ]; then swift build -c release; fi
 stop
 mkdir -p "$root"
 bash Deploy/make-certs.sh "$root/pki" "${sites[@]}" >/dev/null
@@ -49,6 +53,11 @@ cluster=$(cat "$root/cluster-id" 2>/dev/null || true)
 if [ -z "$cluster" ]; then
   cluster=$(python3 -c 'import uuid; print(uuid.uuid4())' 2>/dev/null || cat /proc/sys/kernel/random/uuid)
   echo "$cluster" > "$root/cluster-id"
+fi
+
+if [ ! -s "$root/token" ]; then
+  rm -f "$root/tokens"
+  "$bin/tandemctl" token --name operator --scope admin --file "$root/tokens" > "$root/token" 2>/dev/null
 fi
 
 for i in 0 1 2; do
@@ -63,6 +72,9 @@ commit_policy = "majority"
 [listen]
 peer = "127.0.0.1:$((7401 + i))"
 http = "127.0.0.1:$((8401 + i))"
+
+[api]
+token_file = "$root/tokens"
 
 [tls]
 certificate = "$root/pki/$s.pem"
@@ -82,14 +94,12 @@ CONF
   "$bin/tandemd" --check-config "$root/$s.toml" >/dev/null
 done
 
-for s in "${sites[@]}"; do
-  nohup "$bin/tandemd" --config "$root/$s.toml" --init >>"$root/$s.log" 2>&1 &
-  echo $! > "$root/$s.pid"
-done
+for s in "${sites[@]}"; do start_site "$s"; done
 
 for _ in $(seq 1 100); do
-  if grep -qh 'becamePrimary' "$root"/*.log 2>/dev/null; then break; fi
+  if curl -fs -o /dev/null http://127.0.0.1:8401/primary || curl -fs -o /dev/null http://127.0.0.1:8402/primary \
+     || curl -fs -o /dev/null http://127.0.0.1:8403/primary; then break; fi
   sleep 0.1
 done
 status
-echo "logs: $root/*.log   stop: $0 stop"
+echo "logs: $root/*.log   API token: $root/token   stop: $0 stop"

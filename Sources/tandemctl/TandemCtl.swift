@@ -4,14 +4,16 @@ import TandemModel
 import TandemStore
 import TandemWAL
 
-/// The operator's command line. Until the daemon serves its API, these commands work on a
-/// stopped site's data directory directly.
+/// The operator's command line: status, switchover, export and verify talk to running sites
+/// over their HTTP API; init, inspect, snapshot and rebuild work on a stopped site's data
+/// directory.
 @main
 struct TandemCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tandemctl",
         abstract: "Operate a Tandem site.",
-        subcommands: [Init.self, Inspect.self, DemoWrites.self, SnapshotCommand.self])
+        subcommands: [Status.self, Switchover.self, Init.self, CheckConfig.self, Export.self, Verify.self, Rebuild.self, Token.self,
+                      Inspect.self, DemoWrites.self, SnapshotCommand.self])
 }
 
 struct SiteOptions: ParsableArguments {
