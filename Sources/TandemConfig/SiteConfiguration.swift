@@ -119,6 +119,12 @@ struct ConfigReader {
         return s
     }
 
+    /// A string that may be absent (in the file and in the environment).
+    func optionalString(_ t: TOMLTable, _ path: String, _ key: String) throws(ConfigFileError) -> String? {
+        guard raw(t, path, key).0 != nil else { return nil }
+        return try string(t, path, key)
+    }
+
     func integer(_ t: TOMLTable, _ path: String, _ key: String, default d: Int64, min: Int64, max: Int64) throws(ConfigFileError) -> Int64 {
         let (v, line, _) = raw(t, path, key)
         let full = path.isEmpty ? key : "\(path).\(key)"
@@ -247,12 +253,12 @@ struct ConfigReader {
             tlsCertificate: try string(tls, "tls", "certificate"), tlsPrivateKey: try string(tls, "tls", "private_key"),
             tlsCA: try string(tls, "tls", "ca"), allowTLS12: try bool(tls, "tls", "allow_tls12", default: false),
             reloadTLSOnChange: try bool(tls, "tls", "reload_on_change", default: false),
-            apiTokenFile: api["token_file"] == nil ? nil : try string(api, "api", "token_file"),
+            apiTokenFile: try optionalString(api, "api", "token_file"),
             logFormat: format, replicaLagDefault: lagDefault,
             maxBodyBytes: maxBody, maxDocumentBytes: maxDocument,
             waitForPrimaryMilliseconds: Int(try integer(api, "api", "wait_for_primary_ms", default: 6000, min: 0, max: 600_000)),
             readWaitMilliseconds: Int(try integer(api, "api", "read_wait_ms", default: 5000, min: 0, max: 600_000)),
-            hookCommand: hooks["command"] == nil ? nil : try string(hooks, "hooks", "command"),
+            hookCommand: try optionalString(hooks, "hooks", "command"),
             hookTimeoutMilliseconds: Int(try integer(hooks, "hooks", "timeout_ms", default: 5000, min: 10, max: 600_000)))
         do { try config.cluster.validate() } catch {
             throw fail("sites", top.line(of: "sites"), "\(error)")

@@ -71,29 +71,50 @@ public final class RoleHooks: @unchecked Sendable {
         }
     }
 
+    /// Runs the command in a process group of its own, so that a timeout kills it and
+    /// everything it started.
     private func runOnce(_ env: [String: String]) {
         let event = env["TANDEM_EVENT"] ?? "?"
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", command]
-        p.environment = ProcessInfo.processInfo.environment.merging(env) { _, new in new }
-        p.standardInput = FileHandle.nullDevice
-        let done = DispatchSemaphore(value: 0)
-        p.terminationHandler = { _ in done.signal() }
+        let environment = ProcessInfo.processInfo.environment.merging(env) { _, new in new }.map { "\($0)=\($1)" }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+        posix_spawnattr_setpgroup(&attributes, 0)
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/sh"), strdup("-c"), strdup(command), nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
+        defer { for p in argv + envp { free(p) } }
+        var pid: pid_t = 0
         let start = monotonicNanoseconds()
-        do { try p.run() } catch {
-            log("event=hook_failed hook_event=\(event) reason=\"cannot start /bin/sh: \(error)\"")
+        let rc = posix_spawn(&pid, "/bin/sh", &actions, &attributes, argv, envp)
+        guard rc == 0 else {
+            log("event=hook_failed hook_event=\(event) reason=\"cannot start /bin/sh: \(String(cString: strerror(rc)))\"")
             return
         }
-        if done.wait(timeout: .now() + .milliseconds(timeoutMilliseconds)) == .timedOut {
-            kill(p.processIdentifier, SIGKILL)
-            done.wait()
-            log("event=hook_failed hook_event=\(event) reason=\"killed after \(timeoutMilliseconds) ms\"")
-            return
+        let deadline = start + UInt64(timeoutMilliseconds) * 1_000_000
+        var status: Int32 = 0
+        while true {
+            let r = waitpid(pid, &status, WNOHANG)
+            if r == pid { break }
+            if r < 0 && errno != EINTR { break }
+            if monotonicNanoseconds() >= deadline {
+                kill(-pid, SIGKILL)
+                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                log("event=hook_failed hook_event=\(event) reason=\"killed after \(timeoutMilliseconds) ms\"")
+                return
+            }
+            usleep(5_000)
         }
         let ms = (monotonicNanoseconds() - start) / 1_000_000
-        if p.terminationStatus != 0 {
-            log("event=hook_failed hook_event=\(event) exit_status=\(p.terminationStatus) milliseconds=\(ms)")
+        // WIFEXITED / WEXITSTATUS, which Swift does not import as functions.
+        let exited = status & 0x7f == 0
+        let code = (status >> 8) & 0xff
+        if !exited || code != 0 {
+            log("event=hook_failed hook_event=\(event) exit_status=\(exited ? code : -1) milliseconds=\(ms)")
         } else {
             log("event=hook_ran hook_event=\(event) milliseconds=\(ms)")
         }

@@ -2,6 +2,8 @@ import Testing
 import TandemCore
 @testable import TandemConfig
 
+let caLine = "ca = \"/etc/tandem/ca.pem\""
+
 let sample = """
 # Strasbourg site
 cluster_id = "0b6f3a3e-6a53-4d0e-9f0c-5c2d8e8f7a10"
@@ -109,9 +111,11 @@ struct SiteConfigurationTests {
 
     @Test("an environment variable overrides a single key")
     func environment() throws {
-        let c = try SiteConfiguration.parse(sample, file: "sbg.toml", environment: ["TANDEM_TIMING_LEASE_MS": "3000", "TANDEM_LISTEN_HTTP": "0.0.0.0:9000"])
+        let c = try SiteConfiguration.parse(sample, file: "sbg.toml", environment: ["TANDEM_TIMING_LEASE_MS": "3000", "TANDEM_LISTEN_HTTP": "0.0.0.0:9000",
+                                                                                  "TANDEM_API_TOKEN_FILE": "/etc/tandem/tokens"])
         #expect(c.timing.leaseDuration == .seconds(3))
         #expect(c.listenHTTP == "0.0.0.0:9000")
+        #expect(c.apiTokenFile == "/etc/tandem/tokens")
     }
 
     @Test("each kind of bad file names the file, the key, the line and what was expected", arguments: [
@@ -125,6 +129,13 @@ struct SiteConfigurationTests {
         ("cluster_id = \"0b6f3a3e-6a53-4d0e-9f0c-5c2d8e8f7a10\"", "cluster_id = \"strasbourg\"", "cluster_id", 2, "a UUID"),
         ("ca = \"/etc/tandem/ca.pem\"", "", "tls.ca", nil, "required"),
         ("lease_ms = 2_000", "lease_ms = = 2", "(syntax)", 12, "valid TOML"),
+        (caLine, caLine + "\n\n[api]\nmax_document_bytes = 99999999", "api.max_document_bytes", 21, "an integer between"),
+        (caLine, caLine + "\n\n[api]\nmax_body_bytes = 2048\nmax_document_bytes = 4096", "api.max_document_bytes", 22, "at most api.max_body_bytes"),
+        (caLine, caLine + "\n\n[api]\nwait_for_primary_ms = -1", "api.wait_for_primary_ms", 21, "between 0"),
+        (caLine, caLine + "\n\n[api]\ntoken_file = 7", "api.token_file", 21, "a non-empty string"),
+        (caLine, caLine + "\n\n[hooks]\ncommand = \"/usr/local/bin/notify\"\ntimeout = 5", "hooks.timeout", 22, "one of the known keys"),
+        (caLine, caLine + "\n\n[hooks]\ntimeout_ms = 1", "hooks.timeout_ms", 21, "between 10"),
+        (caLine, caLine + "\n\n[logging]\nformat = \"xml\"", "logging.format", 21, "\"keyvalue\" or \"json\""),
     ] as [(String, String, String, Int?, String)])
     func badFiles(replace: String, with: String, key: String, line: Int?, expected: String) {
         let text = sample.replacingOccurrences(of: replace, with: with)

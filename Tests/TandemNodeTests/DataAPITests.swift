@@ -307,3 +307,63 @@ struct DataAPITests {
         #expect(text.contains("tandem_term "))
     }
 }
+
+@Suite("Tokens, lag thresholds and role-change hooks")
+struct OperatorPartsTests {
+    @Test("the token file holds hashes; a known token maps to its scope, anything else to nothing; bad lines name their line")
+    func tokenFile() throws {
+        let dir = NSTemporaryDirectory() + "tandem-tokens-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let token = TokenStore.generate()
+        let path = dir + "/tokens"
+        try ("# comment\n" + TokenStore.line(name: "portal", scope: .write, token: token) + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+        let store = try TokenStore(path: path)
+        #expect(store.entry(forToken: token)?.scope == .write)
+        #expect(store.entry(forToken: token + "x") == nil)
+        #expect(try String(contentsOfFile: path, encoding: .utf8).contains(token) == false, "the file never holds the token itself")
+        try "portal write \(token)\n".write(toFile: path, atomically: true, encoding: .utf8)
+        do {
+            try store.reload()
+            Issue.record("accepted a token in clear")
+        } catch {
+            #expect(error.line == 1)
+            #expect(error.reason.contains("never the token itself"))
+        }
+        #expect(store.entry(forToken: token)?.scope == .write, "a failed reload keeps the tokens in use")
+    }
+
+    @Test("replica lag thresholds: records and times; bytes refused with a reason")
+    func lag() throws {
+        #expect(try LagThreshold.parse("1000").get() == LagThreshold(records: 1000))
+        #expect(try LagThreshold.parse("500ms").get() == LagThreshold(nanoseconds: 500_000_000))
+        #expect(try LagThreshold.parse("2s").get() == LagThreshold(nanoseconds: 2_000_000_000))
+        guard case let .failure(e) = LagThreshold.parse("16MB") else { Issue.record("accepted 16MB"); return }
+        #expect(e.message.contains("bytes"))
+        guard case .failure = LagThreshold.parse("soon") else { Issue.record("accepted soon"); return }
+    }
+
+    @Test("a hook runs with the site, role, term and reason in its environment; one that hangs is killed and logged, in order")
+    func hooks() async throws {
+        let dir = NSTemporaryDirectory() + "tandem-hooks-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let logs = LogLines()
+        let out = dir + "/events"
+        let hooks = RoleHooks(command: "echo \"$TANDEM_EVENT $TANDEM_SITE $TANDEM_ROLE $TANDEM_TERM $TANDEM_REASON\" >> \(out); [ \"$TANDEM_EVENT\" != lost_majority ] || sleep 10",
+                              timeoutMilliseconds: 300, site: "sbg", log: { logs.add($0) })
+        defer { hooks.stop() }
+        let start = Date()
+        hooks.roleChanged(.becamePrimary(term: Term(4)))
+        hooks.roleChanged(.lostMajority(term: Term(4)))
+        hooks.roleChanged(.steppedDown(term: Term(5), reason: "a higher term"))
+        hooks.roleChanged(.switchoverStarted(to: "gra"))  // not a hook event
+        #expect(Date().timeIntervalSince(start) < 0.2, "queuing a hook never blocks the caller")
+        for _ in 0..<100 where !logs.contains("hook_event=stepped_down") { try await Task.sleep(for: .milliseconds(50)) }
+        let lines = try String(contentsOfFile: out, encoding: .utf8).split(separator: "\n").map(String.init)
+        #expect(lines == ["became_primary sbg primary 4 elected", "lost_majority sbg primary 4 no majority heard within the lease",
+                          "stepped_down sbg replica 5 a higher term"])
+        #expect(logs.contains("event=hook_failed hook_event=lost_majority reason=\"killed after 300 ms\""))
+        #expect(logs.contains("event=hook_ran hook_event=stepped_down"))
+    }
+}
