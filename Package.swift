@@ -24,6 +24,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.0.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.0.0"),
+        // Tests only: reads docs/openapi.yaml to check the running server against it.
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
     ],
     targets: [
         // System C libraries, each behind a small shim header.
@@ -98,7 +100,7 @@ let package = Package(
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
         .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
-        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore"], swiftSettings: strict),
+        .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
