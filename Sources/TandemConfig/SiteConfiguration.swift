@@ -33,6 +33,8 @@ public struct SiteConfiguration: Sendable {
     public var logFormat: String
     public var replicaLagDefault: String
     public var maxBodyBytes: Int
+    /// The HTTP API speaks HTTPS with the site's certificate ([tls] certificate and key).
+    public var apiTLS: Bool
     public var maxDocumentBytes: Int
     public var waitForPrimaryMilliseconds: Int
     public var readWaitMilliseconds: Int
@@ -212,7 +214,7 @@ struct ConfigReader {
         try check(tls, "tls", allowed: ["certificate", "private_key", "ca", "allow_tls12", "reload_on_change"])
         let api = try table(top, "api")
         try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes", "max_document_bytes",
-                                        "wait_for_primary_ms", "read_wait_ms"])
+                                        "wait_for_primary_ms", "read_wait_ms", "tls"])
         let hooks = try table(top, "hooks")
         try check(hooks, "hooks", allowed: ["command", "timeout_ms"])
         let maxBody = Int(try integer(api, "api", "max_body_bytes", default: 20 << 20, min: 1024, max: 30 << 20))
@@ -255,7 +257,7 @@ struct ConfigReader {
             reloadTLSOnChange: try bool(tls, "tls", "reload_on_change", default: false),
             apiTokenFile: try optionalString(api, "api", "token_file"),
             logFormat: format, replicaLagDefault: lagDefault,
-            maxBodyBytes: maxBody, maxDocumentBytes: maxDocument,
+            maxBodyBytes: maxBody, apiTLS: try bool(api, "api", "tls", default: false), maxDocumentBytes: maxDocument,
             waitForPrimaryMilliseconds: Int(try integer(api, "api", "wait_for_primary_ms", default: 6000, min: 0, max: 600_000)),
             readWaitMilliseconds: Int(try integer(api, "api", "read_wait_ms", default: 5000, min: 0, max: 600_000)),
             hookCommand: try optionalString(hooks, "hooks", "command"),

@@ -86,10 +86,24 @@ struct Tandemd: AsyncParsableCommand {
         let parts = c.listenHTTP.split(separator: ":")
         var httpLogger = Logger(label: "tandemd.http")
         httpLogger.logLevel = .warning
-        let app = Application(router: router, configuration: .init(address: .hostname(String(parts[0]), port: Int(parts[1]) ?? 0), serverName: "tandemd"),
+        // With api.tls the HTTP server listens on loopback only, behind the HTTPS terminator
+        // (the system's OpenSSL, the site's certificate) on the configured address.
+        var https: HTTPSTerminator?
+        var httpHost = String(parts[0]), httpPort = Int(parts[1]) ?? 0
+        if c.apiTLS {
+            let backend = try Transport.freeLoopbackPort()
+            let files = TLSFiles(certificate: c.tlsCertificate, privateKey: c.tlsPrivateKey, certificateAuthority: c.tlsCA, allowTLS12: true)
+            let t = HTTPSTerminator(listen: PeerEndpoint(host: httpHost, port: UInt16(httpPort)), backendPort: backend,
+                                    context: try .httpsServer(files: files), log: log.emit)
+            try t.start()
+            https = t
+            httpHost = "127.0.0.1"
+            httpPort = Int(backend)
+        }
+        let app = Application(router: router, configuration: .init(address: .hostname(httpHost, port: httpPort), serverName: "tandemd"),
                               logger: httpLogger)
         let site = SiteService(runtime: runtime, config: c, log: log)
-        let reload = ReloadOnHangup(runtime: runtime, tokens: tokens, log: log)
+        let reload = ReloadOnHangup(runtime: runtime, tokens: tokens, https: https, config: c, log: log)
         // Graceful shutdown runs in reverse order: the site hands its office over first,
         // while the HTTP probes still answer (load balancers see /primary go 503).
         let group = ServiceGroup(configuration: .init(
@@ -97,6 +111,7 @@ struct Tandemd: AsyncParsableCommand {
             gracefulShutdownSignals: [.sigterm], cancellationSignals: [.sigint], logger: logger))
         log.emit("event=started peer=\(c.listenPeer) http=\(c.listenHTTP)")
         try await group.run()
+        https?.stop()
         hooks?.stop()
         log.emit("event=stopped")
     }
@@ -162,6 +177,8 @@ struct SiteService: Service {
 struct ReloadOnHangup: Service {
     let runtime: SiteRuntime
     let tokens: TokenStore
+    let https: HTTPSTerminator?
+    let config: SiteConfiguration
     let log: EventLog
 
     func run() async throws {
@@ -174,6 +191,11 @@ struct ReloadOnHangup: Service {
         defer { source.cancel() }
         for await _ in stream.cancelOnGracefulShutdown() {
             do { try runtime.transport.reloadTLS() } catch { log.emit("event=tls_reload_failed reason=\"\(error)\"") }
+            if let https {
+                let files = TLSFiles(certificate: config.tlsCertificate, privateKey: config.tlsPrivateKey, certificateAuthority: config.tlsCA,
+                                     allowTLS12: true)
+                do { https.reload(context: try .httpsServer(files: files)) } catch { log.emit("event=https_reload_failed reason=\"\(error)\"") }
+            }
             do {
                 try tokens.reload()
                 log.emit("event=tokens_reloaded")

@@ -367,3 +367,65 @@ struct OperatorPartsTests {
         #expect(logs.contains("event=hook_ran hook_event=stepped_down"))
     }
 }
+
+/// Runs curl; returns (HTTP status or 0, stdout bytes, stderr text).
+func curl(_ args: [String]) throws -> (Int, Data, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = ["curl", "-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"] + args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    p.waitUntilExit()
+    guard let nl = data.lastIndex(of: UInt8(ascii: "\n")) else { return (0, data, errText) }
+    let code = Int(String(decoding: data[(nl + 1)...], as: UTF8.self)) ?? 0
+    return (code, data[..<nl], errText)
+}
+
+@Suite("HTTPS for the API", .serialized)
+struct HTTPSTests {
+    @Test("the API over HTTPS with the site's certificate (system OpenSSL): probes, a 1 MiB upload and download, and no plaintext")
+    func https() async throws {
+        let a = try APICluster()
+        defer { a.stopAll() }
+        try await a.startAll()
+        let primary = try await a.ready()
+        let site = try #require(a.c.ids.first { $0 != primary })
+        let port = try Transport.freeLoopbackPort()
+        let pki = a.c.dir + "/pki"
+        let files = TLSFiles(certificate: "\(pki)/\(site).pem", privateKey: "\(pki)/\(site).key", certificateAuthority: "\(pki)/ca.pem")
+        let t = HTTPSTerminator(listen: PeerEndpoint(host: "127.0.0.1", port: port), backendPort: UInt16(a.http[site]!),
+                                context: try .httpsServer(files: files))
+        try t.start()
+        defer { t.stop() }
+        let base = "https://\(site):\(port)"
+        let common = ["--cacert", "\(pki)/ca.pem", "--resolve", "\(site):\(port):127.0.0.1"]
+        let (probe, body, err) = try curl(common + [base + "/health"])
+        #expect(probe == 200, "\(err)")
+        #expect(String(decoding: body, as: UTF8.self).contains("\"site\":\"\(site)\""))
+        let (head, _, _) = try curl(common + ["-I", base + "/replica"])
+        #expect(head == 200)
+
+        var document = [UInt8](repeating: 0, count: 1 << 20)
+        var g = SeededRandom(seed: 11)
+        for i in document.indices { document[i] = UInt8(truncatingIfNeeded: g.next()) }
+        let file = a.c.dir + "/upload.bin"
+        try Data(document).write(to: URL(fileURLWithPath: file))
+        let (up, upBody, upErr) = try curl(common + ["-X", "POST", "-H", "Authorization: Bearer \(APICluster.writer)", "-H", "Tandem-Patient: PAT-1",
+                                                     "-H", "Content-Type: application/octet-stream", "--data-binary", "@" + file, base + "/v1/documents"])
+        #expect(up == 201, "\(upErr) \(String(decoding: upBody, as: UTF8.self))")
+        let id = try #require((try JSONSerialization.jsonObject(with: upBody) as? [String: Any])?["id"] as? Int)
+        let (down, downBody, _) = try curl(common + ["-H", "Authorization: Bearer \(APICluster.reader)", base + "/v1/documents/\(id)"])
+        #expect(down == 200)
+        #expect([UInt8](downBody) == document)
+
+        // Plain HTTP on the HTTPS port gets nothing; a client that does not trust the CA refuses the server.
+        let (plain, _, _) = try curl(["http://127.0.0.1:\(port)/health"])
+        #expect(plain != 200)
+        let (untrusted, _, untrustedErr) = try curl(["--resolve", "\(site):\(port):127.0.0.1", base + "/health"])
+        #expect(untrusted == 0, "\(untrustedErr)")
+    }
+}

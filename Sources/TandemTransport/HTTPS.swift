@@ -1,0 +1,185 @@
+import COpenSSL
+import Foundation
+import Glibc
+import TandemModel
+
+extension TLSContext {
+    /// A server context for the HTTPS API: the site's certificate, TLS 1.2 or later (load
+    /// balancers and HTTP clients may not speak 1.3 yet), no client certificate asked
+    /// (clients authenticate with bearer tokens).
+    public static func httpsServer(files: TLSFiles) throws(TransportError) -> TLSContext {
+        let c = try TLSContext(certificateAuthority: files.certificateAuthority, identity: files, allowTLS12: true)
+        SSL_CTX_set_verify(c.handle, SSL_VERIFY_NONE, nil)
+        return c
+    }
+}
+
+/// Terminates HTTPS for the site's HTTP API with the system's OpenSSL, in front of the
+/// plain HTTP server bound to loopback: each connection gets a thread that completes the
+/// TLS handshake (bounded in time) and then moves bytes both ways. At most
+/// `maxConnections` at once, so a flood cannot exhaust threads.
+public final class HTTPSTerminator: @unchecked Sendable {
+    public let listen: PeerEndpoint
+    public let backendPort: UInt16
+    public let maxConnections: Int
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var context: TLSContext
+    private var listenFD: Int32 = -1
+    private var active = 0
+    private var stopped = false
+    private let log: @Sendable (String) -> Void
+
+    public init(listen: PeerEndpoint, backendPort: UInt16, context: TLSContext, maxConnections: Int = 512,
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.listen = listen
+        self.backendPort = backendPort
+        self.context = context
+        self.maxConnections = maxConnections
+        self.log = log
+    }
+
+    public func start() throws(TransportError) {
+        signal(SIGPIPE, SIG_IGN)
+        let fd = try Transport.listen(on: listen)
+        lock.withLock { listenFD = fd }
+        let t = Thread { [self] in acceptLoop(fd) }
+        t.name = "tandem-https-accept"
+        t.start()
+    }
+
+    /// New connections use new certificate files (SIGHUP); open ones stay.
+    public func reload(context: TLSContext) { lock.withLock { self.context = context } }
+
+    public func stop() {
+        let fd: Int32 = lock.withLock {
+            stopped = true
+            defer { listenFD = -1 }
+            return listenFD
+        }
+        if fd >= 0 {
+            shutdown(fd, Int32(SHUT_RDWR))
+            Glibc.close(fd)
+        }
+    }
+
+    private func acceptLoop(_ fd: Int32) {
+        while true {
+            let client = accept(fd, nil, nil)
+            if client < 0 {
+                if lock.withLock({ stopped }) || errno == EBADF || errno == EINVAL { return }
+                if errno != EINTR { usleep(20_000) }
+                continue
+            }
+            _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+            let ctx: TLSContext? = lock.withLock {
+                guard !stopped, active < maxConnections else { return nil }
+                active += 1
+                return context
+            }
+            guard let ctx else {
+                Glibc.close(client)
+                continue
+            }
+            let t = Thread { [self] in
+                defer { lock.withLock { active -= 1 } }
+                serve(client, ctx)
+            }
+            t.start()
+        }
+    }
+
+    private func serve(_ client: Int32, _ ctx: TLSContext) {
+        let tls: TLSStream
+        do throws(TransportError) {
+            tls = try TLSStream(context: ctx, fd: client, isServer: true, expectedPeer: nil)
+            try tls.handshake(deadline: monotonicNanoseconds() + 10_000_000_000)
+        } catch {
+            log("event=https_handshake_failed reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+            return
+        }
+        defer { tls.close() }
+        let backend: Int32
+        do throws(TransportError) {
+            backend = try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: backendPort), timeoutNanoseconds: 2_000_000_000)
+        } catch {
+            log("event=https_backend_unreachable port=\(backendPort) detail=\"\(error.detail)\"")
+            return
+        }
+        defer { Glibc.close(backend) }
+        _ = fcntl(backend, F_SETFL, fcntl(backend, F_GETFL) | O_NONBLOCK)
+        pump(tls, backend)
+    }
+
+    /// Moves bytes between the TLS client and the plain backend until either side closes.
+    /// Each direction holds at most one buffer: a slow reader slows its writer.
+    private func pump(_ tls: TLSStream, _ backend: Int32) {
+        let size = 64 << 10
+        var up = [UInt8](repeating: 0, count: size), upLen = 0, upOff = 0  // client → backend
+        var down = [UInt8](repeating: 0, count: size), downLen = 0, downOff = 0  // backend → client
+        var clientOpen = true, backendOpen = true
+        var tlsWantsWrite = false
+        while clientOpen || upLen > upOff {
+            // Client → buffer.
+            if clientOpen && upLen == upOff {
+                upLen = 0; upOff = 0
+                let r = up.withUnsafeMutableBytes { tls.read(into: $0) }
+                switch r {
+                case let .done(n): upLen = n
+                case let .wouldBlock(readable): tlsWantsWrite = !readable
+                case .closed: clientOpen = false
+                }
+            }
+            // Buffer → backend.
+            if upLen > upOff {
+                let n = up.withUnsafeBytes { Glibc.write(backend, $0.baseAddress! + upOff, upLen - upOff) }
+                if n > 0 { upOff += n } else if n < 0 && errno != EAGAIN && errno != EINTR { return }
+            } else if !clientOpen && backendOpen {
+                shutdown(backend, Int32(SHUT_WR))
+            }
+            // Backend → buffer.
+            if backendOpen && downLen == downOff {
+                downLen = 0; downOff = 0
+                let n = down.withUnsafeMutableBytes { Glibc.read(backend, $0.baseAddress!, size) }
+                if n > 0 { downLen = n } else if n == 0 { backendOpen = false } else if errno != EAGAIN && errno != EINTR { backendOpen = false }
+            }
+            // Buffer → client.
+            if downLen > downOff {
+                let r = down.withUnsafeBytes { tls.write(UnsafeRawBufferPointer(rebasing: $0[downOff..<downLen])) }
+                switch r {
+                case let .done(n): downOff += n
+                case let .wouldBlock(readable): tlsWantsWrite = !readable
+                case .closed: return
+                }
+            } else if !backendOpen {
+                return  // the backend answered and closed: done
+            }
+            // Wait for whichever side can move.
+            var fds = [pollfd(fd: tls.fd, events: Int16(POLLIN) | (tlsWantsWrite || downLen > downOff ? Int16(POLLOUT) : 0), revents: 0),
+                       pollfd(fd: backend, events: (backendOpen && downLen == downOff ? Int16(POLLIN) : 0) | (upLen > upOff ? Int16(POLLOUT) : 0),
+                              revents: 0)]
+            if SSL_pending(tls.ssl) > 0 { continue }
+            _ = poll(&fds, 2, 1_000)
+            if !clientOpen && upLen == upOff && !backendOpen { return }
+        }
+        // The client closed: let the backend's last answer out.
+        while downLen > downOff || backendOpen {
+            if downLen == downOff {
+                downLen = 0; downOff = 0
+                var p = pollfd(fd: backend, events: Int16(POLLIN), revents: 0)
+                _ = poll(&p, 1, 1_000)
+                let n = down.withUnsafeMutableBytes { Glibc.read(backend, $0.baseAddress!, size) }
+                if n > 0 { downLen = n } else if n == 0 || (errno != EAGAIN && errno != EINTR) { return }
+                continue
+            }
+            let r = down.withUnsafeBytes { tls.write(UnsafeRawBufferPointer(rebasing: $0[downOff..<downLen])) }
+            switch r {
+            case let .done(n): downOff += n
+            case .wouldBlock:
+                var p = pollfd(fd: tls.fd, events: Int16(POLLOUT) | Int16(POLLIN), revents: 0)
+                _ = poll(&p, 1, 1_000)
+            case .closed: return
+            }
+        }
+    }
+}
