@@ -111,7 +111,7 @@ public enum SnapshotFrame: Hashable, Sendable {
 /// linearizable reads reach the primary this way, never in clear between sites), and its
 /// answer. The body is the HTTP request's, already authenticated by the forwarding site.
 public enum ForwardFrame: Hashable, Sendable {
-    /// kind 1: id u64 | deadline in ms u32 | method, path, query, content type (u16 len + UTF-8
+    /// kind 1: id u64 | deadline in ms u32 | method, path, query, content type (u32 len + UTF-8
     /// each) | headers u16 count, (name, value) strings | body (u32 length + bytes)
     case request(id: UInt64, call: ForwardedCall)
     /// kind 2: id u64 | status u16 | headers u16 count, (name, value) strings | body (u32 length + bytes)
