@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "tandem-sim", targets: ["tandem-sim"]),
         .executable(name: "tandem-bench", targets: ["tandem-bench"]),
         .executable(name: "tandem-fuzz-frames", targets: ["tandem-fuzz-frames"]),
+        .executable(name: "tandem-drill", targets: ["tandem-drill"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -60,6 +61,10 @@ let package = Package(
                                                    .product(name: "Logging", package: "swift-log"),
                                                    .product(name: "CoreMetrics", package: "swift-metrics"),
                                                    .product(name: "Prometheus", package: "swift-prometheus")], swiftSettings: strict),
+        // Fire drills on real tandemd processes: a loopback cluster launcher, a TCP proxy to
+        // cut sites off, a telehealth workload and the checks (no acknowledged write lost,
+        // linearizable reads, convergence).
+        .target(name: "TandemDrill", dependencies: ["TandemHTTP", "TandemConfig"], swiftSettings: strict),
         // The deterministic disaster simulator: network, clocks, disks and checkers.
         // Single-threaded and hot: dynamic exclusivity checks on its classes cost ~6% of a run.
         .target(name: "TandemSimulation", dependencies: ["TandemCore"],
@@ -91,6 +96,11 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandem-bench", swiftSettings: strict),
 
+        .executableTarget(
+            name: "tandem-drill",
+            dependencies: ["TandemDrill", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/tandem-drill", swiftSettings: strict),
+
         // libFuzzer target for the frame decoder (docs/WIRE.md); a normal build replays files.
         .executableTarget(name: "tandem-fuzz-frames", dependencies: ["TandemTransport"], path: "Sources/tandem-fuzz-frames",
                           swiftSettings: strict),
@@ -101,6 +111,7 @@ let package = Package(
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
         .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
         .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
+        .testTarget(name: "TandemDrillTests", dependencies: ["TandemDrill"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import TandemCore
 import TandemModel
 import TandemNode
@@ -41,7 +42,7 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
         case "too_large": return APIError(status: 413, code: "too_large", message: e.description)
         case "disk_full": return APIError(status: 507, code: "disk_full", message: e.description)
         case "refused": return APIError(status: 400, code: "refused", message: e.description)
-        case "sql_error", "no_primary_key": return APIError(status: 400, code: e.code, message: e.description)
+        case "sql_error", "no_primary_key", "statement_timeout": return APIError(status: 400, code: e.code, message: e.description)
         default: return APIError(status: 500, code: e.code, message: e.description)
         }
     }
@@ -68,6 +69,10 @@ public struct DataAPISettings: Sendable {
     public var maxDocumentBytes = 16 << 20
     /// Switchover: how long to wait for the new primary.
     public var switchoverWaitMilliseconds: UInt32 = 10_000
+    /// Calls in progress at once on this site, at most (beyond: 503 overloaded).
+    public var maxCallsInFlight = 512
+    /// Request bytes held at once by calls in progress, at most.
+    public var maxBytesInFlight = 256 << 20
 
     public init(site: SiteID) { self.site = site }
 }
@@ -75,6 +80,8 @@ public struct DataAPISettings: Sendable {
 /// The data API of one site: every site accepts every call; writes and linearizable reads
 /// are carried out by the primary, reached over the peer TLS link when it is elsewhere.
 public final class DataAPI: Sendable {
+    /// Calls and request bytes in progress (the memory the API may hold is bounded).
+    let inFlight = Mutex<(calls: Int, bytes: Int)>((0, 0))
     public let runtime: SiteRuntime
     public let settings: DataAPISettings
     public let tokens: TokenStore
@@ -89,8 +96,40 @@ public final class DataAPI: Sendable {
             guard let self else { return APIError.unavailable("stopping", "the site is stopping").answer }
             let scope = call.header("Tandem-Scope").flatMap { Scope(name: $0) } ?? .read
             self.metrics.forwardedIn()
-            return await self.handle(call, scope: scope, forwardedFrom: peer)
+            let answer = await self.handle(call, scope: scope, forwardedFrom: peer)
+            // The answer travels in one frame: one too large becomes a 413 rather than a
+            // frame the peer would refuse (closing the replication link).
+            if answer.body.count > Self.maxForwardedAnswerBytes {
+                return APIError(status: 413, code: "too_large",
+                                message: "the answer has \(answer.body.count) bytes, more than \(Self.maxForwardedAnswerBytes) can be forwarded between sites; ask the primary directly or narrow the query").answer
+            }
+            return answer
         }
+    }
+
+    /// Largest answer body forwarded between sites (under the 32 MiB frame limit).
+    static let maxForwardedAnswerBytes = 30 << 20
+
+    /// Takes a slot for a call (503 when too many are in progress); `release` gives it back.
+    public func admitCall() throws(APIError) {
+        let ok = inFlight.withLock { f -> Bool in
+            guard f.calls < settings.maxCallsInFlight else { return false }
+            f.calls += 1
+            return true
+        }
+        guard ok else { throw APIError.unavailable("overloaded", "more than \(settings.maxCallsInFlight) calls are in progress on this site") }
+    }
+
+    public func releaseCall(bytes: Int) { inFlight.withLock { $0.calls -= 1; $0.bytes -= bytes } }
+
+    /// Reserves `n` more request bytes for a call in progress.
+    public func reserve(bytes n: Int) throws(APIError) {
+        let ok = inFlight.withLock { f -> Bool in
+            guard f.bytes + n <= settings.maxBytesInFlight else { return false }
+            f.bytes += n
+            return true
+        }
+        guard ok else { throw APIError.unavailable("overloaded", "request bodies in progress exceed \(settings.maxBytesInFlight) bytes on this site") }
     }
 
     /// Authenticates a call from a client: the scope its bearer token grants.
@@ -204,6 +243,9 @@ public final class DataAPI: Sendable {
                     throw APIError.unavailable("replicas_behind", "\(p)")
                 }
             case let .store(e): throw APIError.store(e)
+            case let .notCommitted(why):
+                // Certainly not applied: the call may go to the new primary.
+                throw APIError.misdirected("the primary stepped down and the write did not commit (\(why))")
             case let .outcomeUnknown(why):
                 throw APIError(status: 503, code: "outcome_unknown",
                                message: "\(why); the write may or may not have committed: read it back before retrying", retryAfter: nil)

@@ -111,7 +111,7 @@ extension SQLValue {
         switch self {
         case .null: NSNull()
         case let .integer(i): i
-        case let .real(d): d
+        case let .real(d): d.isFinite ? d : NSNull()  // JSON has no infinity or NaN
         case let .text(s): s
         case let .blob(b): ["base64": Data(b).base64EncodedString()]
         }

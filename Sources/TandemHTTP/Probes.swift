@@ -47,19 +47,23 @@ public struct LagThreshold: Sendable, Equatable {
 
     public static func parse(_ text: String) -> Result<LagThreshold, ProbeError> {
         let t = text.trimmingCharacters(in: .whitespaces).lowercased()
-        func number(_ suffix: String) -> Double? {
-            guard t.hasSuffix(suffix) else { return nil }
-            return Double(t.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)).flatMap { $0 >= 0 && $0 < 1e12 ? $0 : nil }
+        // A number with a unit, scaled; nil if absent, negative, or beyond a day in
+        // nanoseconds (or 10^12 records): never a conversion that could trap.
+        func number(_ suffix: String, scale: Double, limit: Double) -> UInt64? {
+            guard t.hasSuffix(suffix), let x = Double(t.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)),
+                  x.isFinite, x >= 0, x * scale <= limit else { return nil }
+            return UInt64(x * scale)
         }
+        let day = 86_400e9
         if let n = UInt64(t) { return .success(LagThreshold(records: n)) }
-        if let n = number("records") { return .success(LagThreshold(records: UInt64(n))) }
-        if let ms = number("ms") { return .success(LagThreshold(nanoseconds: UInt64(ms * 1e6))) }
-        if let m = number("min") { return .success(LagThreshold(nanoseconds: UInt64(m * 60e9))) }
-        if let s = number("s") { return .success(LagThreshold(nanoseconds: UInt64(s * 1e9))) }
+        if let n = number("records", scale: 1, limit: 1e12) { return .success(LagThreshold(records: n)) }
+        if let ns = number("ms", scale: 1e6, limit: day) { return .success(LagThreshold(nanoseconds: ns)) }
+        if let ns = number("min", scale: 60e9, limit: day) { return .success(LagThreshold(nanoseconds: ns)) }
+        if let ns = number("s", scale: 1e9, limit: day) { return .success(LagThreshold(nanoseconds: ns)) }
         if t.hasSuffix("b") {
             return .failure(ProbeError(message: "lag in bytes (\"\(text)\") is not supported: give records (?lag=1000) or a time (?lag=500ms)"))
         }
-        return .failure(ProbeError(message: "lag must be a number of records (?lag=1000) or a time (?lag=500ms, ?lag=2s), got \"\(text)\""))
+        return .failure(ProbeError(message: "lag must be a number of records (?lag=1000) or a time of at most a day (?lag=500ms, ?lag=2s), got \"\(text)\""))
     }
 
     func allows(records: UInt64, nanoseconds: UInt64) -> Bool {
@@ -152,16 +156,36 @@ public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThresh
         @Sendable func dataCall(_ request: Request) async -> Response {
             let call: ForwardedCall
             let scope: Scope
+            var held = 0
             do throws(APIError) {
                 scope = try api.authenticate(authorization: request.headers[.authorization])
-                let body = try await collect(request, limit: maxBodyBytes)
+                try api.admitCall()
+            } catch {
+                return response(error.answer)
+            }
+            defer { api.releaseCall(bytes: held) }
+            do throws(APIError) {
+                // Within what a forwarded call may carry between sites (docs/WIRE.md).
+                let path = request.uri.path, query = request.uri.query ?? "", type = request.headers[.contentType] ?? ""
+                guard path.utf8.count <= 4096, query.utf8.count <= 8192 else {
+                    throw APIError(status: 414, code: "uri_too_long", message: "the path may have 4096 bytes and the query 8192")
+                }
+                guard type.utf8.count <= 256 else { throw APIError.badRequest("bad_header", "Content-Type is longer than 256 bytes") }
                 let wanted = ["Tandem-Patient", "Tandem-Document-Kind", "Tandem-Appointment", "Tandem-SHA256"]
                 var headers: [ForwardedHeader] = []
                 for name in wanted {
-                    if let field = HTTPField.Name(name), let v = request.headers[field] { headers.append(ForwardedHeader(name: name, value: v)) }
+                    if let field = HTTPField.Name(name), let v = request.headers[field] {
+                        guard v.utf8.count <= 1024 else {
+                            throw APIError(status: 431, code: "header_too_large", message: "\(name) is longer than 1024 bytes")
+                        }
+                        headers.append(ForwardedHeader(name: name, value: v))
+                    }
                 }
-                call = ForwardedCall(method: request.method.rawValue, path: request.uri.path, query: request.uri.query ?? "",
-                                     contentType: request.headers[.contentType] ?? "", headers: headers, body: body,
+                let body = try await collect(request, limit: maxBodyBytes) { n throws(APIError) in
+                    try api.reserve(bytes: n)
+                    held += n
+                }
+                call = ForwardedCall(method: request.method.rawValue, path: path, query: query, contentType: type, headers: headers, body: body,
                                      deadlineMilliseconds: api.settings.waitForPrimaryMilliseconds)
             } catch {
                 return response(error.answer)
@@ -175,14 +199,16 @@ public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThresh
     return router
 }
 
-/// Reads a request body, refusing (413) one larger than `limit` before holding it all.
-func collect(_ request: Request, limit: Int) async throws(APIError) -> [UInt8] {
+/// Reads a request body, refusing (413) one larger than `limit` before holding it all;
+/// `reserve` is told each chunk's size first (it may refuse: the site's budget).
+func collect(_ request: Request, limit: Int, reserve: (Int) throws(APIError) -> Void) async throws(APIError) -> [UInt8] {
     let tooLarge = APIError(status: 413, code: "too_large", message: "the request body exceeds the limit of \(limit) bytes")
     if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit { throw tooLarge }
     var bytes: [UInt8] = []
     do {
         for try await var chunk in request.body {
             guard bytes.count + chunk.readableBytes <= limit else { throw tooLarge }
+            try reserve(chunk.readableBytes)
             bytes.append(contentsOf: chunk.readBytes(length: chunk.readableBytes) ?? [])
         }
     } catch let e as APIError {
@@ -199,7 +225,9 @@ func response(_ a: ForwardedAnswer) -> Response {
         if let name = HTTPField.Name(h.name) { headers[name] = h.value }
     }
     headers[.cacheControl] = "no-store"
-    return Response(status: HTTPResponse.Status(code: Int(a.status)), headers: headers,
+    // A status from a peer's answer outside HTTP's range must not reach the precondition.
+    let code = (100...599).contains(Int(a.status)) ? Int(a.status) : 502
+    return Response(status: HTTPResponse.Status(code: code), headers: headers,
                     body: ResponseBody(byteBuffer: ByteBuffer(bytes: a.body)))
 }
 

@@ -54,6 +54,9 @@ public enum WriteError: Error, CustomStringConvertible, Sendable {
     /// The primary lost its office before the write committed: it may or may not have
     /// committed (the client should check, for example by reading it back).
     case outcomeUnknown(String)
+    /// The primary lost its office and the write is known not to have committed: another
+    /// record was committed at its LSN. Safe to retry.
+    case notCommitted(String)
     case stopped
 
     public var description: String {
@@ -63,6 +66,7 @@ public enum WriteError: Error, CustomStringConvertible, Sendable {
         case let .refused(e): "\(e)"
         case let .store(e): "\(e)"
         case let .outcomeUnknown(why): "outcome unknown: \(why)"
+        case let .notCommitted(why): "not committed: \(why)"
         }
     }
 }
@@ -177,6 +181,12 @@ public final class SiteRuntime: @unchecked Sendable {
     private var rng: SeededRandom
     private var storageQueue: [(id: UInt64, after: [Message], done: Bool)] = []
     private var waiters: [LSN: (term: Term, resume: @Sendable (Result<Execution, WriteError>) -> Void, execution: Execution)] = [:]
+    /// Writes of a primary that stepped down before they committed: the log they were
+    /// written to decides. Once the commit LSN passes one, the term of the record there says
+    /// whether it committed (same term) or was replaced (another term): the client learns
+    /// which instead of "outcome unknown". Unresolved after `orphanWaitNanoseconds`: unknown.
+    private var orphans: [LSN: (term: Term, resume: @Sendable (Result<Execution, WriteError>) -> Void, execution: Execution, deadline: Instant)] = [:]
+    static let orphanWaitNanoseconds: UInt64 = 10_000_000_000
     private var lastSnapshotLSN: LSN = .zero
     private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String, peer: SiteID)?
     private var sendingSnapshot: Set<SiteID> = []
@@ -204,6 +214,8 @@ public final class SiteRuntime: @unchecked Sendable {
     private var pendingForwards: [UInt64: (peer: SiteID, deadline: UInt64, resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void)] = [:]
     private var nextForwardID: UInt64 = 0
     private var forwardedInFlight = 0
+    /// Set when the loop has ended: no new forward may wait for an answer that no one expires.
+    private var forwardsClosed = false
     private var forwardHandler: (@Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer)?
 
     private let cond = NSCondition()
@@ -215,6 +227,8 @@ public final class SiteRuntime: @unchecked Sendable {
     private var droppedMessages = 0
     /// Guarded by `cond`: the lease end while the core may serve lease reads.
     private var leaseValidUntil: Instant?
+    /// Guarded by `cond`: until when this follower's promise to a known primary runs.
+    private var followingUntil: Instant?
 
     enum Input {
         case message(Message)
@@ -310,10 +324,12 @@ public final class SiteRuntime: @unchecked Sendable {
     /// The site's state. Whether it holds the lease is decided now, against the clock,
     /// not when the loop last published (a stalled loop must not keep claiming a lease).
     public var status: SiteStatus {
-        let (s, until) = cond.withLock { (statusCache, leaseValidUntil) }
+        let (s, until, followUntil) = cond.withLock { (statusCache, leaseValidUntil, followingUntil) }
         var out = s
         let now = Self.clock()
         out.holdsLease = until.map { now < $0 } ?? false
+        // Like the lease: a stalled loop must not keep the site in the read pool.
+        out.followsLivePrimary = s.followsLivePrimary && (followUntil.map { now < $0 } ?? false)
         out.leaseLeftNanoseconds = until.map { $0 > now ? $0 - now : 0 } ?? 0
         return out
     }
@@ -364,7 +380,7 @@ public final class SiteRuntime: @unchecked Sendable {
             let deadline = Self.clock() + UInt64(call.deadlineMilliseconds) * 1_000_000
             let resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void = { c.resume(returning: $0) }
             let id: UInt64? = forwardLock.withLock {
-                guard pendingForwards.count < settings.maxForwardedInFlight else { return nil }
+                guard !forwardsClosed, pendingForwards.count < settings.maxForwardedInFlight else { return nil }
                 nextForwardID += 1
                 pendingForwards[nextForwardID] = (peer, deadline, resume)
                 return nextForwardID
@@ -391,7 +407,7 @@ public final class SiteRuntime: @unchecked Sendable {
             waiter?.resume(.success(answer))
         case let .request(id, call):
             let (handler, admitted): ((@Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer)?, Bool) = forwardLock.withLock {
-                guard forwardedInFlight < settings.maxForwardedInFlight else { return (forwardHandler, false) }
+                guard forwardHandler != nil, forwardedInFlight < settings.maxForwardedInFlight else { return (forwardHandler, false) }
                 forwardedInFlight += 1
                 return (forwardHandler, true)
             }
@@ -475,12 +491,17 @@ public final class SiteRuntime: @unchecked Sendable {
             }
             publishStatus()
         }
-        for (_, w) in waiters { w.resume(.failure(.stopped)) }
+        // Their records may already be on other sites (appends go out before the local
+        // fsync) and commit under the next primary: the outcome is unknown, not "stopped".
+        for (_, w) in waiters { w.resume(.failure(.outcomeUnknown("the site stopped before the write committed"))) }
         waiters = [:]
+        for (_, w) in orphans { w.resume(.failure(.outcomeUnknown("the site stopped before it learned whether the write committed"))) }
+        orphans = [:]
         for (_, r) in gatedReads { r.resume(.failure(.stopped)) }
         gatedReads = [:]
         for w in commitWaits { w.resume(.failure(.stopped)) }
         commitWaits = []
+        forwardLock.withLock { forwardsClosed = true }
         expireForwards(.max)
         let rest: [Input] = cond.withLock {
             exited = true
@@ -500,9 +521,11 @@ public final class SiteRuntime: @unchecked Sendable {
                            failed: false, primaryCommitLSN: core.role == .primary ? core.commitLSN : max(core.primaryCommitLSN, core.commitLSN),
                            lagNanoseconds: lagNanoseconds(now), peers: peerViews(now))
         let until: Instant? = core.canServeLeaseRead(at: now) ? core.leaseUntil : nil
+        let follow: Instant? = s.followsLivePrimary ? core.promiseUntil : nil
         cond.withLock {
             statusCache = s
             leaseValidUntil = until
+            followingUntil = follow
         }
     }
 
@@ -608,13 +631,29 @@ public final class SiteRuntime: @unchecked Sendable {
                 waiters[l] = nil
                 w.resume(.success(w.execution))
             }
+            resolveOrphans(committedThrough: lsn)
         } else {
             do { try storage.applyCommitted(through: lsn) } catch {
                 settings.log("event=apply_failed site=\(settings.site) error=\"\(error)\"")
             }
             notePosition(lsn)
+            resolveOrphans(committedThrough: lsn)
         }
         releaseReads()
+    }
+
+    /// Tells the writers of a deposed primary what became of their writes.
+    private func resolveOrphans(committedThrough lsn: LSN) {
+        for (l, w) in orphans where l <= lsn {
+            orphans[l] = nil
+            switch core.log.term(at: l) {
+            case w.term?: w.resume(.success(w.execution))
+            case let other?:
+                w.resume(.failure(.notCommitted("the record committed at LSN \(l) is of term \(other), not \(w.term)")))
+            case nil:
+                w.resume(.failure(.outcomeUnknown("LSN \(l) is no longer in this site's log")))
+            }
+        }
     }
 
     // MARK: Reads
@@ -687,6 +726,10 @@ public final class SiteRuntime: @unchecked Sendable {
             w.resume(.failure(.timedOut(waitingFor: w.lsn, applied: core.commitLSN)))
             return true
         }
+        for (l, w) in orphans where now >= w.deadline {
+            orphans[l] = nil
+            w.resume(.failure(.outcomeUnknown("the primary stepped down before the write committed, and no record committed at LSN \(l) since")))
+        }
         expireForwards(now)
     }
 
@@ -740,8 +783,11 @@ public final class SiteRuntime: @unchecked Sendable {
         settings.onRoleChange(change)
         guard case let .steppedDown(term, reason) = change else { return }
         // Undo what this site executed but never committed; the new primary's log decides.
-        for (_, w) in waiters { w.resume(.failure(.outcomeUnknown("the primary stepped down in term \(term): \(reason)"))) }
+        // The log decides what became of writes not yet committed (see `orphans`).
+        let deadline = Self.clock() + Self.orphanWaitNanoseconds
+        for (l, w) in waiters { orphans[l] = (w.term, w.resume, w.execution, deadline) }
         waiters = [:]
+        settings.log("event=writes_pending_outcome site=\(settings.site) count=\(orphans.count) reason=\"stepped down in term \(term): \(reason)\"")
         for w in commitWaits { w.resume(.failure(.notPrimary(nil))) }
         commitWaits = []
         do {

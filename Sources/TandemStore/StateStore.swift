@@ -22,6 +22,8 @@ public final class StateStore: @unchecked Sendable {
     let db: SQLiteConnection
     let databasePath: String
     private let authorizer = Authorizer()
+    /// The running time allowed to the client statement being run (0: no limit).
+    private let statementClock = StatementClock()
     private var updateMeta: PreparedStatement
     private var insertUndo: PreparedStatement
     public private(set) var appliedLSN: LSN
@@ -68,6 +70,9 @@ public final class StateStore: @unchecked Sendable {
             db = try SQLiteConnection(path: databasePath, create: false)
             try Self.configure(db, limits: limits)
             sqlite3_set_authorizer(db.handle, authorizerCallback, Unmanaged.passUnretained(authorizer).toOpaque())
+            // Checked every few thousand VM steps: a client statement past its time is
+            // interrupted, so no query (a runaway recursive CTE, say) can hold the site's loop.
+            sqlite3_progress_handler(db.handle, 4_000, progressCallback, Unmanaged.passUnretained(statementClock).toOpaque())
             let meta = try db.rows("SELECT cluster_id, applied_lsn, applied_term, schema_version FROM tandem_meta WHERE id = 1")
             guard let row = meta.first, case let .text(cid) = row[0], case let .integer(lsn) = row[1],
                   case let .integer(term) = row[2], case let .integer(version) = row[3]
@@ -264,7 +269,11 @@ public final class StateStore: @unchecked Sendable {
     /// was schema (DDL).
     private func run(_ s: SQLStatement, index: Int, mode: Authorizer.Mode, resultBytes: inout Int) throws(StoreError) -> (StatementResult, Bool) {
         authorizer.begin(mode)
-        defer { authorizer.mode = .internal }
+        statementClock.deadline = limits.maxStatementNanoseconds == 0 ? 0 : monotonicNanoseconds() + limits.maxStatementNanoseconds
+        defer {
+            authorizer.mode = .internal
+            statementClock.deadline = 0
+        }
         var stmt: OpaquePointer?
         var tail: UnsafePointer<CChar>?
         let rc = s.sql.withCString { sqlite3_prepare_v2(db.handle, $0, -1, &stmt, &tail).also { _ in
@@ -308,6 +317,9 @@ public final class StateStore: @unchecked Sendable {
             throw e
         } catch let e as SQLiteError {
             if let denial = authorizer.denial { throw .refused(denial, statement: index) }
+            if e.code & 0xFF == SQLITE_INTERRUPT {
+                throw .statementTimedOut(statement: index, limitMilliseconds: Int(limits.maxStatementNanoseconds / 1_000_000))
+            }
             throw .sqlite(e, statement: index)
         } catch {
             throw .io("\(error)")
@@ -639,6 +651,17 @@ final class Authorizer {
         }
         return SQLITE_OK
     }
+}
+
+/// The deadline of the client statement being run, read by SQLite's progress handler.
+final class StatementClock {
+    var deadline: UInt64 = 0
+}
+
+private let progressCallback: @convention(c) (UnsafeMutableRawPointer?) -> Int32 = { ctx in
+    guard let ctx else { return 0 }
+    let clock = Unmanaged<StatementClock>.fromOpaque(ctx).takeUnretainedValue()
+    return clock.deadline != 0 && monotonicNanoseconds() > clock.deadline ? 1 : 0
 }
 
 private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafePointer<CChar>?, UnsafePointer<CChar>?,

@@ -17,6 +17,9 @@ public struct StoreLimits: Sendable {
     public var maxRows = 100_000
     /// Bytes of rows one statement or query may return.
     public var maxResultBytes = 64 << 20
+    /// Running time of one client statement (0: unlimited). Statements run on the site's
+    /// loop, which also sends heartbeats: a long one would stall replication.
+    public var maxStatementNanoseconds: UInt64 = 500_000_000
 
     public init() {}
 }
@@ -64,6 +67,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
     case snapshot(String)
     /// A statement marked `requireChanges` changed no row: the batch was not applied.
     case preconditionFailed(statement: Int)
+    /// A client statement ran longer than allowed and was interrupted (nothing applied).
+    case statementTimedOut(statement: Int, limitMilliseconds: Int)
 
     public var code: String {
         switch self {
@@ -88,6 +93,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case .io: "io_error"
         case .snapshot: "bad_snapshot"
         case .preconditionFailed: "precondition_failed"
+        case .statementTimedOut: "statement_timeout"
         }
     }
 
@@ -109,6 +115,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case let .io(why): return "I/O error: \(why)"
         case let .snapshot(why): return "snapshot: \(why)"
         case let .preconditionFailed(i): return "statement \(i + 1) changed no row, so the batch was not applied"
+        case let .statementTimedOut(i, ms): return "statement \(i + 1) ran longer than \(ms) ms and was interrupted; nothing was applied"
         }
     }
 }

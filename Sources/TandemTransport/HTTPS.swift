@@ -22,6 +22,9 @@ public final class HTTPSTerminator: @unchecked Sendable {
     public let listen: PeerEndpoint
     public let backendPort: UInt16
     public let maxConnections: Int
+    /// A connection with no bytes either way for this long is closed, so idle clients
+    /// cannot hold every slot (health checks included).
+    public var idleTimeoutNanoseconds: UInt64 = 60_000_000_000
     private let lock = NSLock()
     // Guarded by `lock`.
     private var context: TLSContext
@@ -119,13 +122,22 @@ public final class HTTPSTerminator: @unchecked Sendable {
         var down = [UInt8](repeating: 0, count: size), downLen = 0, downOff = 0  // backend → client
         var clientOpen = true, backendOpen = true
         var tlsWantsWrite = false
+        var lastActivity = monotonicNanoseconds()
+        var moved = 0, seen = 0  // bytes moved either way, and at the last look
         while clientOpen || upLen > upOff {
+            let now = monotonicNanoseconds()
+            if moved != seen {
+                seen = moved
+                lastActivity = now
+            } else if now - lastActivity > idleTimeoutNanoseconds {
+                return
+            }
             // Client → buffer.
             if clientOpen && upLen == upOff {
                 upLen = 0; upOff = 0
                 let r = up.withUnsafeMutableBytes { tls.read(into: $0) }
                 switch r {
-                case let .done(n): upLen = n
+                case let .done(n): upLen = n; moved += n
                 case let .wouldBlock(readable): tlsWantsWrite = !readable
                 case .closed: clientOpen = false
                 }
@@ -141,7 +153,7 @@ public final class HTTPSTerminator: @unchecked Sendable {
             if backendOpen && downLen == downOff {
                 downLen = 0; downOff = 0
                 let n = down.withUnsafeMutableBytes { Glibc.read(backend, $0.baseAddress!, size) }
-                if n > 0 { downLen = n } else if n == 0 { backendOpen = false } else if errno != EAGAIN && errno != EINTR { backendOpen = false }
+                if n > 0 { downLen = n; moved += n } else if n == 0 { backendOpen = false } else if errno != EAGAIN && errno != EINTR { backendOpen = false }
             }
             // Buffer → client.
             if downLen > downOff {

@@ -100,6 +100,12 @@ struct Tandemd: AsyncParsableCommand {
             httpHost = "127.0.0.1"
             httpPort = Int(backend)
         }
+        let watcher = c.reloadTLSOnChange
+            ? TLSFileWatcher(transport: runtime.transport,
+                             files: TLSFiles(certificate: c.tlsCertificate, privateKey: c.tlsPrivateKey, certificateAuthority: c.tlsCA,
+                                             allowTLS12: c.allowTLS12),
+                             log: log.emit)
+            : nil
         let app = Application(router: router, configuration: .init(address: .hostname(httpHost, port: httpPort), serverName: "tandemd"),
                               logger: httpLogger)
         let site = SiteService(runtime: runtime, config: c, log: log)
@@ -111,6 +117,7 @@ struct Tandemd: AsyncParsableCommand {
             gracefulShutdownSignals: [.sigterm], cancellationSignals: [.sigint], logger: logger))
         log.emit("event=started peer=\(c.listenPeer) http=\(c.listenHTTP)")
         try await group.run()
+        watcher?.stop()
         https?.stop()
         hooks?.stop()
         log.emit("event=stopped")

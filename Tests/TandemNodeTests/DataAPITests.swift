@@ -248,6 +248,11 @@ struct DataAPITests {
             (try await post("/v1/execute", json: ["statements": [["sql": "INSERT INTO practitioners (reference) VALUES ('x')"]]]), 409, "constraint"),
             (try await post("/v1/execute", raw: String(repeating: " ", count: 5 << 20)), 413, "too_large"),
             (try await post("/v1/query", json: ["sql": "SELECT 1", "consistency": "eventual"]), 400, "bad_value"),
+            // A runaway query is interrupted (the site's loop is not held).
+            (try await post("/v1/query", json: ["sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+                                                "consistency": "local"]), 400, "statement_timeout"),
+            (try await post("/v1/execute", json: ["statements": [["sql": "INSERT INTO patients (reference) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT 'P' || x FROM c"]]]), 400, "statement_timeout"),
+            (try await post("/v1/query", json: ["sql": "SELECT 1e999", "consistency": "local"]), 200, ""),
             (try await post("/v1/execute", token: nil, json: ["statements": [["sql": "DELETE FROM patients"]]]), 401, "unauthorized"),
             (try await post("/v1/execute", token: "tdm_not-a-token", json: ["statements": [["sql": "DELETE FROM patients"]]]), 401, "unauthorized"),
             (try await post("/v1/execute", token: APICluster.reader, json: ["statements": [["sql": "DELETE FROM patients"]]]), 403, "forbidden"),
@@ -257,7 +262,7 @@ struct DataAPITests {
         ]
         for (i, (answer, status, code)) in cases.enumerated() {
             #expect(answer.status == status, "case \(i): \(String(decoding: answer.body, as: UTF8.self))")
-            #expect(answer.errorCode == code, "case \(i): \(String(decoding: answer.body, as: UTF8.self))")
+            if status != 200 { #expect(answer.errorCode == code, "case \(i): \(String(decoding: answer.body, as: UTF8.self))") }
         }
         let after = try await http("GET", a.url(primary, "/v1/admin/state-hash"), token: APICluster.reader)
         #expect(after.json["state_hash"] as? String == before.json["state_hash"] as? String, "nothing was applied")
@@ -341,6 +346,10 @@ struct OperatorPartsTests {
         guard case let .failure(e) = LagThreshold.parse("16MB") else { Issue.record("accepted 16MB"); return }
         #expect(e.message.contains("bytes"))
         guard case .failure = LagThreshold.parse("soon") else { Issue.record("accepted soon"); return }
+        // Values whose conversion would overflow are refused, not trapped on.
+        for huge in ["99999999999s", "400000000min", "1e300ms", "-5s", "nan s", "inf s"] {
+            guard case .failure = LagThreshold.parse(huge) else { Issue.record("accepted \(huge)"); return }
+        }
     }
 
     @Test("a hook runs with the site, role, term and reason in its environment; one that hangs is killed and logged, in order")

@@ -1,0 +1,159 @@
+import Foundation
+import Glibc
+import TandemConfig
+
+/// What a drill needs of a cluster: its sites' addresses, a token, and a way to kill and
+/// restart a site's process.
+public protocol ClusterControl: AnyObject, Sendable {
+    var siteNames: [String] { get }
+    var token: String { get }
+    func url(_ site: String) -> String
+    /// SIGKILL, and wait until the process is gone.
+    func killSite(_ site: String) throws
+    func startSite(_ site: String) throws
+}
+
+extension LocalCluster: ClusterControl {
+    public var siteNames: [String] { options.sites }
+    public func killSite(_ site: String) throws { signal(site, SIGKILL) }
+    public func startSite(_ site: String) throws { try start(site) }
+}
+
+/// The cluster Deploy/local-cluster.sh started: configurations, pid files and the token in
+/// its directory ($TANDEM_LOCAL).
+public final class ScriptedLocalCluster: ClusterControl, @unchecked Sendable {
+    public let root: String
+    public let siteNames: [String]
+    public let token: String
+    private let urls: [String: String]
+    private let script: String
+
+    public init(root: String, script: String) throws {
+        self.root = root
+        self.script = script
+        guard let t = FileManager.default.contents(atPath: root + "/token").map({ String(decoding: $0, as: UTF8.self) }) else {
+            throw DrillError("no API token in \(root)/token: start the cluster with Deploy/local-cluster.sh first")
+        }
+        token = t.trimmingCharacters(in: .whitespacesAndNewlines)
+        let c: SiteConfiguration
+        do { c = try SiteConfiguration.load(path: root + "/sbg.toml") } catch { throw DrillError("\(error)") }
+        siteNames = c.sites.map(\.id.name)
+        urls = Dictionary(uniqueKeysWithValues: c.sites.map { ($0.id.name, "http://" + $0.httpAddress) })
+    }
+
+    public func url(_ site: String) -> String { urls[site] ?? "" }
+
+    public func killSite(_ site: String) throws {
+        let path = root + "/\(site).pid"
+        guard let text = FileManager.default.contents(atPath: path).map({ String(decoding: $0, as: UTF8.self) }),
+              let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw DrillError("no pid file \(path)") }
+        kill(pid, SIGKILL)
+        while kill(pid, 0) == 0 { usleep(10_000) }
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
+    public func startSite(_ site: String) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [script, "start-site", site]
+        p.environment = ProcessInfo.processInfo.environment.merging(["TANDEM_LOCAL": root]) { _, n in n }
+        try p.run()
+        p.waitUntilExit()
+    }
+}
+
+/// One round of the fire: the primary killed under load.
+public struct FireRound: Sendable {
+    public var killed: String
+    public var newPrimary: String?
+    /// From the kill to the first write acknowledged after it.
+    public var writesResumedAfter: Double?
+    /// The longest stretch without an acknowledged write, around the kill.
+    public var longestPause: Double
+}
+
+/// What a fire drill saw.
+public struct FireReport: Sendable {
+    public var rounds: [FireRound] = []
+    public var acknowledged = 0
+    public var failedVisibly = 0
+    public var unknownOutcome = 0
+    public var linearizableReads = 0
+    public var missing: [String: [String]] = [:]
+    public var appliedDespiteFailure: [String] = []
+    public var linearizabilityViolations: [String] = []
+    public var converged = false
+    public var hashes: [String: String] = [:]
+
+    public var passed: Bool { missing.isEmpty && appliedDespiteFailure.isEmpty && linearizabilityViolations.isEmpty && converged }
+
+    public var text: String {
+        var out: [String] = []
+        for (i, r) in rounds.enumerated() {
+            let resumed = r.writesResumedAfter.map { String(format: "%.2f s", $0) } ?? "never"
+            out.append("round \(i + 1): killed the primary \(r.killed) with SIGKILL; new primary: \(r.newPrimary ?? "none"); "
+                + "writes resumed after \(resumed); longest pause \(String(format: "%.2f s", r.longestPause))")
+        }
+        out.append("bookings acknowledged: \(acknowledged); refused visibly: \(failedVisibly); outcome unknown to the client "
+            + "(connection cut by the kill): \(unknownOutcome); linearizable reads: \(linearizableReads)")
+        out.append(missing.isEmpty ? "lost acknowledged bookings: none (checked on every site)"
+            : "LOST acknowledged bookings: " + missing.map { "\($0.key): \($0.value.count)" }.joined(separator: ", "))
+        if !appliedDespiteFailure.isEmpty { out.append("APPLIED although the client was told they failed: \(appliedDespiteFailure.count)") }
+        out.append(linearizabilityViolations.isEmpty ? "linearizable reads: all consistent"
+            : "LINEARIZABILITY VIOLATIONS: \(linearizabilityViolations.count), first: \(linearizabilityViolations[0])")
+        out.append(converged ? "every site holds the same state (hash \(hashes.values.first?.split(separator: ":").last.map { String($0.prefix(16)) } ?? "?")...)"
+            : "sites DIFFER: \(hashes)")
+        return out.joined(separator: "\n")
+    }
+}
+
+public enum FireDrill {
+    /// Runs a workload, kills the primary `rounds` times (restarting it after each round),
+    /// then checks that nothing acknowledged was lost and that the sites converged.
+    public static func run(_ cluster: any ClusterControl, rounds: Int = 3, secondsPerRound: Double = 6, writers: Int = 8,
+                           say: @Sendable (String) -> Void = { _ in }) async throws -> FireReport {
+        guard await primary(cluster, seconds: 30) != nil else { throw DrillError("no primary came up") }
+        let workload = Workload(urls: Dictionary(uniqueKeysWithValues: cluster.siteNames.map { ($0, cluster.url($0)) }),
+                                token: cluster.token, writers: writers, readers: 2)
+        workload.start()
+        var report = FireReport()
+        try await Task.sleep(nanoseconds: UInt64(secondsPerRound / 3 * 1e9))
+        for round in 1...max(1, rounds) {
+            guard let victim = await primary(cluster, seconds: 20) else { throw DrillError("round \(round): no primary") }
+            let killedAt = Date()
+            try cluster.killSite(victim)
+            say("round \(round): killed the primary, \(victim), with SIGKILL")
+            let next = await primary(cluster, seconds: 20, excluding: victim)
+            say("round \(round): new primary \(next ?? "none") after \(String(format: "%.2f", Date().timeIntervalSince(killedAt))) s")
+            try await Task.sleep(nanoseconds: UInt64(secondsPerRound / 2 * 1e9))
+            try cluster.startSite(victim)
+            try await Task.sleep(nanoseconds: UInt64(secondsPerRound / 2 * 1e9))
+            report.rounds.append(FireRound(killed: victim, newPrimary: next, writesResumedAfter: workload.firstAck(after: killedAt),
+                                           longestPause: workload.longestPause(from: killedAt.addingTimeInterval(-1), to: Date())))
+        }
+        await workload.stop()
+        report.acknowledged = workload.acknowledged.count
+        report.failedVisibly = workload.failures.count
+        report.unknownOutcome = workload.unknownOutcomes.count
+        report.linearizableReads = workload.readCount
+        let sites = cluster.siteNames
+        let (missing, present) = try await DrillCheck.check(cluster, workload, sites: sites)
+        report.missing = missing
+        report.appliedDespiteFailure = workload.failures.keys.filter { present.contains($0) }.sorted()
+        report.linearizabilityViolations = workload.linearizabilityViolations()
+        (report.converged, report.hashes) = try await DrillCheck.converged(cluster, sites: sites)
+        return report
+    }
+
+    /// The site answering 200 on /primary, waiting up to `seconds`.
+    public static func primary(_ cluster: any ClusterControl, seconds: Double, excluding: String? = nil) async -> String? {
+        let end = Date().addingTimeInterval(seconds)
+        while Date() < end {
+            for s in cluster.siteNames where s != excluding {
+                if (try? await HTTP.status("HEAD", cluster.url(s) + "/primary")) == 200 { return s }
+            }
+            try? await Task.sleep(nanoseconds: 20_000_000)
+        }
+        return nil
+    }
+}

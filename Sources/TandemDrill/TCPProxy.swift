@@ -1,0 +1,124 @@
+import Foundation
+import Glibc
+
+/// A TCP proxy between two sites, for partition drills where network namespaces are not
+/// available: traffic flows while it is open; `cut()` closes every connection through it
+/// and refuses new ones until `heal()`. One thread per direction per connection.
+public final class TCPProxy: @unchecked Sendable {
+    public let listenPort: UInt16
+    public let targetPort: UInt16
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var isCut = false
+    private var stopped = false
+    private var open: [Int32] = []
+    private let listenFD: Int32
+
+    public init(listenPort: UInt16, targetPort: UInt16) throws {
+        self.listenPort = listenPort
+        self.targetPort = targetPort
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw DrillError("socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = listenPort.bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard rc == 0, listen(fd, 64) == 0 else {
+            Glibc.close(fd)
+            throw DrillError("proxy cannot listen on 127.0.0.1:\(listenPort): \(String(cString: strerror(errno)))")
+        }
+        listenFD = fd
+        let t = Thread { [self] in acceptLoop() }
+        t.name = "drill-proxy-\(listenPort)"
+        t.start()
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    public func cut() {
+        // Under the lock: a descriptor in `open` is not closed yet (closing removes it first).
+        lock.withLock {
+            isCut = true
+            for fd in open { shutdown(fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    public func heal() { lock.withLock { isCut = false } }
+
+    public func stop() {
+        cut()
+        lock.withLock { stopped = true }
+        shutdown(listenFD, Int32(SHUT_RDWR))
+        Glibc.close(listenFD)
+    }
+
+    private func acceptLoop() {
+        while true {
+            let client = accept(listenFD, nil, nil)
+            if client < 0 {
+                if lock.withLock({ stopped }) || errno == EBADF || errno == EINVAL { return }
+                continue
+            }
+            let refused = lock.withLock { isCut || stopped }
+            if refused {
+                Glibc.close(client)
+                continue
+            }
+            let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_port = targetPort.bigEndian
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            guard rc == 0 else {
+                Glibc.close(server)
+                Glibc.close(client)
+                continue
+            }
+            lock.withLock { open += [client, server] }
+            // Both sockets are closed by whichever direction finishes last, so neither
+            // thread ever touches a closed (and maybe reused) descriptor.
+            let pending = Countdown(2)
+            for (from, to) in [(client, server), (server, client)] {
+                let t = Thread { [self] in
+                    var buffer = [UInt8](repeating: 0, count: 64 << 10)
+                    copy: while true {
+                        let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, $0.count) }
+                        if n <= 0 { break }
+                        var off = 0
+                        while off < n {
+                            let w = buffer.withUnsafeBytes { write(to, $0.baseAddress! + off, n - off) }
+                            if w <= 0 { break copy }
+                            off += w
+                        }
+                    }
+                    shutdown(to, Int32(SHUT_RDWR))
+                    shutdown(from, Int32(SHUT_RDWR))
+                    if pending.done() {
+                        lock.withLock { open.removeAll { $0 == client || $0 == server } }
+                        Glibc.close(client)
+                        Glibc.close(server)
+                    }
+                }
+                t.start()
+            }
+        }
+    }
+}
+
+/// Counts down from n; `done()` is true for the caller that reached zero.
+final class Countdown: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n: Int
+    init(_ n: Int) { self.n = n }
+    func done() -> Bool { lock.withLock { n -= 1; return n == 0 } }
+}
+
+/// A drill that could not be set up or run, and why.
+public struct DrillError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
