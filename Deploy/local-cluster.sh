@@ -32,8 +32,12 @@ status() {
 }
 
 start_site() {
-  local s=$1
-  nohup "$bin/tandemd" --config "$root/$s.toml" --init >>"$root/$s.log" 2>&1 &
+  local s=$1 init=()
+  # --init only for a site that never had data: a site that lost its data directory must
+  # be rebuilt (tandemctl rebuild) rather than silently start empty.
+  [ -e "$root/data-$s" ] || [ -e "$root/$s.started" ] || init=(--init)
+  touch "$root/$s.started"
+  nohup "$bin/tandemd" --config "$root/$s.toml" "${init[@]}" >>"$root/$s.log" 2>&1 &
   echo $! > "$root/$s.pid"
 }
 

@@ -20,6 +20,10 @@ public struct Core: Sendable {
     /// The highest commit LSN a primary has announced to this site (a replica's lag is
     /// measured against it; its own `commitLSN` stops at the records it holds).
     public private(set) var primaryCommitLSN: LSN = .zero
+    /// A site rebuilt after losing its disk forgot the votes it cast: until a primary's
+    /// append tells it the current term (and it records that primary as its vote there),
+    /// it neither votes nor campaigns, so it cannot vote twice in a term (PROTOCOL.md V5).
+    public private(set) var abstaining = false
     /// Highest LSN durable in the local log.
     public private(set) var durableLSN: LSN
 
@@ -103,8 +107,9 @@ public struct Core: Sendable {
     /// log. `commitLSN` is an LSN known committed (0 is always safe). A restarted site
     /// has lost the promises it made, so it grants no vote until a lease has run out.
     public init(id: SiteID, config: ClusterConfig, hardState: HardState, log: LogView, commitLSN: LSN = .zero,
-                now: Instant, entropy: UInt64, flaw: TestingFlaw? = nil) throws(ConfigError) {
+                now: Instant, entropy: UInt64, flaw: TestingFlaw? = nil, abstaining: Bool = false) throws(ConfigError) {
         self.flaw = flaw
+        self.abstaining = abstaining
         try config.validate()
         guard let me = config.site(id) else { throw .invalid("site_id", "one of the configured sites, got \(id)") }
         self.id = id
@@ -215,7 +220,7 @@ public struct Core: Sendable {
                 becomeFollower(term: hardState.term, primary: nil, reason: "no majority for a lease duration (check-quorum)")
             }
         case .follower, .preCandidate, .candidate:
-            guard me.role == .voter, now >= electionDeadline else { return }
+            guard me.role == .voter, !abstaining, now >= electionDeadline else { return }
             startPreVote()
         }
     }
@@ -305,7 +310,7 @@ public struct Core: Sendable {
     private mutating func onPreVote(_ m: Message, lastLSN: LSN, lastTerm: Term) {
         let upToDate = log.isAtMostAsUpToDate(asLSN: lastLSN, term: lastTerm)
         let leaseRunning = (now < promiseUntil || (role == .primary && now < leaseUntil)) && flaw != .grantVotesDuringLease
-        let granted = m.term > hardState.term && upToDate && !leaseRunning
+        let granted = m.term > hardState.term && upToDate && !leaseRunning && !abstaining
         send(Message(from: id, to: m.from, term: granted ? m.term : hardState.term,
                      body: .preVoteResponse(granted: granted, lastLSN: log.lastLSN, lastTerm: log.lastTerm)), afterPersist: false)
     }
@@ -359,7 +364,7 @@ public struct Core: Sendable {
         // A running promise (to a live primary, or the one a restart assumes) blocks the
         // vote, unless the candidate is that primary itself or a switchover asks.
         let leaseRunning = (role == .primary || (now < promiseUntil && primaryID != m.from)) && flaw != .grantVotesDuringLease
-        let granted = free && upToDate && (transfer || !leaseRunning) && role != .primary
+        let granted = free && upToDate && (transfer || !leaseRunning) && role != .primary && !abstaining
         if granted {
             hardState.votedFor = m.from
             ready.hardState = hardState
@@ -588,6 +593,8 @@ public struct Core: Sendable {
     private mutating func onAppendResponse(_ m: Message, _ r: AppendResponse) {
         guard role == .primary, m.term == hardState.term, var p = progress[m.from] else { return }
         p.lastContact = now
+        // A duplicated or late answer names an older round than one already seen.
+        let fresh = r.round >= p.ackedRound
         p.ackedRound = max(p.ackedRound, r.round)
         if r.success {
             p.match = max(p.match, r.matchLSN)
@@ -607,6 +614,12 @@ public struct Core: Sendable {
             p.inflight = []
             p.inflightBytes = 0
         } else {
+            if fresh && r.lastLSN < p.match {
+                // The follower's log ends before what it acknowledged: it lost its disk
+                // and was rebuilt empty. Its match goes back (commits already made stand;
+                // the records are re-sent, or a snapshot if the log no longer has them).
+                p.match = r.lastLSN
+            }
             // The logs differ before `next`: probe backwards from the follower's end.
             let back = min(r.lastLSN.next, p.next.previous)
             p.next = max(p.match.next, back)
@@ -713,6 +726,13 @@ public struct Core: Sendable {
         }
         promiseUntil = now + config.timing.promiseDuration
         electionDeadline = randomizedDeadline(after: promiseUntil)
+        if abstaining {
+            // The primary of this term is known now: recorded as this site's vote in it,
+            // it is the only vote this site can ever give in this term.
+            abstaining = false
+            hardState.votedFor = m.from
+            ready.hardState = hardState
+        }
         var matched: LSN?
         if a.prevLSN < log.firstLSN.previous {
             // The start of this message is covered by our snapshot (committed): skip it.

@@ -33,6 +33,7 @@ public final class LocalCluster: @unchecked Sendable {
     private var proxies: [String: TCPProxy] = [:]  // "from>to"
     private let lock = NSLock()
     private var processes: [String: Process] = [:]  // guarded by `lock`
+    private var started: Set<String> = []  // guarded by `lock`
 
     /// `binDirectory` holds tandemd; `deployDirectory` holds make-certs.sh.
     public init(options: Options = Options(), binDirectory: String, deployDirectory: String, dir: String? = nil) throws {
@@ -109,11 +110,14 @@ public final class LocalCluster: @unchecked Sendable {
         return text
     }
 
-    /// Starts a site's daemon (creating its data directory if missing).
+    /// Starts a site's daemon: a missing data directory is created as a new cluster's
+    /// site the first time, and as a site rejoining without its disk after a `wipe`.
     public func start(_ site: String) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binDirectory + "/tandemd")
-        p.arguments = ["--config", configPath(site), "--init"]
+        let first = lock.withLock { started.insert(site).inserted }
+        let create = FileManager.default.fileExists(atPath: dataDirectory(site)) ? [] : first ? ["--init"] : ["--rejoin"]
+        p.arguments = ["--config", configPath(site)] + create
         if !FileManager.default.fileExists(atPath: logPath(site)) { _ = FileManager.default.createFile(atPath: logPath(site), contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath(site)))
         log.seekToEndOfFile()

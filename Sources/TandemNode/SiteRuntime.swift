@@ -244,11 +244,23 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     var hardStatePath: String { settings.dataDirectory + "/hardstate" }
+    /// Present while a site rebuilt without its votes abstains (see `Core.abstaining`).
+    static func rejoiningPath(_ dataDirectory: String) -> String { dataDirectory + "/rejoining" }
 
-    /// Creates a new site's storage (refusing existing data).
-    public static func bootstrap(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions()) throws {
+    /// Creates a new site's storage (refusing existing data). `rejoining`: the site is
+    /// rebuilt for a cluster it belonged to and lost its term and vote: it abstains from
+    /// elections until it hears the current primary.
+    public static func bootstrap(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions(),
+                                 rejoining: Bool = false) throws {
         let s = try SiteStorage.bootstrap(dataDirectory: dataDirectory, clusterID: clusterID, walOptions: walOptions)
         s.close()
+        if rejoining { try markRejoining(dataDirectory: dataDirectory) }
+    }
+
+    /// Marks a (stopped) site as rejoining without its votes.
+    public static func markRejoining(dataDirectory: String) throws {
+        try Durable.writeFile(Array("rebuilt without its term and vote: abstains until it hears a primary\n".utf8),
+                              to: rejoiningPath(dataDirectory))
     }
 
     public init(settings: NodeSettings, tls: TLSContext) throws {
@@ -261,8 +273,10 @@ public final class SiteRuntime: @unchecked Sendable {
                            lastLSN: log.lastLSN, termRuns: log.termRunsSnapshot)
         rng = SeededRandom(seed: monotonicNanoseconds() ^ UInt64(getpid()))
         readGate = ReadGate(maxWaiting: settings.maxWaitingReads)
+        let rejoining = access(Self.rejoiningPath(settings.dataDirectory), F_OK) == 0
         core = try Core(id: settings.site, config: settings.config, hardState: hard, log: view,
-                        commitLSN: storage.store.committedLSN, now: Self.clock(), entropy: rng.next())
+                        commitLSN: storage.store.committedLSN, now: Self.clock(), entropy: rng.next(), abstaining: rejoining)
+        if rejoining { settings.log("event=rejoining site=\(settings.site) detail=\"no vote and no candidacy until a primary is heard\"") }
         lastSnapshotLSN = storage.store.appliedLSN
         statusCache = SiteStatus(site: settings.site, role: .follower, term: hard.term, primary: nil, commitLSN: .zero,
                                  appliedLSN: storage.store.appliedLSN, logFirstLSN: log.firstLSN, logLastLSN: log.lastLSN, holdsLease: false,
@@ -572,7 +586,14 @@ public final class SiteRuntime: @unchecked Sendable {
 
     private func perform(_ ready: Ready) {
         do {
-            if let h = ready.hardState { try saveHardState(h) }
+            if let h = ready.hardState {
+                try saveHardState(h)
+                // The vote it now holds for this term is durable: the site may vote again.
+                if !core.abstaining, access(Self.rejoiningPath(settings.dataDirectory), F_OK) == 0 {
+                    try Durable.unlink(Self.rejoiningPath(settings.dataDirectory))
+                    settings.log("event=rejoined site=\(settings.site) term=\(h.term) primary=\(h.votedFor?.name ?? "?")")
+                }
+            }
             if let t = ready.truncateAfter { try storage.truncate(after: t) }
         } catch {
             settings.log("event=storage_failed site=\(settings.site) error=\"\(error)\"")

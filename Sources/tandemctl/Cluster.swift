@@ -6,6 +6,7 @@ import FoundationNetworking
 import TandemConfig
 import TandemHTTP
 import TandemModel
+import TandemNode
 import TandemStore
 
 /// Which sites a command talks to, over their HTTP API.
@@ -255,13 +256,14 @@ struct Rebuild: AsyncParsableCommand {
             print("moved \(c.dataDirectory) to \(aside)")
             let site = try SiteStorage.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID)
             site.close()
-            if fm.fileExists(atPath: aside + "/hardstate") {
-                guard let hard = fm.contents(atPath: aside + "/hardstate") else { throw ValidationError("cannot read \(aside)/hardstate") }
+            if let hard = fm.contents(atPath: aside + "/hardstate") {
                 try Durable.writeFile([UInt8](hard), to: c.dataDirectory + "/hardstate")
+            } else {
+                // Its votes are lost: it abstains until it hears the primary.
+                try SiteRuntime.markRejoining(dataDirectory: c.dataDirectory)
             }
         } else {
-            let site = try SiteStorage.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID)
-            site.close()
+            try SiteRuntime.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID, rejoining: true)
         }
         print("created an empty site in \(c.dataDirectory); start tandemd: it receives a snapshot, then the log")
         guard follow else { return }

@@ -27,7 +27,9 @@ struct Tandemd: AsyncParsableCommand {
 
     @Option(help: "The site's configuration file (TOML).") var config: String?
     @Option(help: "Validate this configuration file and exit.") var checkConfig: String?
-    @Flag(help: "Create the data directory of a new site if it does not exist yet.") var `init` = false
+    @Flag(help: "Create the data directory of a new site if it does not exist yet (a new cluster's first start).") var `init` = false
+    @Flag(help: "Create a missing data directory for a site that belonged to the cluster and lost its disk: it abstains from elections until it hears the primary, then catches up from its peers.")
+    var rejoin = false
 
     func run() async throws {
         if let path = checkConfig {
@@ -65,12 +67,13 @@ struct Tandemd: AsyncParsableCommand {
             throw ExitCode(2)
         }
         if !SiteStorage.exists(dataDirectory: c.dataDirectory) {
-            guard self.`init` else {
-                FileHandle.standardError.write(Data("tandemd: no site data in \(c.dataDirectory); to start a new site there, run with --init\n".utf8))
+            guard self.`init` || rejoin else {
+                let hint = "for a new cluster's site run with --init; for a site that lost its disk, --rejoin (or tandemctl rebuild)"
+                FileHandle.standardError.write(Data("tandemd: no site data in \(c.dataDirectory); \(hint)\n".utf8))
                 throw ExitCode(2)
             }
-            try SiteRuntime.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID)
-            log.emit("event=site_created data_directory=\(c.dataDirectory)")
+            try SiteRuntime.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID, rejoining: rejoin)
+            log.emit("event=site_created data_directory=\(c.dataDirectory) rejoining=\(rejoin)")
         }
         let metrics = SiteMetrics()
         let hooks = c.hookCommand.map { RoleHooks(command: $0, timeoutMilliseconds: c.hookTimeoutMilliseconds, site: c.siteID, log: log.emit) }

@@ -4,6 +4,39 @@ import TandemModel
 
 @Suite("Protocol core")
 struct CoreTests {
+    @Test("a site rebuilt empty is caught up from LSN 1 (its old match is forgotten), and abstains until it hears the primary")
+    func rebuiltSite() throws {
+        var c = try Cluster(["a", "b", "c"])
+        c.run(milliseconds: 3000)
+        let p = try #require(c.primaries.first)
+        for i in 0..<5 { _ = try c.propose(p, "booking \(i)") }
+        c.run(milliseconds: 500)
+        let x = try #require(c.cores.keys.sorted().first { $0 != p })
+        #expect(c.cores[x]!.log.lastLSN == c.cores[p]!.log.lastLSN)
+        // x loses its disk and is rebuilt empty, without its term and vote.
+        c.cores[x] = try Core(id: x, config: c.config, hardState: HardState(), log: LogView(), now: c.now, entropy: 3, abstaining: true)
+        c.run(milliseconds: 1500)
+        let rebuilt = try #require(c.cores[x])
+        #expect(rebuilt.log.lastLSN == c.cores[p]!.log.lastLSN, "re-sent from the start")
+        #expect(!rebuilt.abstaining)
+        #expect(rebuilt.hardState.term == c.cores[p]!.hardState.term && rebuilt.hardState.votedFor == p,
+                "the primary it heard is recorded as its vote in this term")
+    }
+
+    @Test("an abstaining site neither votes nor campaigns: with the primary gone, no one can be elected with its vote")
+    func abstainingSiteDoesNotVote() throws {
+        var c = try Cluster(["a", "b", "c"])
+        c.run(milliseconds: 3000)
+        let p = try #require(c.primaries.first)
+        let others = c.cores.keys.sorted().filter { $0 != p }
+        c.cores[others[0]] = try Core(id: others[0], config: c.config, hardState: HardState(), log: LogView(), now: c.now, entropy: 3,
+                                      abstaining: true)
+        c.down.insert(p)
+        c.run(milliseconds: 6000)
+        #expect(c.primaries.isEmpty, "the abstaining site gave no vote, so no majority formed")
+        #expect(c.cores[others[0]]!.role == .follower, "and it did not campaign")
+    }
+
     @Test("three sites elect one primary, which commits a no-op, then writes, on a majority")
     func electAndCommit() throws {
         var c = try Cluster(["a", "b", "c"])

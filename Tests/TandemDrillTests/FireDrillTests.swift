@@ -33,8 +33,10 @@ func expectKept(_ c: LocalCluster, _ w: Workload, _ context: String) async throw
     #expect(w.acknowledged.count > 20, "\(context): the workload made progress (\(w.acknowledged.count) acknowledged)")
 }
 
-func workload(_ c: LocalCluster, writers: Int = 6) -> Workload {
-    Workload(urls: Dictionary(uniqueKeysWithValues: c.options.sites.map { ($0, c.url($0)) }), token: c.token, writers: writers, readers: 2)
+/// A workload through `sites` (all by default): clients that a load balancer sends only to
+/// sites that pass their probes.
+func workload(_ c: LocalCluster, writers: Int = 6, through sites: [String]? = nil) -> Workload {
+    Workload(urls: Dictionary(uniqueKeysWithValues: (sites ?? c.options.sites).map { ($0, c.url($0)) }), token: c.token, writers: writers, readers: 2)
 }
 
 func sleep(_ seconds: Double) async throws { try await Task.sleep(nanoseconds: UInt64(seconds * 1e9)) }
@@ -62,7 +64,9 @@ struct FireDrillTests {
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
         let old = try #require(await c.waitForPrimary())
-        let w = workload(c)
+        // Clients go through the other sites, as a load balancer whose checks of the paused
+        // site time out would send them (a paused process answers no one).
+        let w = workload(c, through: c.options.sites.filter { $0 != old })
         w.start()
         try await sleep(1)
         let pausedAt = Date()
@@ -123,7 +127,9 @@ struct FireDrillTests {
         try c.startAll()
         let primary = try #require(await c.waitForPrimary())
         let replica = try #require(c.options.sites.first { $0 != primary })
-        let w = workload(c)
+        // Clients go through the sites the load balancer keeps (the cut-off one would make
+        // them wait for a primary it cannot reach).
+        let w = workload(c, through: c.options.sites.filter { $0 != replica })
         w.start()
         try await sleep(1)
         let cutAt = Date()
@@ -146,18 +152,20 @@ struct FireDrillTests {
         try c.startAll()
         let primary = try #require(await c.waitForPrimary())
         let lost = try #require(c.options.sites.first { $0 != primary })
-        let w = workload(c)
+        let w = workload(c, through: c.options.sites.filter { $0 != lost })
         w.start()
         try await sleep(2)
         c.signal(lost, SIGKILL)
         try c.wipe(lost)
         try await sleep(1)
-        try c.start(lost)
+        try c.start(lost)  // --rejoin: it abstains from elections until it hears the primary
         try await sleep(3)
         await w.stop()
         try await expectKept(c, w, "empty data directory")
         let s = await c.status(lost)
         #expect(s?["role"] as? String == "follower")
+        let log = try String(contentsOfFile: c.logPath(lost), encoding: .utf8)
+        #expect(log.contains("event=rejoining") && log.contains("event=rejoined"), "the rebuilt site abstained, then rejoined")
     }
 
     @Test("switchover under load: no write fails, and the pause is measured")
