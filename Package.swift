@@ -92,7 +92,7 @@ let package = Package(
             path: "Sources/tandem-sim", swiftSettings: strict),
         .executableTarget(
             name: "tandem-bench",
-            dependencies: ["TandemWAL", "TandemStore", "TandemSimulation", "TandemTransport",
+            dependencies: ["TandemWAL", "TandemStore", "TandemSimulation", "TandemTransport", "TandemDrill",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandem-bench", swiftSettings: strict),
 

@@ -18,4 +18,10 @@ for b in wal recovery apply sim transport; do
   echo "$out"
   echo "$out" | grep -q '"bench"' || { echo "tandem-bench $b printed no result" >&2; exit 1; }
 done
-echo "benchmarks: 5 passed, 0 failed"
+# The cluster benchmark on real tandemd processes, quick: it must run end to end.
+out=$("$bench" cluster --quick --deploy Deploy 2>/dev/null)
+echo "$out"
+for figure in floor commit_latency throughput linearizable_read catch_up failover; do
+  echo "$out" | grep -q "\"figure\":\"$figure\"" || { echo "tandem-bench cluster printed no $figure figure" >&2; exit 1; }
+done
+echo "benchmarks: 6 passed, 0 failed"

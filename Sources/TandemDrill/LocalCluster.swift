@@ -247,6 +247,20 @@ public enum HTTP {
         return Answer(status: h?.statusCode ?? 0, body: data, headers: headers)
     }
 
+    /// POSTs raw bytes (a document) with the given headers.
+    public static func upload(_ url: String, token: String, body: [UInt8], headers: [String: String]) async throws -> Answer {
+        guard let u = URL(string: url) else { throw DrillError("bad URL \(url)") }
+        var r = URLRequest(url: u)
+        r.httpMethod = "POST"
+        r.timeoutInterval = 120
+        r.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization")
+        for (k, v) in headers { r.setValue(v, forHTTPHeaderField: k) }
+        r.httpBody = Data(body)
+        let (data, response) = try await session.data(for: r)
+        let h = response as? HTTPURLResponse
+        return Answer(status: h?.statusCode ?? 0, body: data, headers: [:])
+    }
+
     public static func status(_ method: String, _ url: String) async throws -> Int {
         try await call(method, url, timeout: 2).status
     }

@@ -14,7 +14,7 @@ struct TandemBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tandem-bench",
         abstract: "Measure Tandem's storage, log and replication performance.",
-        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self, SimBench.self, TransportBench.self])
+        subcommands: [WALBench.self, RecoveryBench.self, ApplyBench.self, SimBench.self, TransportBench.self, ClusterBench.self, HTTPLoadBench.self])
 }
 
 struct CommonOptions: ParsableArguments {

@@ -1,0 +1,395 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import TandemDrill
+import TandemModel
+import TandemStore
+
+/// `tandem-bench cluster`: three real tandemd processes on loopback with TLS and the
+/// default settings, measured through the HTTP API as a client sees them.
+struct ClusterBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cluster",
+        abstract: "Latency, throughput, failover, catch-up and memory of real tandemd processes on loopback.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Seconds per throughput measurement.") var seconds = 5.0
+    @Option(help: "Failover rounds.") var failovers = 20
+    @Option(help: "MiB of log written while a site is down, for the catch-up figure.") var catchUpMiB = 1024
+    @Option(help: "The Deploy directory (make-certs.sh).") var deploy = "Deploy"
+
+    func run() async throws {
+        let bin = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
+        let quick = common.quick
+        let secs = quick ? 0.5 : seconds
+        let dir = try common.scratch("cluster")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+
+        // The floor no synchronous replication can beat: one loopback round trip and one fdatasync.
+        let rtt = try loopbackRoundTrip(samples: quick ? 200 : 2000)
+        let fsyncMicroseconds = try measureFsync(dir: dir, samples: quick ? 50 : 500)
+        let fsync = (p50: fsyncMicroseconds.p50 / 1e6, p99: fsyncMicroseconds.p99 / 1e6)
+        let floor = rtt.p50 + fsync.p50
+        emit(["bench": "cluster", "figure": "floor", "loopback_rtt_p50_ms": round3(rtt.p50 * 1e3),
+              "fdatasync_p50_ms": round3(fsync.p50 * 1e3), "floor_p50_ms": round3(floor * 1e3)])
+        note(String(format: "floor: loopback round trip %.3f ms + fdatasync %.3f ms = %.3f ms", rtt.p50 * 1e3, fsync.p50 * 1e3, floor * 1e3))
+
+        var options = LocalCluster.Options()
+        options.leaseMilliseconds = 2000
+        options.heartbeatMilliseconds = 500
+        options.jitterMilliseconds = 300
+        options.transferTimeoutMilliseconds = 4000
+        let c = try LocalCluster(options: options, binDirectory: bin, deployDirectory: deploy, dir: dir + "/three")
+        defer { c.stopAll() }
+        try c.startAll()
+        guard let primary = await c.waitForPrimary(seconds: 30) else { throw DrillError("no primary came up") }
+        let replica = c.options.sites.first { $0 != primary } ?? primary
+        _ = try await HTTP.call("POST", c.url(primary) + "/v1/execute", token: c.token,
+                                json: ["statements": [["sql": "CREATE TABLE bench (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]]])
+        let value = String(repeating: "x", count: 256)
+        let counter = Counter()
+        @Sendable func write256(_ site: String) async -> Bool {
+            let id = counter.next()
+            let a = try? await HTTP.call("POST", c.url(site) + "/v1/execute", token: c.token,
+                                         json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [id, value]]]])
+            return a?.status == 200
+        }
+
+        // Memory at rest.
+        let idle = c.options.sites.map { ($0, rssMiB(c.pid($0))) }
+        emit(["bench": "cluster", "figure": "memory_idle", "rss_mib": Dictionary(uniqueKeysWithValues: idle.map { ($0.0, $0.1) })])
+
+        // Commit latency, one client, on the primary and through a replica (forwarded).
+        for (name, site) in [("primary", primary), ("replica", replica)] {
+            var lat: [Double] = []
+            for _ in 0..<(quick ? 50 : 1000) {
+                let t = monotonicNanoseconds()
+                if await write256(site) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            }
+            lat.sort()
+            let p50 = percentile(lat, 0.5), p99 = percentile(lat, 0.99)
+            emit(["bench": "cluster", "figure": "commit_latency", "through": name, "clients": 1, "value_bytes": 256,
+                  "p50_ms": round3(p50 * 1e3), "p99_ms": round3(p99 * 1e3), "ratio_to_floor_p50": round3(p50 / floor), "target_ratio": 1.5])
+            note(String(format: "commit latency via %@: p50 %.2f ms, p99 %.2f ms (%.2f× the floor; target ≤ 1.5)", name, p50 * 1e3, p99 * 1e3, p50 / floor))
+        }
+
+        // Throughput at 1, 16 and 64 clients, 256-byte writes, with the clients' CPU share
+        // and the primary's fdatasyncs per write (group commit).
+        var loadedRSS: [String: Double] = [:]
+        for clients in [1, 16, 64] {
+            let fsyncsBefore = try await fsyncCount(c, primary)
+            let (n, wall, cpu) = await drive(clients: clients, seconds: secs) { _ in await write256(primary) } sample: {
+                if clients == 64 { for s in c.options.sites { loadedRSS[s] = max(loadedRSS[s] ?? 0, rssMiB(c.pid(s))) } }
+            }
+            let fsyncs = try await fsyncCount(c, primary) - fsyncsBefore
+            let perFsync = fsyncs > 0 ? Double(n) / Double(fsyncs) : 0
+            emit(["bench": "cluster", "figure": "throughput", "workload": "write_256b", "clients": clients, "writes_per_second": Int(Double(n) / wall),
+                  "client_cpu_share": round3(cpu), "writes_per_fdatasync": round3(perFsync),
+                  "group_commit_efficiency": round3(min(1, perFsync / Double(clients)))])
+            note(String(format: "throughput, %d clients: %.0f writes/s (clients used %.0f%% of a core; %.1f writes per fdatasync)",
+                        clients, Double(n) / wall, cpu * 100, perFsync))
+        }
+        emit(["bench": "cluster", "figure": "memory_under_64_clients", "rss_mib": loadedRSS])
+
+        // The telehealth mix: bookings, cancellations, reports, small documents.
+        let mixCounter = Counter()
+        @Sendable func mixed(_ i: Int) async -> Bool {
+            let k = mixCounter.next()
+            let site = c.options.sites[k % c.options.sites.count]
+            switch k % 10 {
+            case 0..<6:
+                let minutes = k * 30
+                let body: [String: Any] = ["practitioner": "BENCH-DR-\(k % 50)", "patient": "BENCH-P-\(k)",
+                                           "starts_at": String(format: "2031-%02d-%02dT%02d:%02d:00Z", 1 + (minutes / 40320) % 12, 1 + (minutes / 1440) % 28,
+                                                               (minutes / 60) % 24, minutes % 60),
+                                           "duration_minutes": 20]
+                return (try? await HTTP.call("POST", c.url(site) + "/v1/appointments", token: c.token, json: body))?.status == 201
+            case 6:
+                let a = try? await HTTP.call("POST", c.url(site) + "/v1/appointments/\(max(1, k / 2))/cancel", token: c.token)
+                return a.map { [200, 404, 409].contains($0.status) } ?? false
+            case 7, 8:
+                let report = String(repeating: "Consultation report. ", count: 100)
+                return (try? await HTTP.call("POST", c.url(site) + "/v1/execute", token: c.token, json: ["statements": [
+                    ["sql": "INSERT OR IGNORE INTO patients (reference) VALUES (?)", "params": ["BENCH-R-\(k)"]],
+                    ["sql": "INSERT INTO documents (patient_id, kind, content_type, size, sha256, bytes) SELECT id, 'report', 'text/plain', ?, ?, ? FROM patients WHERE reference = ?",
+                     "params": [report.utf8.count, SHA.hex(Array(report.utf8)), ["base64": Data(report.utf8).base64EncodedString()], "BENCH-R-\(k)"]],
+                ]]))?.status == 200
+            default:
+                var doc = [UInt8](repeating: 0, count: 16 << 10)
+                for j in stride(from: 0, to: doc.count, by: 64) { doc[j] = UInt8(truncatingIfNeeded: k &+ j) }
+                return (try? await HTTP.upload(c.url(site) + "/v1/documents", token: c.token, body: doc,
+                                               headers: ["Tandem-Patient": "BENCH-U-\(k)", "Content-Type": "application/pdf"]))?.status == 201
+            }
+        }
+        for clients in [16, 64] {
+            let (n, wall, cpu) = await drive(clients: clients, seconds: secs, op: mixed)
+            emit(["bench": "cluster", "figure": "throughput", "workload": "telehealth_mix", "clients": clients,
+                  "operations_per_second": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
+            note(String(format: "telehealth mix, %d clients: %.0f operations/s", clients, Double(n) / wall))
+        }
+
+        // Linearizable reads on the primary and through a replica (forwarded to the primary).
+        for (name, site) in [("primary", primary), ("replica", replica)] {
+            @Sendable func read(_ i: Int) async -> Bool {
+                (try? await HTTP.call("POST", c.url(site) + "/v1/query", token: c.token,
+                                      json: ["sql": "SELECT v FROM bench WHERE id = ?", "params": [1 + i % 100]]))?.status == 200
+            }
+            var lat: [Double] = []
+            for i in 0..<(quick ? 50 : 1000) {
+                let t = monotonicNanoseconds()
+                if await read(i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            }
+            lat.sort()
+            let (n, wall, cpu) = await drive(clients: 16, seconds: secs, op: read)
+            emit(["bench": "cluster", "figure": "linearizable_read", "through": name, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
+                  "p99_ms": round3(percentile(lat, 0.99) * 1e3), "reads_per_second_16_clients": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
+            note(String(format: "linearizable reads via %@: p50 %.2f ms, %.0f reads/s with 16 clients", name, percentile(lat, 0.5) * 1e3, Double(n) / wall))
+        }
+
+        // Documents of growing size.
+        for size in [1 << 10, 1 << 20, 10 << 20] {
+            var doc = [UInt8](repeating: 0, count: size)
+            var g = SeededRandom(seed: UInt64(size))
+            for j in stride(from: 0, to: size, by: 8) { doc[j] = UInt8(truncatingIfNeeded: g.next()) }
+            var lat: [Double] = []
+            for i in 0..<(quick ? 3 : (size > 1 << 20 ? 10 : 50)) {
+                let t = monotonicNanoseconds()
+                let a = try await HTTP.upload(c.url(primary) + "/v1/documents", token: c.token, body: doc,
+                                              headers: ["Tandem-Patient": "BENCH-DOC-\(size)-\(i)", "Content-Type": "application/octet-stream"])
+                if a.status == 201 { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            }
+            lat.sort()
+            emit(["bench": "cluster", "figure": "document_write_latency", "bytes": size, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
+                  "samples": lat.count])
+            note(String(format: "document of %d bytes: write p50 %.1f ms", size, percentile(lat, 0.5) * 1e3))
+        }
+
+        // Catch-up: a site down while the others write, then back.
+        do {
+            let lagging = c.options.sites.first { $0 != primary } ?? primary
+            c.signal(lagging, SIGKILL)
+            let mib = quick ? 16 : catchUpMiB
+            var bytes = [UInt8](repeating: 0, count: 1 << 20)
+            var g = SeededRandom(seed: 99)
+            for j in stride(from: 0, to: bytes.count, by: 8) { bytes[j] = UInt8(truncatingIfNeeded: g.next()) }
+            let doc = bytes
+            let uploads = Counter()
+            _ = await drive(clients: 8, seconds: 3600) { _ in
+                let k = uploads.next()
+                if k >= mib { return false }
+                return (try? await HTTP.upload(c.url(primary) + "/v1/documents", token: c.token, body: doc,
+                                               headers: ["Tandem-Patient": "BENCH-CATCHUP-\(k)"]))?.status == 201
+            } stopWhen: { uploads.value >= mib }
+            let target = (try await HTTP.json("GET", c.url(primary) + "/status"))["site"] as? [String: Any]
+            let commit = target?["commit_lsn"] as? Int ?? 0
+            let t = monotonicNanoseconds()
+            try c.start(lagging)
+            var caughtUp = false
+            while !caughtUp && Double(monotonicNanoseconds() - t) / 1e9 < 600 {
+                let s = await c.status(lagging)
+                caughtUp = (s?["applied_lsn"] as? Int ?? 0) >= commit
+                if !caughtUp { try await Task.sleep(nanoseconds: 50_000_000) }
+            }
+            let took = Double(monotonicNanoseconds() - t) / 1e9
+            emit(["bench": "cluster", "figure": "catch_up", "path": "log", "mib": mib, "seconds": round3(took),
+                  "mb_per_second": round3(Double(mib) * 1.048576 / took), "caught_up": caughtUp])
+            note(String(format: "catch-up of %d MiB of log: %.1f s (%.0f MB/s)", mib, took, Double(mib) * 1.048576 / took))
+        }
+
+        // Failover: kill -9 of the primary, until a write succeeds again.
+        var times: [Double] = []
+        for round in 0..<(quick ? 2 : failovers) {
+            guard let p = await c.waitForPrimary(seconds: 30) else { break }
+            let survivors = c.options.sites.filter { $0 != p }
+            let t = monotonicNanoseconds()
+            c.signal(p, SIGKILL)
+            var ok = false
+            var k = 0
+            while !ok && Double(monotonicNanoseconds() - t) / 1e9 < 30 {
+                ok = await write256(survivors[k % survivors.count])
+                k += 1
+            }
+            times.append(Double(monotonicNanoseconds() - t) / 1e9)
+            try c.start(p)
+            note(String(format: "failover %d: writes succeed again %.2f s after the kill", round + 1, times.last ?? 0))
+            try await Task.sleep(nanoseconds: 1_500_000_000)
+        }
+        times.sort()
+        emit(["bench": "cluster", "figure": "failover", "rounds": times.count, "p50_s": round3(percentile(times, 0.5)),
+              "p99_s": round3(percentile(times, 0.99)), "lease_ms": options.leaseMilliseconds])
+        c.stopAll()
+
+        // How cost grows with the cluster: commit latency with five sites against three.
+        var five = options
+        five.sites = ["s1", "s2", "s3", "s4", "s5"]
+        let c5 = try LocalCluster(options: five, binDirectory: bin, deployDirectory: deploy, dir: dir + "/five")
+        defer { c5.stopAll() }
+        try c5.startAll()
+        if let p5 = await c5.waitForPrimary(seconds: 30) {
+            _ = try await HTTP.call("POST", c5.url(p5) + "/v1/execute", token: c5.token,
+                                    json: ["statements": [["sql": "CREATE TABLE bench (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]]])
+            var lat: [Double] = []
+            for i in 0..<(quick ? 50 : 1000) {
+                let t = monotonicNanoseconds()
+                let a = try? await HTTP.call("POST", c5.url(p5) + "/v1/execute", token: c5.token,
+                                             json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [i, value]]]])
+                if a?.status == 200 { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            }
+            lat.sort()
+            emit(["bench": "cluster", "figure": "commit_latency", "through": "primary", "sites": 5, "clients": 1,
+                  "p50_ms": round3(percentile(lat, 0.5) * 1e3), "p99_ms": round3(percentile(lat, 0.99) * 1e3)])
+            note(String(format: "five sites: commit latency p50 %.2f ms", percentile(lat, 0.5) * 1e3))
+        }
+    }
+}
+
+/// A shared counter for load generators.
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func next() -> Int { lock.withLock { defer { n += 1 }; return n } }
+    var value: Int { lock.withLock { n } }
+}
+
+/// Runs `clients` concurrent loops of `op` for `seconds`; returns (successes, wall seconds,
+/// this process's CPU share of one core: the load generator's own cost).
+func drive(clients: Int, seconds: Double, op: @escaping @Sendable (Int) async -> Bool,
+           sample: @escaping () -> Void = {}, stopWhen: @escaping @Sendable () -> Bool = { false }) async -> (Int, Double, Double) {
+    let done = Counter()
+    let cpu0 = processCPUSeconds()
+    let t0 = monotonicNanoseconds()
+    let end = t0 + UInt64(seconds * 1e9)
+    await withTaskGroup(of: Void.self) { group in
+        for i in 0..<clients {
+            group.addTask {
+                var k = i
+                while monotonicNanoseconds() < end && !stopWhen() {
+                    if await op(k) { _ = done.next() }
+                    k += clients
+                }
+            }
+        }
+        while monotonicNanoseconds() < end && !stopWhen() {
+            sample()
+            try? await Task.sleep(nanoseconds: 200_000_000)
+            if group.isEmpty { break }
+        }
+        await group.waitForAll()
+    }
+    let wall = Double(monotonicNanoseconds() - t0) / 1e9
+    return (done.value, wall, (processCPUSeconds() - cpu0) / wall)
+}
+
+func processCPUSeconds() -> Double {
+    var u = rusage()
+    getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &u)
+    return Double(u.ru_utime.tv_sec) + Double(u.ru_utime.tv_usec) / 1e6 + Double(u.ru_stime.tv_sec) + Double(u.ru_stime.tv_usec) / 1e6
+}
+
+/// Resident memory of a process, MiB (from /proc).
+func rssMiB(_ pid: Int32?) -> Double {
+    guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+          let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
+    let kb = Double(line.split(separator: " ").dropFirst().first.map(String.init) ?? "") ?? 0
+    return (kb / 1024 * 10).rounded() / 10
+}
+
+/// The primary's count of fdatasyncs so far (its /metrics).
+func fsyncCount(_ c: LocalCluster, _ site: String) async throws -> Int {
+    let a = try await HTTP.call("GET", c.url(site) + "/metrics")
+    let text = String(decoding: a.body, as: UTF8.self)
+    guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("tandem_fsync_seconds_count") }) else { return 0 }
+    return Int(Double(line.split(separator: " ").last ?? "") ?? 0)
+}
+
+/// Loopback TCP round trip of a small message.
+func loopbackRoundTrip(samples: Int) throws -> (p50: Double, p99: Double) {
+    var fds: [Int32] = [0, 0]
+    // A real TCP connection on loopback (not a socketpair): what the sites use.
+    let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(listener) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &addr) { a in a.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, len) == 0 && getsockname(listener, $0, &len) == 0 } }
+    listen(listener, 1)
+    fds[0] = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    _ = withUnsafePointer(to: &addr) { a in a.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fds[0], $0, len) } }
+    fds[1] = accept(listener, nil, nil)
+    defer { close(fds[0]); close(fds[1]) }
+    var one: Int32 = 1
+    for fd in fds { setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size)) }
+    let server = fds[1]
+    let echo = Thread {
+        var b = [UInt8](repeating: 0, count: 64)
+        while true {
+            let n = read(server, &b, 64)
+            if n <= 0 { return }
+            _ = write(server, b, n)
+        }
+    }
+    echo.start()
+    var lat: [Double] = []
+    var b = [UInt8](repeating: 1, count: 64)
+    for _ in 0..<samples {
+        let t = monotonicNanoseconds()
+        _ = write(fds[0], b, 64)
+        var got = 0
+        while got < 64 {
+            let n = b.withUnsafeMutableBytes { read(fds[0], $0.baseAddress! + got, 64 - got) }
+            if n <= 0 { break }
+            got += n
+        }
+        lat.append(Double(monotonicNanoseconds() - t) / 1e9)
+    }
+    shutdown(fds[0], Int32(SHUT_RDWR))
+    lat.sort()
+    return (percentile(lat, 0.5), percentile(lat, 0.99))
+}
+
+/// SHA-256 hex, for benchmark documents.
+enum SHA {
+    static func hex(_ bytes: [UInt8]) -> String { SHA256Hasher.hex(SHA256Hasher.digest(bytes)) }
+}
+
+/// `tandem-bench http`: the same client and measurement as `cluster`, against any HTTP
+/// endpoint (etcd's JSON gateway in Deploy/bench/compare.sh), so both sides of a
+/// comparison are driven alike.
+struct HTTPLoadBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "http",
+        abstract: "Latency (1 client) and throughput (1, 16, 64 clients) of POSTs of a JSON body to a URL.")
+    @Option(help: "The URL to POST to.") var url: String
+    @Option(help: "The JSON body.") var body: String
+    @Option(help: "A label for the results (system name).") var system = "peer"
+    @Option(help: "Seconds per throughput measurement.") var seconds = 5.0
+    @Option(help: "Latency samples with one client.") var samples = 1000
+
+    func run() async throws {
+        guard let json = try? JSONSerialization.jsonObject(with: Data(body.utf8)) else { throw ValidationError("--body must be JSON") }
+        let box = JSONBox(json)
+        @Sendable func post(_ i: Int) async -> Bool {
+            let a = try? await HTTP.call("POST", url, json: box.value, timeout: 10)
+            return a.map { (200..<300).contains($0.status) } ?? false
+        }
+        var lat: [Double] = []
+        for i in 0..<samples {
+            let t = monotonicNanoseconds()
+            if await post(i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+        }
+        lat.sort()
+        emit(["bench": "peer", "system": system, "figure": "commit_latency", "clients": 1, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
+              "p99_ms": round3(percentile(lat, 0.99) * 1e3), "samples": lat.count])
+        for clients in [1, 16, 64] {
+            let (n, wall, cpu) = await drive(clients: clients, seconds: seconds, op: post)
+            emit(["bench": "peer", "system": system, "figure": "throughput", "workload": "write_256b", "clients": clients,
+                  "writes_per_second": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
+        }
+    }
+}
+
+/// A JSON value handed to concurrent clients (read only).
+final class JSONBox: @unchecked Sendable {
+    let value: Any
+    init(_ value: Any) { self.value = value }
+}
