@@ -81,11 +81,27 @@ public struct FireReport: Sendable {
     public var linearizableReads = 0
     public var missing: [String: [String]] = [:]
     public var appliedDespiteFailure: [String] = []
+    public var failureReasons: [String: String] = [:]
     public var linearizabilityViolations: [String] = []
     public var converged = false
     public var hashes: [String: String] = [:]
 
     public var passed: Bool { missing.isEmpty && appliedDespiteFailure.isEmpty && linearizabilityViolations.isEmpty && converged }
+
+    /// One machine-readable line (JSON), to track drills over time.
+    public var json: String {
+        let pauses = rounds.map(\.longestPause).sorted()
+        let o: [String: Any] = [
+            "drill": "kill_primary", "rounds": rounds.count,
+            "new_primary_after_s": rounds.map { $0.writesResumedAfter ?? -1 },
+            "write_pause_max_s": pauses.last ?? 0,
+            "write_pause_p99_s": pauses.isEmpty ? 0 : pauses[min(pauses.count - 1, Int(Double(pauses.count) * 0.99))],
+            "acknowledged": acknowledged, "failed_visibly": failedVisibly, "outcome_unknown": unknownOutcome,
+            "lost_acknowledged": missing.values.map(\.count).max() ?? 0, "applied_despite_failure": appliedDespiteFailure.count,
+            "linearizability_violations": linearizabilityViolations.count, "converged": converged, "passed": passed,
+        ]
+        return (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+    }
 
     public var text: String {
         var out: [String] = []
@@ -98,7 +114,10 @@ public struct FireReport: Sendable {
             + "(connection cut by the kill): \(unknownOutcome); linearizable reads: \(linearizableReads)")
         out.append(missing.isEmpty ? "lost acknowledged bookings: none (checked on every site)"
             : "LOST acknowledged bookings: " + missing.map { "\($0.key): \($0.value.count)" }.joined(separator: ", "))
-        if !appliedDespiteFailure.isEmpty { out.append("APPLIED although the client was told they failed: \(appliedDespiteFailure.count)") }
+        if !appliedDespiteFailure.isEmpty {
+            out.append("APPLIED although the client was told they failed: \(appliedDespiteFailure.count): "
+                + appliedDespiteFailure.prefix(3).map { "\($0) (\(failureReasons[$0] ?? "?"))" }.joined(separator: ", "))
+        }
         out.append(linearizabilityViolations.isEmpty ? "linearizable reads: all consistent"
             : "LINEARIZABILITY VIOLATIONS: \(linearizabilityViolations.count), first: \(linearizabilityViolations[0])")
         out.append(converged ? "every site holds the same state (hash \(hashes.values.first?.split(separator: ":").last.map { String($0.prefix(16)) } ?? "?")...)"
@@ -110,10 +129,13 @@ public struct FireReport: Sendable {
 public enum FireDrill {
     /// Runs a workload, kills the primary `rounds` times (restarting it after each round),
     /// then checks that nothing acknowledged was lost and that the sites converged.
+    /// `through`: where clients send their calls (default: every site in turn; a load
+    /// balancer's address in the HAProxy drill).
     public static func run(_ cluster: any ClusterControl, rounds: Int = 3, secondsPerRound: Double = 6, writers: Int = 8,
+                           through: [String: String]? = nil,
                            say: @Sendable (String) -> Void = { _ in }) async throws -> FireReport {
         guard await primary(cluster, seconds: 30) != nil else { throw DrillError("no primary came up") }
-        let workload = Workload(urls: Dictionary(uniqueKeysWithValues: cluster.siteNames.map { ($0, cluster.url($0)) }),
+        let workload = Workload(urls: through ?? Dictionary(uniqueKeysWithValues: cluster.siteNames.map { ($0, cluster.url($0)) }),
                                 token: cluster.token, writers: writers, readers: 2)
         workload.start()
         var report = FireReport()
@@ -140,6 +162,7 @@ public enum FireDrill {
         let (missing, present) = try await DrillCheck.check(cluster, workload, sites: sites)
         report.missing = missing
         report.appliedDespiteFailure = workload.failures.keys.filter { present.contains($0) }.sorted()
+        report.failureReasons = workload.failures
         report.linearizabilityViolations = workload.linearizabilityViolations()
         (report.converged, report.hashes) = try await DrillCheck.converged(cluster, sites: sites)
         return report

@@ -198,7 +198,7 @@ public final class LocalCluster: @unchecked Sendable {
         (try? await HTTP.json("GET", url(site) + "/status"))?["site"] as? [String: Any]
     }
 
-    func freePort() throws -> UInt16 {
+    public func freePort() throws -> UInt16 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { Glibc.close(fd) }
         var addr = sockaddr_in()

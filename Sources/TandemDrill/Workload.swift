@@ -88,8 +88,10 @@ public final class Workload: @unchecked Sendable {
             let done = Date()
             if a.status == 201, let lsn = a.json["lsn"] as? Int {
                 lock.withLock { acks.append(Ack(key: key, lsn: lsn, invoked: at, acknowledged: done)) }
-            } else if a.status == 503 && a.errorCode == "outcome_unknown" {
-                lock.withLock { unknown[key] = "503 outcome_unknown" }
+            } else if a.errorCode == "outcome_unknown" || (a.status >= 500 && a.errorCode == nil) {
+                // A 5xx without Tandem's JSON error comes from a load balancer, which may have
+                // cut a request a site was carrying out: the outcome is unknown.
+                lock.withLock { unknown[key] = "\(a.status) \(a.errorCode ?? "from the load balancer")" }
             } else {
                 lock.withLock { failed[key] = "\(a.status) \(a.errorCode ?? "")" }
                 if a.status == 503 { try? await Task.sleep(nanoseconds: 50_000_000) }

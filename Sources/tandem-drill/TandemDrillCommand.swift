@@ -41,6 +41,7 @@ struct TandemDrillCommand: AsyncParsableCommand {
         print("fire drill: \(rounds) rounds, \(writers) writers booking teleconsultations through every site, 2 linearizable readers")
         let report = try await FireDrill.run(cluster, rounds: rounds, secondsPerRound: seconds, writers: writers) { print($0) }
         print(report.text)
+        print(report.json)
         if !report.passed { throw ExitCode(1) }
     }
 }
