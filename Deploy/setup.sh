@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system libraries Tandem builds against, when they are missing:
 # liblz4-dev (LZ4), libssl-dev (OpenSSL 3: TLS, SHA-256), libsqlite3-dev (SQLite with the
-# session extension), pkg-config, and the openssl and curl commands (certificates, the
-# local cluster). Needs root for apt-get; otherwise prints the command.
+# session extension), pkg-config, and the openssl, curl and haproxy commands (certificates,
+# the local cluster, the load-balancer fire drill). Needs root for apt-get; otherwise prints the command.
 set -euo pipefail
 
 needed=()
-for pkg in liblz4-dev libssl-dev libsqlite3-dev pkg-config openssl curl; do
+for pkg in liblz4-dev libssl-dev libsqlite3-dev pkg-config openssl curl haproxy; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
     needed+=("$pkg")
   fi
