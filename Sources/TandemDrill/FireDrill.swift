@@ -47,8 +47,15 @@ public final class ScriptedLocalCluster: ClusterControl, @unchecked Sendable {
         let path = root + "/\(site).pid"
         guard let text = FileManager.default.contents(atPath: path).map({ String(decoding: $0, as: UTF8.self) }),
               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw DrillError("no pid file \(path)") }
+        // A stale pid file must not kill an unrelated process.
+        let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) } ?? ""
+        guard cmdline.contains("tandemd") else { throw DrillError("pid \(pid) in \(path) is not a tandemd process") }
         kill(pid, SIGKILL)
-        while kill(pid, 0) == 0 { usleep(10_000) }
+        var waited = 0
+        while kill(pid, 0) == 0 && waited < 1_000 {
+            usleep(10_000)
+            waited += 1
+        }
         try? FileManager.default.removeItem(atPath: path)
     }
 
@@ -66,6 +73,8 @@ public final class ScriptedLocalCluster: ClusterControl, @unchecked Sendable {
 public struct FireRound: Sendable {
     public var killed: String
     public var newPrimary: String?
+    /// From the kill until another site answered 200 on /primary.
+    public var newPrimaryAfter: Double?
     /// From the kill to the first write acknowledged after it.
     public var writesResumedAfter: Double?
     /// The longest stretch without an acknowledged write, around the kill.
@@ -93,7 +102,8 @@ public struct FireReport: Sendable {
         let pauses = rounds.map(\.longestPause).sorted()
         let o: [String: Any] = [
             "drill": "kill_primary", "rounds": rounds.count,
-            "new_primary_after_s": rounds.map { $0.writesResumedAfter ?? -1 },
+            "new_primary_after_s": rounds.map { $0.newPrimaryAfter ?? -1 },
+            "writes_resumed_after_s": rounds.map { $0.writesResumedAfter ?? -1 },
             "write_pause_max_s": pauses.last ?? 0,
             "write_pause_p99_s": pauses.isEmpty ? 0 : pauses[min(pauses.count - 1, Int(Double(pauses.count) * 0.99))],
             "acknowledged": acknowledged, "failed_visibly": failedVisibly, "outcome_unknown": unknownOutcome,
@@ -107,7 +117,8 @@ public struct FireReport: Sendable {
         var out: [String] = []
         for (i, r) in rounds.enumerated() {
             let resumed = r.writesResumedAfter.map { String(format: "%.2f s", $0) } ?? "never"
-            out.append("round \(i + 1): killed the primary \(r.killed) with SIGKILL; new primary: \(r.newPrimary ?? "none"); "
+            let elected = r.newPrimaryAfter.map { String(format: "%.2f s", $0) } ?? "-"
+            out.append("round \(i + 1): killed the primary \(r.killed) with SIGKILL; new primary: \(r.newPrimary ?? "none") after \(elected); "
                 + "writes resumed after \(resumed); longest pause \(String(format: "%.2f s", r.longestPause))")
         }
         out.append("bookings acknowledged: \(acknowledged); refused visibly: \(failedVisibly); outcome unknown to the client "
@@ -132,12 +143,23 @@ public enum FireDrill {
     /// `through`: where clients send their calls (default: every site in turn; a load
     /// balancer's address in the HAProxy drill).
     public static func run(_ cluster: any ClusterControl, rounds: Int = 3, secondsPerRound: Double = 6, writers: Int = 8,
-                           through: [String: String]? = nil,
+                           through: [String: String]? = nil, readsThrough: [String: String]? = nil,
                            say: @Sendable (String) -> Void = { _ in }) async throws -> FireReport {
         guard await primary(cluster, seconds: 30) != nil else { throw DrillError("no primary came up") }
         let workload = Workload(urls: through ?? Dictionary(uniqueKeysWithValues: cluster.siteNames.map { ($0, cluster.url($0)) }),
-                                token: cluster.token, writers: writers, readers: 2)
+                                token: cluster.token, writers: writers, readers: 2, readURLs: readsThrough)
         workload.start()
+        do {
+            return try await drill(cluster, workload, rounds: rounds, secondsPerRound: secondsPerRound, say: say)
+        } catch {
+            // Never leave clients looping against ports a later drill may reuse.
+            await workload.stop()
+            throw error
+        }
+    }
+
+    static func drill(_ cluster: any ClusterControl, _ workload: Workload, rounds: Int, secondsPerRound: Double,
+                       say: @Sendable (String) -> Void) async throws -> FireReport {
         var report = FireReport()
         try await Task.sleep(nanoseconds: UInt64(secondsPerRound / 3 * 1e9))
         for round in 1...max(1, rounds) {
@@ -146,11 +168,13 @@ public enum FireDrill {
             try cluster.killSite(victim)
             say("round \(round): killed the primary, \(victim), with SIGKILL")
             let next = await primary(cluster, seconds: 20, excluding: victim)
-            say("round \(round): new primary \(next ?? "none") after \(String(format: "%.2f", Date().timeIntervalSince(killedAt))) s")
+            let electedAfter = next.map { _ in Date().timeIntervalSince(killedAt) }
+            say("round \(round): new primary \(next ?? "none") after \(String(format: "%.2f", electedAfter ?? -1)) s")
             try await Task.sleep(nanoseconds: UInt64(secondsPerRound / 2 * 1e9))
             try cluster.startSite(victim)
             try await Task.sleep(nanoseconds: UInt64(secondsPerRound / 2 * 1e9))
-            report.rounds.append(FireRound(killed: victim, newPrimary: next, writesResumedAfter: workload.firstAck(after: killedAt),
+            report.rounds.append(FireRound(killed: victim, newPrimary: next, newPrimaryAfter: electedAfter,
+                                           writesResumedAfter: workload.firstAck(after: killedAt),
                                            longestPause: workload.longestPause(from: killedAt.addingTimeInterval(-1), to: Date())))
         }
         await workload.stop()

@@ -1,12 +1,10 @@
 import Foundation
 import Glibc
 
-/// HAProxy in front of a local cluster, configured as Deploy/haproxy/haproxy.cfg (plain
-/// HTTP variant): writes to the site answering 200 on /primary, reads to the sites
-/// answering 200 on /read-only, HEAD checks with fall/rise counts and
-/// `on-marked-down shutdown-sessions`. Every site is also a backup for writes, so while
-/// no site passes /primary (an election) writes go to a site that waits for the next
-/// primary and forwards: clients see a pause, not an error.
+/// HAProxy in front of a local cluster, run from Deploy/haproxy/haproxy-plain.cfg with its
+/// addresses replaced by the cluster's loopback ports: writes to the site answering 200 on
+/// /primary (any live site during an election), reads to the sites answering 200 on
+/// /read-only, HEAD checks with fall/rise counts and `on-marked-down shutdown-sessions`.
 public final class HAProxyFront: @unchecked Sendable {
     public let writePort: UInt16
     public let readPort: UInt16
@@ -18,59 +16,50 @@ public final class HAProxyFront: @unchecked Sendable {
         ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"].first { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    public init(cluster: LocalCluster) throws {
+    /// `deployDirectory`: where haproxy/haproxy-plain.cfg is. The cluster's sites must be
+    /// sbg, gra and rbx, as in that file.
+    public init(cluster: LocalCluster, deployDirectory: String) throws {
         guard let haproxy = Self.path else { throw DrillError("haproxy is not installed (Deploy/setup.sh installs it)") }
+        let template = deployDirectory + "/haproxy/haproxy-plain.cfg"
+        guard var config = FileManager.default.contents(atPath: template).map({ String(decoding: $0, as: UTF8.self) }) else {
+            throw DrillError("cannot read \(template)")
+        }
         writePort = try cluster.freePort()
         readPort = try cluster.freePort()
-        configPath = cluster.dir + "/haproxy.cfg"
-        var servers = "", backups = "", readers = ""
-        for s in cluster.options.sites {
-            let port = cluster.httpPorts[s]!
-            servers += "    server \(s) 127.0.0.1:\(port) check\n"
-            backups += "    server \(s)-any 127.0.0.1:\(port) backup\n"
-            readers += "    server \(s) 127.0.0.1:\(port) check\n"
+        let addresses = ["sbg": "10.10.1.10:8401", "gra": "10.20.1.10:8401", "rbx": "10.30.1.10:8401"]
+        for (site, address) in addresses {
+            guard let port = cluster.httpPorts[site] else { throw DrillError("the HAProxy drill needs sites sbg, gra and rbx") }
+            config = config.replacingOccurrences(of: address, with: "127.0.0.1:\(port)")
         }
-        let config = """
-            global
-                maxconn 2048
-            defaults
-                mode http
-                timeout connect 1s
-                timeout client 30s
-                timeout server 30s
-                timeout queue 10s
-                retries 2
-                option redispatch
-                default-server inter 200ms fastinter 100ms downinter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
-            frontend writes
-                bind 127.0.0.1:\(writePort)
-                default_backend tandem_primary
-            frontend reads
-                bind 127.0.0.1:\(readPort)
-                default_backend tandem_read_only
-            backend tandem_primary
-                option httpchk
-                http-check send meth HEAD uri /primary
-                http-check expect status 200
-            \(servers)\(backups)
-            backend tandem_read_only
-                balance roundrobin
-                option httpchk
-                http-check send meth HEAD uri /read-only
-                http-check expect status 200
-            \(readers)
-            """
+        config = config.replacingOccurrences(of: "bind :8080", with: "bind 127.0.0.1:\(writePort)")
+            .replacingOccurrences(of: "bind :8081", with: "bind 127.0.0.1:\(readPort)")
+            .replacingOccurrences(of: "log stdout format raw local0", with: "")
+            .replacingOccurrences(of: "log global", with: "")
+        configPath = cluster.dir + "/haproxy.cfg"
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
+        let logPath = cluster.dir + "/haproxy.log"
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = FileHandle(forWritingAtPath: logPath) ?? FileHandle.nullDevice
         process = Process()
         process.executableURL = URL(fileURLWithPath: haproxy)
         process.arguments = ["-db", "-f", configPath]
-        let log = FileHandle(forWritingAtPath: cluster.dir + "/haproxy.log") ?? FileHandle.nullDevice
         process.standardOutput = log
         process.standardError = log
-        if !FileManager.default.fileExists(atPath: cluster.dir + "/haproxy.log") {
-            _ = FileManager.default.createFile(atPath: cluster.dir + "/haproxy.log", contents: nil)
-        }
         try process.run()
+        // It must be up: listening on the write port within a few seconds.
+        for _ in 0..<100 {
+            guard process.isRunning else { throw DrillError("haproxy exited at start; see \(logPath)") }
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_port = writePort.bigEndian
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+            Glibc.close(fd)
+            if ok { return }
+            usleep(50_000)
+        }
+        throw DrillError("haproxy did not listen on 127.0.0.1:\(writePort); see \(logPath)")
     }
 
     public var writeURL: String { "http://127.0.0.1:\(writePort)" }

@@ -72,12 +72,18 @@ public final class TCPProxy: @unchecked Sendable {
             addr.sin_port = targetPort.bigEndian
             addr.sin_addr.s_addr = inet_addr("127.0.0.1")
             let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            guard rc == 0 else {
+            // Registered under the lock that `cut` takes: a connection made across a cut
+            // is dropped here rather than surviving it.
+            let admitted = rc == 0 && lock.withLock { () -> Bool in
+                guard !isCut && !stopped else { return false }
+                open += [client, server]
+                return true
+            }
+            guard admitted else {
                 Glibc.close(server)
                 Glibc.close(client)
                 continue
             }
-            lock.withLock { open += [client, server] }
             // Both sockets are closed by whichever direction finishes last, so neither
             // thread ever touches a closed (and maybe reused) descriptor.
             let pending = Countdown(2)

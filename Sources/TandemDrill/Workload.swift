@@ -36,8 +36,12 @@ public final class Workload: @unchecked Sendable {
     private var tasks: [Task<Void, Never>] = []
     private let prefix = "D\(Int(Date().timeIntervalSince1970) % 100_000)"
 
-    public init(urls: [String: String], token: String, writers: Int = 8, readers: Int = 2) {
+    /// Where readers send their linearizable reads (default: `urls`).
+    public let readURLs: [String: String]
+
+    public init(urls: [String: String], token: String, writers: Int = 8, readers: Int = 2, readURLs: [String: String]? = nil) {
         self.urls = urls
+        self.readURLs = readURLs ?? urls
         self.token = token
         self.writers = writers
         self.readers = readers
@@ -56,11 +60,12 @@ public final class Workload: @unchecked Sendable {
                 }
             })
         }
+        let readSites = readURLs.keys.sorted()
         for r in 0..<readers {
             tasks.append(Task { [self] in
                 var k = 0
                 while lock.withLock({ running }) {
-                    await read(site: sites[(r + k) % sites.count])
+                    await read(site: readSites[(r + k) % readSites.count])
                     k += 1
                     try? await Task.sleep(nanoseconds: 20_000_000)
                 }
@@ -97,7 +102,9 @@ public final class Workload: @unchecked Sendable {
                 if a.status == 503 { try? await Task.sleep(nanoseconds: 50_000_000) }
             }
         } catch {
-            // The connection broke (the site died): the write may or may not have committed.
+            // The connection broke or could not be made (the site died). Even "could not
+            // connect" is no proof: the HTTP client may have sent the request on a pooled
+            // connection before retrying on a new one. The write may or may not have committed.
             lock.withLock { unknown[key] = "\(error)" }
             try? await Task.sleep(nanoseconds: 50_000_000)
         }
@@ -106,7 +113,7 @@ public final class Workload: @unchecked Sendable {
     private func read(site: String) async {
         let at = Date()
         do {
-            let a = try await HTTP.call("POST", urls[site]! + "/v1/query", token: token,
+            let a = try await HTTP.call("POST", readURLs[site]! + "/v1/query", token: token,
                                         json: ["sql": "SELECT reference FROM patients WHERE reference LIKE ?", "params": ["\(prefix)-%"],
                                                "consistency": "linearizable"], timeout: 20)
             guard a.status == 200, let rows = a.json["rows"] as? [[Any]] else {
@@ -139,9 +146,10 @@ public final class Workload: @unchecked Sendable {
         return gap
     }
 
-    /// The first write acknowledged after `date`, and how long after.
+    /// How long after `date` the first write *sent* after it was acknowledged (a reply to a
+    /// write sent before the fault says nothing about recovery).
     public func firstAck(after date: Date) -> Double? {
-        acknowledged.map(\.acknowledged).filter { $0 > date }.min().map { $0.timeIntervalSince(date) }
+        acknowledged.filter { $0.invoked > date }.map(\.acknowledged).min().map { $0.timeIntervalSince(date) }
     }
 
     /// Linearizable reads that broke linearizability: a read must show every write

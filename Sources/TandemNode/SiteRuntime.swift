@@ -440,9 +440,12 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     /// Forwarded calls whose deadline passed get their answer: timed out.
-    private func expireForwards(_ now: UInt64) {
+    /// `deposed`: calls waiting on a site this one no longer follows as a live primary
+    /// (it went silent for a lease, or another primary took over) end now rather than at
+    /// their deadline: the caller learns at once that the outcome is unknown.
+    private func expireForwards(_ now: UInt64, deposed: (SiteID) -> Bool = { _ in false }) {
         let expired = forwardLock.withLock { () -> [(SiteID, @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void)] in
-            let gone = pendingForwards.filter { $0.value.deadline <= now }
+            let gone = pendingForwards.filter { $0.value.deadline <= now || deposed($0.value.peer) }
             for id in gone.keys { pendingForwards[id] = nil }
             return gone.values.map { ($0.peer, $0.resume) }
         }
@@ -751,7 +754,8 @@ public final class SiteRuntime: @unchecked Sendable {
             orphans[l] = nil
             w.resume(.failure(.outcomeUnknown("the primary stepped down before the write committed, and no record committed at LSN \(l) since")))
         }
-        expireForwards(now)
+        let following = core.role == .follower && now < core.promiseUntil ? core.primaryID : nil
+        expireForwards(now) { peer in core.role != .primary && peer != following }
     }
 
     // MARK: Lag

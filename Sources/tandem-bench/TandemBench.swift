@@ -359,7 +359,8 @@ struct TransportBench: AsyncParsableCommand {
             var records = 0
         }
         let counter = Counter()
-        let portA = UInt16(20000 + Int.random(in: 0..<20000)), portB = portA + 1
+        // Ports the kernel just gave out (random ones could fall among its ephemeral ports).
+        let portA = try Transport.freeLoopbackPort(), portB = try Transport.freeLoopbackPort()
         var sa = TransportSettings(site: "a", clusterID: ClusterID("8f2a1c3e-0d4b-4e6f-9a7b-1c2d3e4f5a6b")!,
                                    listen: PeerEndpoint(host: "127.0.0.1", port: portA), peers: ["b": PeerEndpoint(host: "127.0.0.1", port: portB)])
         sa.compress = compress

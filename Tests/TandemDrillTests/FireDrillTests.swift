@@ -41,28 +41,41 @@ func workload(_ c: LocalCluster, writers: Int = 6, through sites: [String]? = ni
 
 func sleep(_ seconds: Double) async throws { try await Task.sleep(nanoseconds: UInt64(seconds * 1e9)) }
 
+/// One machine-readable line per drill, to track the figures over time.
+func drillLine(_ name: String, _ w: Workload, faultAt: Date, _ extra: [String: Any] = [:]) {
+    var o: [String: Any] = ["drill": name, "acknowledged": w.acknowledged.count, "failed_visibly": w.failures.count,
+                            "outcome_unknown": w.unknownOutcomes.count, "writes_resumed_after_s": w.firstAck(after: faultAt) ?? -1,
+                            "write_pause_max_s": w.longestPause(from: faultAt.addingTimeInterval(-1), to: Date())]
+    o.merge(extra) { _, new in new }
+    if let data = try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]) { print(String(decoding: data, as: UTF8.self)) }
+}
+
 @Suite("Fire drills with real tandemd processes", .serialized)
 struct FireDrillTests {
-    @Test("kill -9 of the primary under load, three rounds: nothing acknowledged lost, reads linearizable, sites converge, writes resume within 5 s")
+    @Test("kill -9 of the primary under load, three rounds, default lease: nothing acknowledged lost, reads linearizable, sites converge, write pause under 3 s")
     func killPrimaryRounds() async throws {
-        let c = try makeCluster()
+        let c = try makeCluster {
+            // The default lease: the target (a write pause under 3 s) is stated for it.
+            $0.leaseMilliseconds = 2000
+            $0.heartbeatMilliseconds = 500
+            $0.jitterMilliseconds = 300
+        }
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
-        let report = try await FireDrill.run(c, rounds: 3, secondsPerRound: 3, writers: 6)
+        let report = try await FireDrill.run(c, rounds: 3, secondsPerRound: 4, writers: 6)
         print(report.json)
         #expect(report.passed, "\(report.text)")
         #expect(report.rounds.count == 3)
         for r in report.rounds {
             #expect(r.newPrimary != nil && r.newPrimary != r.killed)
-            #expect((r.writesResumedAfter ?? 99) < 5, "\(report.text)")
+            #expect(r.longestPause < 3, "\(report.text)")
         }
         #expect(report.acknowledged > 50, "\(report.text)")
     }
 
-    @Test("kill -9 of the primary with clients behind HAProxy (Deploy/haproxy/haproxy.cfg's checks): traffic follows the probes, nothing acknowledged lost, the write pause under 3 s")
+    @Test("kill -9 of the primary with clients behind HAProxy (Deploy/haproxy/haproxy-plain.cfg): traffic follows the probes, nothing acknowledged lost, the write pause under 3 s, few requests failed",
+          .enabled(if: HAProxyFront.isInstalled, "haproxy is not installed: Deploy/setup.sh installs it"))
     func killPrimaryThroughHAProxy() async throws {
-        #expect(HAProxyFront.isInstalled, "haproxy is installed (Deploy/setup.sh)")
-        guard HAProxyFront.isInstalled else { return }
         var o = LocalCluster.Options()
         o.leaseMilliseconds = 2000  // the default lease: the issue's target is stated for it
         o.heartbeatMilliseconds = 500
@@ -70,14 +83,19 @@ struct FireDrillTests {
         let c = try makeCluster { $0 = o }
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
-        let lb = try HAProxyFront(cluster: c)
+        let lb = try HAProxyFront(cluster: c, deployDirectory: repoRoot + "/Deploy")
         defer { lb.stop() }
         _ = await c.waitForPrimary()
-        let report = try await FireDrill.run(c, rounds: 2, secondsPerRound: 5, writers: 6, through: ["haproxy": lb.writeURL])
+        let report = try await FireDrill.run(c, rounds: 2, secondsPerRound: 5, writers: 6, through: ["haproxy-write": lb.writeURL],
+                                             readsThrough: ["haproxy-read": lb.readURL])
         print(report.json)
         #expect(report.passed, "\(report.text)")
         for r in report.rounds { #expect(r.longestPause < 3, "write pause \(r.longestPause) s with the 2 s lease (target: under 3 s)") }
         #expect(report.acknowledged > 50)
+        // The window of requests that failed, or whose outcome the client could not know,
+        // is bounded: at most what the writers had in flight around each kill, twice over.
+        let lostRequests = report.failedVisibly + report.unknownOutcome
+        #expect(lostRequests <= 2 * 6 * report.rounds.count, "\(lostRequests) requests failed through HAProxy")
     }
 
     @Test("the primary paused (SIGSTOP) beyond its lease, then resumed: no write or linearizable read from its old lease; it rejoins as a replica")
@@ -96,7 +114,22 @@ struct FireDrillTests {
         let next = await c.waitForPrimary(seconds: 10, excluding: old)
         #expect(next != nil && next != old)
         try await sleep(3 * Double(c.options.leaseMilliseconds) / 1000)
+        let ackedBefore = Set(w.acknowledged.map(\.key))
         c.signal(old, SIGCONT)
+        // At once, straight to the resumed site: a write must not be acknowledged on its old
+        // lease (it is forwarded to the new primary, or refused), and a linearizable read
+        // must show every write acknowledged before it.
+        let write = try await HTTP.call("POST", c.url(old) + "/v1/execute", token: c.token,
+                                        json: ["statements": [["sql": "INSERT INTO patients (reference) VALUES ('RESUMED-1')"]]])
+        if write.status == 200 {
+            #expect(write.headers["tandem-served-by"] == next, "the resumed primary acknowledged a write itself: \(write.headers)")
+        }
+        let read = try await HTTP.call("POST", c.url(old) + "/v1/query", token: c.token,
+                                       json: ["sql": "SELECT reference FROM patients", "consistency": "linearizable"])
+        if read.status == 200, let rows = read.json["rows"] as? [[Any]] {
+            let seen = Set(rows.compactMap { $0.first as? String })
+            #expect(ackedBefore.isSubset(of: seen), "a linearizable read on the resumed site missed \(ackedBefore.subtracting(seen).count) acknowledged writes")
+        }
         // Its lease ran out while it was stopped: it must not claim the office again.
         for _ in 0..<10 {
             #expect((try? await HTTP.status("HEAD", c.url(old) + "/primary")) != 200, "the resumed primary claims a lease it lost")
@@ -112,6 +145,7 @@ struct FireDrillTests {
         try await sleep(1)
         await w.stop()
         #expect((w.firstAck(after: pausedAt) ?? 99) < 5, "writes resumed within 5 s of the pause")
+        drillLine("paused_primary", w, faultAt: pausedAt, ["new_primary": next ?? ""])
         try await expectKept(c, w, "paused primary")
     }
 
@@ -139,6 +173,7 @@ struct FireDrillTests {
         try await sleep(3)
         await w.stop()
         #expect((w.firstAck(after: cutAt) ?? 99) < 5, "writes resumed within 5 s")
+        drillLine("partitioned_primary", w, faultAt: cutAt, ["new_primary": next ?? ""])
         try await expectKept(c, w, "partitioned primary")
     }
 
@@ -164,6 +199,7 @@ struct FireDrillTests {
         try await sleep(3)
         #expect((try? await HTTP.status("HEAD", c.url(replica) + "/replica")) == 200, "back in the read pool after healing")
         await w.stop()
+        drillLine("partitioned_replica", w, faultAt: cutAt)
         try await expectKept(c, w, "partitioned replica")
     }
 
@@ -190,6 +226,46 @@ struct FireDrillTests {
         #expect(log.contains("event=rejoining") && log.contains("event=rejoined"), "the rebuilt site abstained, then rejoined")
     }
 
+    @Test("a real TLS client (openssl s_client) on the peer port: without a client certificate, or with one from another CA, the site refuses the handshake and logs why")
+    func foreignTLSClients() async throws {
+        let c = try makeCluster()
+        defer { c.stopAll(); c.removeFiles() }
+        try c.startAll()
+        _ = await c.waitForPrimary()
+        let site = "sbg"
+        let port = try #require(c.peerPorts[site])
+        func sClient(_ extra: [String]) throws {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            p.arguments = ["openssl", "s_client", "-connect", "127.0.0.1:\(port)", "-servername", site, "-CAfile", c.dir + "/pki/ca.pem"] + extra
+            p.standardInput = FileHandle.nullDevice
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            p.waitUntilExit()
+        }
+        func logged(_ needle: String) async throws -> Bool {
+            for _ in 0..<50 {
+                if (try? String(contentsOfFile: c.logPath(site), encoding: .utf8))?.contains(needle) == true { return true }
+                try await sleep(0.1)
+            }
+            return false
+        }
+        try sClient([])
+        #expect(try await logged("event=handshake_refused side=server reason=no_certificate"), "refused a client without a certificate")
+        // A certificate naming a site of this cluster, from another CA.
+        let other = c.dir + "/other-ca"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [repoRoot + "/Deploy/make-certs.sh", other, "gra"]
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        try sClient(["-cert", other + "/gra.pem", "-key", other + "/gra.key"])
+        #expect(try await logged("event=handshake_refused side=server reason=unknown_ca"), "refused a certificate from another CA")
+        #expect(await c.primary() != nil, "the cluster kept working")
+    }
+
     @Test("switchover under load: no write fails, and the pause is measured")
     func switchoverUnderLoad() async throws {
         let c = try makeCluster()
@@ -207,7 +283,7 @@ struct FireDrillTests {
         await w.stop()
         #expect(await c.primary() == target)
         let pause = w.longestPause(from: at.addingTimeInterval(-0.5), to: at.addingTimeInterval(1.5))
-        print("switchover pause: \(String(format: "%.0f", pause * 1000)) ms")
+        drillLine("switchover", w, faultAt: at, ["switchover_pause_s": pause])
         #expect(pause < 2, "writes paused \(pause) s")
         #expect(w.failures.isEmpty, "writes failed: \(w.failures.prefix(5))")
         #expect(w.unknownOutcomes.isEmpty, "writes with an unknown outcome: \(w.unknownOutcomes.prefix(5))")
