@@ -206,6 +206,8 @@ public final class SiteRuntime: @unchecked Sendable {
     private var positionTimes: [(lsn: LSN, at: Instant)] = []
     /// The last time this site held everything its primary had committed.
     private var caughtUpAt: Instant = 0
+    /// When each peer was last heard from (any message).
+    private var lastHeard: [SiteID: Instant] = [:]
     /// The term in which this site, as primary, proposed the pending schema migrations.
     private var migratedInTerm: Term?
 
@@ -548,7 +550,9 @@ public final class SiteRuntime: @unchecked Sendable {
 
     private func handle(_ input: Input) {
         switch input {
-        case let .message(m): step(.message(m))
+        case let .message(m):
+            lastHeard[m.from] = Self.clock()
+            step(.message(m))
         case let .event(e): step(e)
         case let .walDone(id, result):
             if case let .failure(error) = result {
@@ -754,8 +758,14 @@ public final class SiteRuntime: @unchecked Sendable {
             orphans[l] = nil
             w.resume(.failure(.outcomeUnknown("the primary stepped down before the write committed, and no record committed at LSN \(l) since")))
         }
+        // A forward waits on its peer while it is the primary this site follows, or while it
+        // still speaks (a switchover: it answers once it learns its writes' fate); a peer
+        // silent for a lease that is not the live primary (paused, cut off) will not answer.
         let following = core.role == .follower && now < core.promiseUntil ? core.primaryID : nil
-        expireForwards(now) { peer in core.role != .primary && peer != following }
+        let silence = UInt64(settings.config.timing.leaseDuration)
+        expireForwards(now) { peer in
+            peer != following && now - min(now, self.lastHeard[peer] ?? 0) > silence
+        }
     }
 
     // MARK: Lag

@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import TandemModel
 import TandemWAL
 
@@ -37,10 +38,17 @@ public final class SiteStorage: @unchecked Sendable {
         if WriteAheadLog.exists(directory: dataDirectory + "/wal") || StateStore.exists(directory: dataDirectory + "/state") {
             throw StoreError.alreadyExists(dataDirectory)
         }
-        let log = try WriteAheadLog.create(directory: dataDirectory + "/wal", clusterID: clusterID, options: walOptions)
-        let store = try StateStore.create(directory: dataDirectory + "/state", clusterID: clusterID, limits: limits)
-        try Durable.makeDirectory(dataDirectory + "/snapshots")
-        return SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits)
+        try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
+        let lock = try lockDirectory(dataDirectory)
+        do {
+            let log = try WriteAheadLog.create(directory: dataDirectory + "/wal", clusterID: clusterID, options: walOptions)
+            let store = try StateStore.create(directory: dataDirectory + "/state", clusterID: clusterID, limits: limits)
+            try Durable.makeDirectory(dataDirectory + "/snapshots")
+            return SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits, lock: lock)
+        } catch {
+            Glibc.close(lock)
+            throw error
+        }
     }
 
     /// Whether `dataDirectory` holds a site's storage (its log or its database).
@@ -51,14 +59,42 @@ public final class SiteStorage: @unchecked Sendable {
     /// Opens existing storage and reconciles the database with the log.
     public static func open(dataDirectory: String, clusterID: ClusterID, walOptions: WALOptions = WALOptions(),
                             limits: StoreLimits = StoreLimits()) throws -> SiteStorage {
-        let log = try WriteAheadLog.open(directory: dataDirectory + "/wal", clusterID: clusterID, options: walOptions)
-        let store = try StateStore.open(directory: dataDirectory + "/state", clusterID: clusterID, limits: limits)
-        let site = SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits)
-        try site.reconcile()
-        return site
+        let lock = try lockDirectory(dataDirectory)
+        do {
+            let log = try WriteAheadLog.open(directory: dataDirectory + "/wal", clusterID: clusterID, options: walOptions)
+            let store = try StateStore.open(directory: dataDirectory + "/state", clusterID: clusterID, limits: limits)
+            let site = SiteStorage(dataDirectory: dataDirectory, clusterID: clusterID, log: log, store: store, limits: limits, lock: lock)
+            try site.reconcile()
+            return site
+        } catch {
+            Glibc.close(lock)
+            throw error
+        }
     }
 
-    private init(dataDirectory: String, clusterID: ClusterID, log: WriteAheadLog, store: StateStore, limits: StoreLimits) {
+    /// One process at a time in a data directory: an exclusive lock on its LOCK file, held
+    /// while the storage is open (a second tandemd, or tandemctl rebuild or inspect on a
+    /// running site, is refused instead of recovering a live log).
+    static func lockDirectory(_ dataDirectory: String) throws -> Int32 {
+        let path = dataDirectory + "/LOCK"
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StoreError.io("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let busy = errno == EWOULDBLOCK
+            Glibc.close(fd)
+            throw StoreError.io(busy ? "\(dataDirectory) is in use by another process (a running tandemd?)"
+                                     : "cannot lock \(path): \(String(cString: strerror(errno)))")
+        }
+        return fd
+    }
+
+    /// The descriptor holding the data directory's lock (closed by `close`).
+    private let lockFD: Int32
+    private let lockOwner = NSLock()
+    private var lockHeld = true  // guarded by `lockOwner`
+
+    private init(dataDirectory: String, clusterID: ClusterID, log: WriteAheadLog, store: StateStore, limits: StoreLimits, lock: Int32) {
+        lockFD = lock
         self.dataDirectory = dataDirectory
         self.clusterID = clusterID
         self.log = log
@@ -66,7 +102,15 @@ public final class SiteStorage: @unchecked Sendable {
         self.limits = limits
     }
 
-    public func close() { log.close() }
+    public func close() {
+        log.close()
+        // Idempotent: the descriptor number must never be closed twice (it may be reused).
+        let fd = lockOwner.withLock { () -> Int32 in
+            defer { lockHeld = false }
+            return lockHeld ? lockFD : -1
+        }
+        if fd >= 0 { Glibc.close(fd) }
+    }
 
     /// After a crash the database may be ahead of the log (the primary executed a write
     /// whose record never became durable) or behind it (records not yet applied, or
