@@ -84,7 +84,8 @@ let package = Package(
             path: "Sources/tandemd", swiftSettings: strict),
         .executableTarget(
             name: "tandemctl",
-            dependencies: ["TandemStore", "TandemConfig", "TandemHTTP", "TandemNode", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TandemStore", "TandemConfig", "TandemHTTP", "TandemNode", "TandemTransport",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/tandemctl", swiftSettings: strict),
         .executableTarget(
             name: "tandem-sim",

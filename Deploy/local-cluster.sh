@@ -20,10 +20,18 @@ bin=${TANDEM_BIN:-.build/release}
 
 stop() {
   for s in "${sites[@]}"; do
-    if [ -f "$root/$s.pid" ]; then
-      kill "$(cat "$root/$s.pid")" 2>/dev/null || true
-      rm -f "$root/$s.pid"
+    local pidfile="$root/$s.pid"
+    [ -f "$pidfile" ] || continue
+    local pid
+    pid=$(cat "$pidfile")
+    # Only a tandemd of this cluster: a stale pid file must not kill another process.
+    if grep -qa "tandemd" "/proc/$pid/cmdline" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      # SIGTERM: a primary hands its office over first (up to the transfer timeout).
+      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
     fi
+    rm -f "$pidfile"
   done
 }
 
@@ -100,10 +108,12 @@ done
 
 for s in "${sites[@]}"; do start_site "$s"; done
 
-for _ in $(seq 1 100); do
+elected=0
+for _ in $(seq 1 150); do
   if curl -fs -o /dev/null http://127.0.0.1:8401/primary || curl -fs -o /dev/null http://127.0.0.1:8402/primary \
-     || curl -fs -o /dev/null http://127.0.0.1:8403/primary; then break; fi
+     || curl -fs -o /dev/null http://127.0.0.1:8403/primary; then elected=1; break; fi
   sleep 0.1
 done
 status
+if [ $elected -eq 0 ]; then echo "no primary was elected within 15 s; see $root/*.log" >&2; exit 1; fi
 echo "logs: $root/*.log   API token: $root/token   stop: $0 stop"

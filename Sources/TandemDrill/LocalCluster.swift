@@ -41,6 +41,15 @@ public final class LocalCluster: @unchecked Sendable {
         self.binDirectory = binDirectory
         self.dir = dir ?? NSTemporaryDirectory() + "tandem-drill-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: self.dir, withIntermediateDirectories: true)
+        do { try prepare(deployDirectory: deployDirectory) } catch {
+            // Nothing half-made is left behind: proxies stopped, files (the CA key) removed.
+            for p in proxies.values { p.stop() }
+            try? FileManager.default.removeItem(atPath: self.dir)
+            throw error
+        }
+    }
+
+    private func prepare(deployDirectory: String) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/bash")
         p.arguments = [deployDirectory + "/make-certs.sh", self.dir + "/pki"] + options.sites

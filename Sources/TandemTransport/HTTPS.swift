@@ -1,6 +1,7 @@
 import COpenSSL
 import Foundation
 import Glibc
+import TandemCore
 import TandemModel
 
 extension TLSContext {
@@ -193,5 +194,75 @@ public final class HTTPSTerminator: @unchecked Sendable {
             case .closed: return
             }
         }
+    }
+}
+
+/// A minimal HTTPS client on the system's OpenSSL for the operator's CLI: one HTTP/1.1
+/// request per connection, the server's certificate checked against the cluster CA and
+/// required to name the site. (Foundation's URLSession on Linux cannot be given a CA.)
+public enum HTTPSClient {
+    /// The status and body of the answer.
+    public static func request(host: String, port: UInt16, serverName: String, certificateAuthority: String, method: String,
+                               path: String, headers: [(String, String)] = [], body: [UInt8] = [],
+                               timeoutNanoseconds: UInt64 = 15_000_000_000, maxAnswerBytes: Int = 256 << 20) throws(TransportError) -> (status: Int, body: [UInt8]) {
+        let deadline = monotonicNanoseconds() + timeoutNanoseconds
+        let fd = try Transport.connect(to: PeerEndpoint(host: host, port: port), timeoutNanoseconds: timeoutNanoseconds)
+        let tls = try TLSStream(context: try .withoutCertificate(certificateAuthority: certificateAuthority), fd: fd, isServer: false,
+                                expectedPeer: SiteID(serverName))
+        defer { tls.close() }
+        try tls.handshake(deadline: deadline)
+        var head = "\(method) \(path) HTTP/1.1\r\nHost: \(serverName)\r\nConnection: close\r\nContent-Length: \(body.count)\r\n"
+        for (k, v) in headers { head += "\(k): \(v)\r\n" }
+        try tls.writeAll(Array((head + "\r\n").utf8) + body, deadline: deadline)
+        var answer: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 64 << 10)
+        reading: while true {
+            let r = buffer.withUnsafeMutableBytes { tls.read(into: $0) }
+            switch r {
+            case let .done(n):
+                answer.append(contentsOf: buffer[0..<n])
+                guard answer.count <= maxAnswerBytes else { throw TransportError(.other, "the answer exceeds \(maxAnswerBytes) bytes") }
+            case let .wouldBlock(readable):
+                guard monotonicNanoseconds() < deadline else { throw TransportError(.timeout, "no complete answer in time") }
+                try tls.wait(events: Int16(readable ? POLLIN : POLLOUT), deadline: deadline)
+            case .closed:
+                break reading
+            }
+        }
+        return try parse(answer)
+    }
+
+    static func parse(_ answer: [UInt8]) throws(TransportError) -> (status: Int, body: [UInt8]) {
+        let separator: [UInt8] = [13, 10, 13, 10]
+        guard let end = (0...max(0, answer.count - 4)).first(where: { answer.count >= 4 && Array(answer[$0..<$0 + 4]) == separator }) else {
+            throw TransportError(.other, "the answer has no HTTP header")
+        }
+        let headText = String(decoding: answer[0..<end], as: UTF8.self)
+        let lines = headText.components(separatedBy: "\r\n")
+        let parts = lines.first?.split(separator: " ") ?? []
+        guard parts.count >= 2, let status = Int(parts[1]) else { throw TransportError(.other, "malformed status line: \(lines.first ?? "")") }
+        var body = Array(answer[(end + 4)...])
+        let fields = Dictionary(lines.dropFirst().compactMap { line -> (String, String)? in
+            guard let colon = line.firstIndex(of: ":") else { return nil }
+            return (line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces))
+        }, uniquingKeysWith: { a, _ in a })
+        if fields["transfer-encoding"]?.lowercased() == "chunked" {
+            var out: [UInt8] = []
+            var i = 0
+            while i < body.count {
+                guard let lineEnd = (i..<max(i, body.count - 1)).first(where: { body[$0] == 13 && body[$0 + 1] == 10 }),
+                      let size = Int(String(decoding: body[i..<lineEnd], as: UTF8.self).split(separator: ";").first ?? "", radix: 16)
+                else { throw TransportError(.other, "malformed chunked body") }
+                if size == 0 { break }
+                let start = lineEnd + 2
+                guard start + size <= body.count else { throw TransportError(.other, "truncated chunked body") }
+                out.append(contentsOf: body[start..<start + size])
+                i = start + size + 2
+            }
+            body = out
+        } else if let length = fields["content-length"].flatMap({ Int($0) }), length <= body.count {
+            body = Array(body[0..<length])
+        }
+        return (status, body)
     }
 }

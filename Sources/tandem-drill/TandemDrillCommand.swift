@@ -25,18 +25,18 @@ struct TandemDrillCommand: AsyncParsableCommand {
     func run() async throws {
         let cluster: any ClusterControl
         var own: LocalCluster?
+        defer {
+            own?.stopAll()
+            own?.removeFiles()
+        }
         if let local {
             cluster = try ScriptedLocalCluster(root: local, script: deploy + "/local-cluster.sh")
         } else {
             let bin = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
             let c = try LocalCluster(binDirectory: bin, deployDirectory: deploy)
-            try c.startAll()
             own = c
+            try c.startAll()
             cluster = c
-        }
-        defer {
-            own?.stopAll()
-            own?.removeFiles()
         }
         print("fire drill: \(rounds) rounds, \(writers) writers booking teleconsultations through every site, 2 linearizable readers")
         let report = try await FireDrill.run(cluster, rounds: rounds, secondsPerRound: seconds, writers: writers) { print($0) }

@@ -8,6 +8,7 @@ import TandemHTTP
 import TandemModel
 import TandemNode
 import TandemStore
+import TandemTransport
 
 /// Which sites a command talks to, over their HTTP API.
 struct ClusterOptions: ParsableArguments {
@@ -18,18 +19,29 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "The API token (or set TANDEM_TOKEN).")
     var token: String?
 
-    /// (site id or address, base URL) of every site to ask.
-    func targets() throws -> [(name: String, url: String)] {
-        if !sites.isEmpty { return sites.map { ($0, $0.hasPrefix("http") ? $0 : "http://" + $0) } }
+    /// Every site to ask: its name, base URL, and (HTTPS) the CA its certificate must
+    /// chain to and the name it must carry.
+    func targets() throws -> [Target] {
+        if !sites.isEmpty {
+            return sites.map { Target(name: $0, url: $0.hasPrefix("http") ? $0 : "http://" + $0, ca: nil) }
+        }
         guard let config else { throw ValidationError("give --config FILE or --site http://host:port") }
         let c: SiteConfiguration
         do { c = try SiteConfiguration.load(path: config) } catch { throw ValidationError("\(error)") }
         // This site first: single-site commands use it.
         let ordered = c.sites.filter { $0.id == c.siteID } + c.sites.filter { $0.id != c.siteID }
-        return ordered.map { ($0.id.name, "http://" + $0.httpAddress) }
+        return ordered.map { Target(name: $0.id.name, url: (c.apiTLS ? "https://" : "http://") + $0.httpAddress, ca: c.apiTLS ? c.tlsCA : nil) }
     }
 
     var bearer: String? { token ?? ProcessInfo.processInfo.environment["TANDEM_TOKEN"] }
+}
+
+/// A site to ask.
+struct Target {
+    var name: String
+    var url: String
+    /// For HTTPS: the cluster CA (from the configuration's tls.ca).
+    var ca: String?
 }
 
 /// A failure to reach a site: says which address was tried.
@@ -39,17 +51,34 @@ struct Unreachable: Error, CustomStringConvertible {
     var description: String { "cannot reach \(url): \(reason)" }
 }
 
-/// One HTTP call; JSON answers are decoded.
-func call(_ method: String, _ url: String, token: String?, json: Any? = nil, timeout: Double = 15) async throws -> (Int, Data) {
+/// One HTTP call to `target` (`path` includes the query). HTTPS sites are reached with the
+/// system's OpenSSL, checking their certificate against the cluster CA.
+func call(_ method: String, _ target: Target, _ path: String, token: String?, json: Any? = nil, timeout: Double = 15) async throws -> (Int, Data) {
+    let url = target.url + path
+    var headers: [(String, String)] = []
+    if let token { headers.append(("Authorization", "Bearer \(token)")) }
+    let body = try json.map { try JSONSerialization.data(withJSONObject: $0) }
+    if body != nil { headers.append(("Content-Type", "application/json")) }
+    if let ca = target.ca {
+        guard let u = URLComponents(string: target.url), let host = u.host, let port = u.port else {
+            throw Unreachable(url: url, reason: "not a valid URL")
+        }
+        let ns = UInt64(timeout * 1e9)
+        do throws(TransportError) {
+            let (status, answer) = try HTTPSClient.request(host: host, port: UInt16(port), serverName: target.name, certificateAuthority: ca,
+                                                           method: method, path: path, headers: headers, body: body.map { [UInt8]($0) } ?? [],
+                                                           timeoutNanoseconds: ns)
+            return (status, Data(answer))
+        } catch {
+            throw Unreachable(url: url, reason: "\(error)")
+        }
+    }
     guard let u = URL(string: url) else { throw Unreachable(url: url, reason: "not a valid URL") }
     var request = URLRequest(url: u)
     request.httpMethod = method
     request.timeoutInterval = timeout
-    if let token { request.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
-    if let json {
-        request.httpBody = try JSONSerialization.data(withJSONObject: json)
-        request.setValue("application/json", forHTTPHeaderField: "Content-Type")
-    }
+    for (k, v) in headers { request.setValue(v, forHTTPHeaderField: k) }
+    request.httpBody = body
     do {
         let (data, response) = try await URLSession.shared.data(for: request)
         return ((response as? HTTPURLResponse)?.statusCode ?? 0, data)
@@ -76,7 +105,7 @@ struct Status: AsyncParsableCommand {
         var views: [String: [String: [String: Any]]] = [:]
         for t in try cluster.targets() {
             do {
-                let (code, data) = try await call("GET", t.url + "/status", token: nil, timeout: 3)
+                let (code, data) = try await call("GET", t, "/status", token: nil, timeout: 3)
                 guard code == 200 else { throw Unreachable(url: t.url, reason: "status \(code)") }
                 let doc = object(data)
                 var site = doc["site"] as? [String: Any] ?? [:]
@@ -143,7 +172,7 @@ struct Switchover: AsyncParsableCommand {
         var last: (any Error)?
         for t in try cluster.targets() {
             do {
-                let (code, data) = try await call("POST", t.url + "/v1/admin/switchover", token: cluster.bearer, json: ["to": to], timeout: 30)
+                let (code, data) = try await call("POST", t, "/v1/admin/switchover", token: cluster.bearer, json: ["to": to], timeout: 30)
                 guard code == 200 else { throw apiError(code, data, t.url) }
                 let o = object(data)
                 print("primary is now \(o["primary"] as? String ?? "?") (term \(o["term"] ?? "?"))" + ((o["milliseconds"] as? Double).map { String(format: ", took %.0f ms", $0) } ?? ""))
@@ -186,8 +215,7 @@ struct Export: AsyncParsableCommand {
         var q = URLComponents()
         q.queryItems = [URLQueryItem(name: "day", value: day), URLQueryItem(name: "format", value: format)]
             + (practitioner.map { [URLQueryItem(name: "practitioner", value: $0)] } ?? [])
-        let url = t.url + "/v1/export/appointments?" + (q.percentEncodedQuery ?? "")
-        let (code, data) = try await call("GET", url, token: cluster.bearer)
+        let (code, data) = try await call("GET", t, "/v1/export/appointments?" + (q.percentEncodedQuery ?? ""), token: cluster.bearer)
         guard code == 200 else { throw apiError(code, data, t.url) }
         FileHandle.standardOutput.write(data)
         if format == "json" { print("") }
@@ -204,7 +232,7 @@ struct Verify: AsyncParsableCommand {
         for attempt in 1...max(1, attempts) {
             var hashes: [(String, Int, String)] = []
             for t in targets {
-                let (code, data) = try await call("GET", t.url + "/v1/admin/state-hash", token: cluster.bearer)
+                let (code, data) = try await call("GET", t, "/v1/admin/state-hash", token: cluster.bearer)
                 guard code == 200 else { throw apiError(code, data, t.url) }
                 let o = object(data)
                 hashes.append((o["site"] as? String ?? t.name, o["lsn"] as? Int ?? -1, o["state_hash"] as? String ?? ""))
@@ -244,9 +272,9 @@ struct Rebuild: AsyncParsableCommand {
         let c: SiteConfiguration
         do { c = try SiteConfiguration.load(path: config) } catch { throw ValidationError("\(error)") }
         guard let me = c.me else { throw ValidationError("site \(c.siteID) is not among the [[sites]] of \(config)") }
-        let own = "http://" + me.httpAddress
-        if (try? await call("GET", own + "/liveness", token: nil, timeout: 1)) != nil {
-            throw ValidationError("tandemd answers on \(own): stop it before rebuilding this site")
+        let own = Target(name: me.id.name, url: (c.apiTLS ? "https://" : "http://") + me.httpAddress, ca: c.apiTLS ? c.tlsCA : nil)
+        if (try? await call("GET", own, "/liveness", token: nil, timeout: 1)) != nil {
+            throw ValidationError("tandemd answers on \(own.url): stop it before rebuilding this site")
         }
         guard yes else { throw ValidationError("this moves \(c.dataDirectory) aside; run again with --yes to go on") }
         let fm = FileManager.default
@@ -269,7 +297,7 @@ struct Rebuild: AsyncParsableCommand {
         guard follow else { return }
         var lastLine = ""
         while true {
-            if let (code, data) = try? await call("GET", own + "/status", token: nil, timeout: 2), code == 200,
+            if let (code, data) = try? await call("GET", own, "/status", token: nil, timeout: 2), code == 200,
                let s = object(data)["site"] as? [String: Any] {
                 let applied = s["applied_lsn"] as? Int ?? 0
                 let lag = s["lag_records"] as? Int ?? 0

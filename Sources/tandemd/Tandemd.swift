@@ -77,7 +77,14 @@ struct Tandemd: AsyncParsableCommand {
         }
         let metrics = SiteMetrics()
         let hooks = c.hookCommand.map { RoleHooks(command: $0, timeoutMilliseconds: c.hookTimeoutMilliseconds, site: c.siteID, log: log.emit) }
-        let runtime = try makeRuntime(c, log: log, metrics: metrics, hooks: hooks)
+        let runtime: SiteRuntime
+        do { runtime = try makeRuntime(c, log: log, metrics: metrics, hooks: hooks) } catch {
+            // Bad TLS files, storage that refuses to open (corruption), a locked directory:
+            // an operator must act; exit 2 so systemd does not restart in a loop.
+            FileHandle.standardError.write(Data("tandemd: \(error)\n".utf8))
+            log.emit("event=start_failed reason=\"\(error)\"")
+            throw ExitCode(2)
+        }
         var apiSettings = DataAPISettings(site: c.siteID)
         apiSettings.maxBodyBytes = c.maxBodyBytes
         apiSettings.maxDocumentBytes = c.maxDocumentBytes

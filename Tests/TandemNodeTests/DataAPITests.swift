@@ -431,6 +431,18 @@ struct HTTPSTests {
         #expect(down == 200)
         #expect([UInt8](downBody) == document)
 
+        // tandemctl's client (system OpenSSL): the certificate must chain to the CA and name the site.
+        let (status, answer) = try HTTPSClient.request(host: "127.0.0.1", port: port, serverName: site.name,
+                                                       certificateAuthority: "\(pki)/ca.pem", method: "GET", path: "/v1/admin/state-hash",
+                                                       headers: [("Authorization", "Bearer \(APICluster.reader)")])
+        #expect(status == 200)
+        #expect(String(decoding: answer, as: UTF8.self).contains("state_hash"))
+        let other = try #require(a.c.ids.first { $0 != site })
+        #expect(throws: TransportError.self, "a certificate that does not name the site asked for is refused") {
+            _ = try HTTPSClient.request(host: "127.0.0.1", port: port, serverName: other.name, certificateAuthority: "\(pki)/ca.pem",
+                                        method: "GET", path: "/health")
+        }
+
         // Plain HTTP on the HTTPS port gets nothing; a client that does not trust the CA refuses the server.
         let (plain, _, _) = try curl(["http://127.0.0.1:\(port)/health"])
         #expect(plain != 200)
