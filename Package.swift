@@ -76,7 +76,7 @@ let package = Package(
 
         .executableTarget(
             name: "tandemd",
-            dependencies: ["TandemStore", "TandemConfig", "TandemNode", "TandemTransport", "TandemHTTP",
+            dependencies: ["TandemStore", "TandemConfig", "TandemNode", "TandemTransport", "TandemHTTP", "TandemWAL",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Hummingbird", package: "hummingbird"),
                            .product(name: "Logging", package: "swift-log"),

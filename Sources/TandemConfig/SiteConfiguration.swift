@@ -43,6 +43,14 @@ public struct SiteConfiguration: Sendable {
     /// and TANDEM_REASON in its environment.
     public var hookCommand: String?
     public var hookTimeoutMilliseconds: Int
+    /// Size of a log segment file, bytes.
+    public var segmentBytes: Int
+    /// A local snapshot every this many applied records (0: never); the log it covers is
+    /// then removed as far as the retention allows.
+    public var snapshotEveryRecords: Int
+    /// Covered log kept for lagging peers: at most this many bytes, and this many hours.
+    public var retainLogBytes: Int
+    public var retainLogHours: Double
 
     /// The cluster as the core sees it.
     public var cluster: ClusterConfig {
@@ -173,7 +181,7 @@ struct ConfigReader {
 
     mutating func read(_ top: TOMLTable) throws(ConfigFileError) -> SiteConfiguration {
         try check(top, "", allowed: ["cluster_id", "site_id", "data_directory", "commit_policy", "async_max_lag_records", "listen",
-                                     "timing", "tls", "api", "logging", "hooks", "sites"])
+                                     "timing", "tls", "api", "logging", "hooks", "storage", "sites"])
         let cidText = try string(top, "", "cluster_id")
         guard let cid = ClusterID(cidText) else { throw fail("cluster_id", top.line(of: "cluster_id"), "a UUID, found \"\(cidText)\"") }
         let siteID = SiteID(try string(top, "", "site_id"))
@@ -215,6 +223,8 @@ struct ConfigReader {
         let api = try table(top, "api")
         try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes", "max_document_bytes",
                                         "wait_for_primary_ms", "read_wait_ms", "tls"])
+        let storage = try table(top, "storage")
+        try check(storage, "storage", allowed: ["segment_bytes", "snapshot_every_records", "retain_log_bytes", "retain_log_hours"])
         let hooks = try table(top, "hooks")
         try check(hooks, "hooks", allowed: ["command", "timeout_ms"])
         let maxBody = Int(try integer(api, "api", "max_body_bytes", default: 20 << 20, min: 1024, max: 30 << 20))
@@ -261,7 +271,11 @@ struct ConfigReader {
             waitForPrimaryMilliseconds: Int(try integer(api, "api", "wait_for_primary_ms", default: 6000, min: 0, max: 600_000)),
             readWaitMilliseconds: Int(try integer(api, "api", "read_wait_ms", default: 5000, min: 0, max: 600_000)),
             hookCommand: try optionalString(hooks, "hooks", "command"),
-            hookTimeoutMilliseconds: Int(try integer(hooks, "hooks", "timeout_ms", default: 5000, min: 10, max: 600_000)))
+            hookTimeoutMilliseconds: Int(try integer(hooks, "hooks", "timeout_ms", default: 5000, min: 10, max: 600_000)),
+            segmentBytes: Int(try integer(storage, "storage", "segment_bytes", default: 64 << 20, min: 64 << 10, max: 1 << 30)),
+            snapshotEveryRecords: Int(try integer(storage, "storage", "snapshot_every_records", default: 100_000, min: 0, max: 1_000_000_000)),
+            retainLogBytes: Int(try integer(storage, "storage", "retain_log_bytes", default: 1 << 30, min: 0, max: 1 << 40)),
+            retainLogHours: try double(storage, "storage", "retain_log_hours", default: 24, min: 0, max: 24 * 365))
         do { try config.cluster.validate() } catch {
             throw fail("sites", top.line(of: "sites"), "\(error)")
         }

@@ -20,6 +20,9 @@ public final class LocalCluster: @unchecked Sendable {
         public var waitForPrimaryMilliseconds = 6_000
         public var commitPolicy = "majority"
         public var proxied = false
+        /// Extra TOML for every site's [storage] table (e.g. small segments and frequent
+        /// snapshots, so a rebuilt site must take the snapshot path).
+        public var storage = ""
         public init() {}
     }
 
@@ -102,6 +105,9 @@ public final class LocalCluster: @unchecked Sendable {
             [api]
             token_file = "\(dir)/tokens"
             wait_for_primary_ms = \(options.waitForPrimaryMilliseconds)
+
+            [storage]
+            \(options.storage)
 
             """
         for (i, other) in options.sites.enumerated() {

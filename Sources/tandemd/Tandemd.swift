@@ -11,6 +11,7 @@ import TandemModel
 import TandemNode
 import TandemStore
 import TandemTransport
+import TandemWAL
 
 /// The site daemon: runs one site of a Tandem cluster from its configuration file.
 @main
@@ -72,7 +73,9 @@ struct Tandemd: AsyncParsableCommand {
                 FileHandle.standardError.write(Data("tandemd: no site data in \(c.dataDirectory); \(hint)\n".utf8))
                 throw ExitCode(2)
             }
-            try SiteRuntime.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID, rejoining: rejoin)
+            var wal = WALOptions()
+            wal.segmentSize = c.segmentBytes
+            try SiteRuntime.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID, walOptions: wal, rejoining: rejoin)
             log.emit("event=site_created data_directory=\(c.dataDirectory) rejoining=\(rejoin)")
         }
         let metrics = SiteMetrics()
@@ -145,6 +148,9 @@ struct Tandemd: AsyncParsableCommand {
         settings.log = { log.emit($0) }
         settings.walOptions.fsyncObserver = { metrics.fsynced(nanoseconds: $0) }
         settings.schemaMigrations = TelehealthSchema.migrations
+        settings.walOptions.segmentSize = c.segmentBytes
+        settings.snapshotEveryRecords = c.snapshotEveryRecords
+        settings.retention = RetentionPolicy(maxBytes: c.retainLogBytes, maxAgeSeconds: c.retainLogHours * 3600)
         settings.onRoleChange = { change in
             metrics.roleChanged(change)
             hooks?.roleChanged(change)

@@ -203,9 +203,11 @@ struct FireDrillTests {
         try await expectKept(c, w, "partitioned replica")
     }
 
-    @Test("a site restarted with an empty data directory rebuilds from its peers and rejoins")
+    @Test("a site restarted with an empty data directory rebuilds from its peers (a snapshot, then the log) and rejoins")
     func emptyDataDirectory() async throws {
-        let c = try makeCluster()
+        // Small segments, frequent snapshots and no retention: the primary's log soon starts
+        // after what the rebuilt site needs, so it must take a snapshot, then the log.
+        let c = try makeCluster { $0.storage = "segment_bytes = 65536\nsnapshot_every_records = 300\nretain_log_bytes = 0\nretain_log_hours = 0" }
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
         let primary = try #require(await c.waitForPrimary())
@@ -224,6 +226,7 @@ struct FireDrillTests {
         #expect(s?["role"] as? String == "follower")
         let log = try String(contentsOfFile: c.logPath(lost), encoding: .utf8)
         #expect(log.contains("event=rejoining") && log.contains("event=rejoined"), "the rebuilt site abstained, then rejoined")
+        #expect(log.contains("event=snapshot_installed"), "it was rebuilt from a snapshot, then the log")
     }
 
     @Test("a real TLS client (openssl s_client) on the peer port: without a client certificate, or with one from another CA, the site refuses the handshake and logs why")
