@@ -433,6 +433,9 @@ enum Route: Sendable {
         case .execute, .bookAppointment, .cancelAppointment, .rescheduleAppointment, .uploadDocument, .switchover: return true
         case .exportAppointments, .stateHash: return false
         case .query:
+            // Only a body that mentions "local" can ask for a local read: skip parsing the
+            // others twice (the handler parses it anyway).
+            guard call.body.count < 1 << 20, String(decoding: call.body, as: UTF8.self).contains("local") else { return true }
             let v = try JSONValue.parse(call.body)
             guard case let .object(o) = v else { return true }
             if case let .string(c)? = o["consistency"] { return c != "local" }

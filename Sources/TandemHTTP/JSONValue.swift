@@ -14,11 +14,12 @@ enum JSONValue: Decodable, Sendable, Equatable {
 
     init(from decoder: any Decoder) throws {
         if let c = try? decoder.singleValueContainer() {
+            // The commonest kinds first: each failed attempt costs a thrown error.
             if c.decodeNil() { self = .null; return }
-            if let b = try? c.decode(Bool.self) { self = .bool(b); return }
+            if let s = try? c.decode(String.self) { self = .string(s); return }
             if let i = try? c.decode(Int64.self) { self = .integer(i); return }
             if let d = try? c.decode(Double.self) { self = .number(d); return }
-            if let s = try? c.decode(String.self) { self = .string(s); return }
+            if let b = try? c.decode(Bool.self) { self = .bool(b); return }
             if let a = try? c.decode([JSONValue].self) { self = .array(a); return }
             if let o = try? c.decode([String: JSONValue].self) { self = .object(o); return }
         }

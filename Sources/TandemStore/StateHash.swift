@@ -1,6 +1,14 @@
 import COpenSSL
 import TandemModel
 
+/// SHA-256 fetched from the default provider once per process (immutable afterwards).
+final class FetchedDigest: @unchecked Sendable {
+    let pointer: OpaquePointer?
+    init(_ name: String) { pointer = EVP_MD_fetch(nil, name, nil) }
+}
+
+let sha256Digest = FetchedDigest("SHA256")
+
 /// SHA-256 through libcrypto.
 public struct SHA256Hasher: ~Copyable {
     private let ctx: OpaquePointer
@@ -9,7 +17,9 @@ public struct SHA256Hasher: ~Copyable {
         // EVP_MD_CTX_new only fails when memory is exhausted; there is nothing to recover.
         guard let c = EVP_MD_CTX_new() else { preconditionFailure("EVP_MD_CTX_new failed: out of memory") }
         ctx = c
-        EVP_DigestInit_ex(ctx, EVP_sha256(), nil)
+        // The digest fetched once: with OpenSSL 3, EVP_sha256() makes every init look the
+        // algorithm up in the providers again, which costs more than hashing a token.
+        EVP_DigestInit_ex(ctx, sha256Digest.pointer ?? EVP_sha256(), nil)
     }
 
     deinit { EVP_MD_CTX_free(ctx) }
