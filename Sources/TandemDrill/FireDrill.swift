@@ -145,7 +145,10 @@ public enum FireDrill {
     public static func run(_ cluster: any ClusterControl, rounds: Int = 3, secondsPerRound: Double = 6, writers: Int = 8,
                            through: [String: String]? = nil, readsThrough: [String: String]? = nil,
                            say: @Sendable (String) -> Void = { _ in }) async throws -> FireReport {
-        guard await primary(cluster, seconds: 30) != nil else { throw DrillError("no primary came up") }
+        guard await primary(cluster, seconds: 30) != nil else {
+            let why = (cluster as? LocalCluster)?.exitedSites() ?? [:]
+            throw DrillError("no primary came up" + (why.isEmpty ? "" : "; \(why)"))
+        }
         let workload = Workload(urls: through ?? Dictionary(uniqueKeysWithValues: cluster.siteNames.map { ($0, cluster.url($0)) }),
                                 token: cluster.token, writers: writers, readers: 2, readURLs: readsThrough)
         workload.start()

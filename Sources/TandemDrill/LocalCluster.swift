@@ -37,6 +37,7 @@ public final class LocalCluster: @unchecked Sendable {
     private let lock = NSLock()
     private var processes: [String: Process] = [:]  // guarded by `lock`
     private var started: Set<String> = []  // guarded by `lock`
+    private var handedOut: Set<UInt16> = []  // ports given to this cluster (set up on one thread)
 
     /// `binDirectory` holds tandemd; `deployDirectory` holds make-certs.sh.
     public init(options: Options = Options(), binDirectory: String, deployDirectory: String, dir: String? = nil) throws {
@@ -171,6 +172,11 @@ public final class LocalCluster: @unchecked Sendable {
 
     public func heal() { for p in proxies.values { p.heal() } }
 
+    /// Slows every link of a site (both directions) by `milliseconds` per chunk.
+    public func slow(_ site: String, milliseconds: Int) {
+        for (key, p) in proxies where key.hasPrefix(site + ">") || key.hasSuffix(">" + site) { p.delay(milliseconds: milliseconds) }
+    }
+
     public func stopAll() {
         for s in options.sites {
             if let p = lock.withLock({ processes[s] }) {
@@ -213,18 +219,37 @@ public final class LocalCluster: @unchecked Sendable {
         (try? await HTTP.json("GET", url(site) + "/status"))?["site"] as? [String: Any]
     }
 
+    /// A free loopback port below the kernel's ephemeral range (32768 and up), so that
+    /// neither other tests' kernel-chosen ports nor outgoing connections can take it
+    /// between now and the moment tandemd binds it.
     public func freePort() throws -> UInt16 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { Glibc.close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) { a in
-            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            let port = UInt16.random(in: 20_000..<32_000, using: &rng)
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_port = port.bigEndian
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+            Glibc.close(fd)
+            if ok && !handedOut.contains(port) {
+                handedOut.insert(port)
+                return port
+            }
         }
-        guard ok else { throw DrillError("no free port: \(String(cString: strerror(errno)))") }
-        return UInt16(bigEndian: addr.sin_port)
+        throw DrillError("no free port between 20000 and 32000")
+    }
+
+    /// Failed starts say why: the end of the site's log.
+    public func exitedSites() -> [String: String] {
+        var out: [String: String] = [:]
+        for s in options.sites {
+            guard let p = lock.withLock({ processes[s] }), !p.isRunning else { continue }
+            let log = (try? String(contentsOfFile: logPath(s), encoding: .utf8)) ?? ""
+            out[s] = "exited with \(p.terminationStatus): " + log.split(separator: "\n").suffix(3).joined(separator: " | ")
+        }
+        return out
     }
 }
 

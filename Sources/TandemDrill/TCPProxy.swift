@@ -11,6 +11,7 @@ public final class TCPProxy: @unchecked Sendable {
     // Guarded by `lock`.
     private var isCut = false
     private var stopped = false
+    private var delayMicroseconds: UInt32 = 0
     private var open: [Int32] = []
     private let listenFD: Int32
 
@@ -45,7 +46,16 @@ public final class TCPProxy: @unchecked Sendable {
         }
     }
 
-    public func heal() { lock.withLock { isCut = false } }
+    /// Heals a cut and removes any delay.
+    public func heal() {
+        lock.withLock {
+            isCut = false
+            delayMicroseconds = 0
+        }
+    }
+
+    /// Holds every chunk for `milliseconds` before passing it on (a slow, distant link).
+    public func delay(milliseconds: Int) { lock.withLock { delayMicroseconds = UInt32(max(0, milliseconds) * 1000) } }
 
     public func stop() {
         cut()
@@ -93,6 +103,8 @@ public final class TCPProxy: @unchecked Sendable {
                     copy: while true {
                         let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, $0.count) }
                         if n <= 0 { break }
+                        let pause = lock.withLock { delayMicroseconds }
+                        if pause > 0 { usleep(pause) }
                         var off = 0
                         while off < n {
                             let w = buffer.withUnsafeBytes { write(to, $0.baseAddress! + off, n - off) }

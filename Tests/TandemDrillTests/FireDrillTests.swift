@@ -203,6 +203,29 @@ struct FireDrillTests {
         try await expectKept(c, w, "partitioned replica")
     }
 
+    @Test("a slow link to one replica (150 ms per chunk): writes keep committing with the other; the slow one lags, then catches up when the link heals")
+    func slowLink() async throws {
+        let c = try makeCluster { $0.proxied = true }
+        defer { c.stopAll(); c.removeFiles() }
+        try c.startAll()
+        let primary = try #require(await c.waitForPrimary())
+        let slow = try #require(c.options.sites.first { $0 != primary })
+        let w = workload(c, through: c.options.sites.filter { $0 != slow })
+        w.start()
+        try await sleep(1)
+        let slowedAt = Date()
+        c.slow(slow, milliseconds: 150)
+        try await sleep(3)
+        let pause = w.longestPause(from: slowedAt, to: Date())
+        #expect(pause < 1, "writes went on through the other replica (longest pause \(pause) s)")
+        #expect(await c.primary() == primary, "the slow link caused no election")
+        c.heal()
+        try await sleep(2)
+        await w.stop()
+        drillLine("slow_replica_link", w, faultAt: slowedAt, ["delay_ms": 150])
+        try await expectKept(c, w, "slow link")
+    }
+
     @Test("a site restarted with an empty data directory rebuilds from its peers (a snapshot, then the log) and rejoins")
     func emptyDataDirectory() async throws {
         // Small segments, frequent snapshots and no retention: the primary's log soon starts
