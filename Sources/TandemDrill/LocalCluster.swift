@@ -23,6 +23,9 @@ public final class LocalCluster: @unchecked Sendable {
         /// Extra TOML for every site's [storage] table (e.g. small segments and frequent
         /// snapshots, so a rebuilt site must take the snapshot path).
         public var storage = ""
+        /// Each site in a network namespace of its own (root only): partitions are links
+        /// brought down rather than proxies cutting connections.
+        public var namespaced = false
         public init() {}
     }
 
@@ -34,6 +37,7 @@ public final class LocalCluster: @unchecked Sendable {
     public private(set) var peerPorts: [String: UInt16] = [:]
     public private(set) var httpPorts: [String: UInt16] = [:]
     private var proxies: [String: TCPProxy] = [:]  // "from>to"
+    public private(set) var namespaces: NetworkNamespaces?
     private let lock = NSLock()
     private var processes: [String: Process] = [:]  // guarded by `lock`
     private var started: Set<String> = []  // guarded by `lock`
@@ -48,6 +52,7 @@ public final class LocalCluster: @unchecked Sendable {
         do { try prepare(deployDirectory: deployDirectory) } catch {
             // Nothing half-made is left behind: proxies stopped, files (the CA key) removed.
             for p in proxies.values { p.stop() }
+            namespaces?.remove()
             try? FileManager.default.removeItem(atPath: self.dir)
             throw error
         }
@@ -63,9 +68,18 @@ public final class LocalCluster: @unchecked Sendable {
         p.waitUntilExit()
         guard p.terminationStatus == 0 else { throw DrillError("make-certs.sh failed (\(p.terminationStatus))") }
         try (TokenStore.line(name: "drill", scope: .admin, token: token) + "\n").write(toFile: self.dir + "/tokens", atomically: true, encoding: .utf8)
-        for s in options.sites {
-            peerPorts[s] = try freePort()
-            httpPorts[s] = try freePort()
+        if options.namespaced {
+            // A network stack per site: the usual ports on the site's own address.
+            namespaces = try NetworkNamespaces(sites: options.sites)
+            for s in options.sites {
+                peerPorts[s] = 7401
+                httpPorts[s] = 8401
+            }
+        } else {
+            for s in options.sites {
+                peerPorts[s] = try freePort()
+                httpPorts[s] = try freePort()
+            }
         }
         for from in options.sites {
             for to in options.sites where to != from && options.proxied {
@@ -78,7 +92,10 @@ public final class LocalCluster: @unchecked Sendable {
     public func configPath(_ site: String) -> String { dir + "/\(site).toml" }
     public func dataDirectory(_ site: String) -> String { dir + "/data-\(site)" }
     public func logPath(_ site: String) -> String { dir + "/\(site).log" }
-    public func url(_ site: String) -> String { "http://127.0.0.1:\(httpPorts[site]!)" }
+    public func url(_ site: String) -> String { "http://\(host(site)):\(httpPorts[site]!)" }
+
+    /// Where a site listens: loopback, or its address in its namespace.
+    public func host(_ site: String) -> String { namespaces?.address(site) ?? "127.0.0.1" }
 
     func config(for site: String) -> String {
         let domains = options.domains ?? options.sites
@@ -89,8 +106,8 @@ public final class LocalCluster: @unchecked Sendable {
             commit_policy = "\(options.commitPolicy)"
 
             [listen]
-            peer = "127.0.0.1:\(peerPorts[site]!)"
-            http = "127.0.0.1:\(httpPorts[site]!)"
+            peer = "\(host(site)):\(peerPorts[site]!)"
+            http = "\(host(site)):\(httpPorts[site]!)"
 
             [timing]
             lease_ms = \(options.leaseMilliseconds)
@@ -118,8 +135,8 @@ public final class LocalCluster: @unchecked Sendable {
                 [[sites]]
                 id = "\(other)"
                 domain = "\(domains[i])"
-                peer_address = "127.0.0.1:\(peer)"
-                http_address = "127.0.0.1:\(httpPorts[other]!)"
+                peer_address = "\(options.proxied && other != site ? "127.0.0.1" : host(other)):\(peer)"
+                http_address = "\(host(other)):\(httpPorts[other]!)"
 
                 """
         }
@@ -130,10 +147,13 @@ public final class LocalCluster: @unchecked Sendable {
     /// site the first time, and as a site rejoining without its disk after a `wipe`.
     public func start(_ site: String) throws {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: binDirectory + "/tandemd")
         let first = lock.withLock { started.insert(site).inserted }
         let create = FileManager.default.fileExists(atPath: dataDirectory(site)) ? [] : first ? ["--init"] : ["--rejoin"]
-        p.arguments = ["--config", configPath(site)] + create
+        // `ip netns exec` enters the namespace and then execs tandemd: the same pid.
+        let argv = [binDirectory + "/tandemd", "--config", configPath(site)] + create
+        let command = namespaces?.wrap(site, argv) ?? argv
+        p.executableURL = URL(fileURLWithPath: command[0])
+        p.arguments = Array(command.dropFirst())
         if !FileManager.default.fileExists(atPath: logPath(site)) { _ = FileManager.default.createFile(atPath: logPath(site), contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath(site)))
         log.seekToEndOfFile()
@@ -167,10 +187,14 @@ public final class LocalCluster: @unchecked Sendable {
 
     /// Cuts a site off from every other (both directions), or heals every link.
     public func cut(_ site: String) {
+        namespaces?.setLink(site, up: false)
         for (key, p) in proxies where key.hasPrefix(site + ">") || key.hasSuffix(">" + site) { p.cut() }
     }
 
-    public func heal() { for p in proxies.values { p.heal() } }
+    public func heal() {
+        if let n = namespaces { for s in options.sites { n.setLink(s, up: true) } }
+        for p in proxies.values { p.heal() }
+    }
 
     /// Slows every link of a site (both directions) by `milliseconds` per chunk.
     public func slow(_ site: String, milliseconds: Int) {
@@ -187,6 +211,7 @@ public final class LocalCluster: @unchecked Sendable {
         }
         lock.withLock { processes = [:] }
         for p in proxies.values { p.stop() }
+        namespaces?.remove()
     }
 
     public func removeFiles() { try? FileManager.default.removeItem(atPath: dir) }
