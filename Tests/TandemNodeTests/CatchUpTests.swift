@@ -51,12 +51,16 @@ final class TestCluster: @unchecked Sendable {
 
     func dataDir(_ id: SiteID) -> String { dir + "/" + id.name }
 
+    /// The lease; tests that assert on roles at a given instant use a longer one, so a
+    /// busy machine does not flip them between two checks.
+    var leaseMilliseconds = 600.0
+
     var config: ClusterConfig {
         var t = Timing()
-        t.leaseDuration = .milliseconds(600)
-        t.heartbeatInterval = .milliseconds(150)
+        t.leaseDuration = .milliseconds(leaseMilliseconds)
+        t.heartbeatInterval = .milliseconds(leaseMilliseconds / 4)
         t.electionJitter = .milliseconds(100)
-        t.transferTimeout = .milliseconds(1200)
+        t.transferTimeout = .milliseconds(2 * leaseMilliseconds)
         var l = Limits()
         // A small cache, so a lagging site is served from the segments on disk.
         l.maxCachedBytes = 1 << 20

@@ -24,6 +24,7 @@ struct ProbeTests {
     func probesByRole() async throws {
         let c = try TestCluster()
         defer { c.cleanup() }
+        c.leaseMilliseconds = 2000
         c.configure = { $0.snapshotEveryRecords = 0 }
         for id in c.ids { try c.start(id) }
         var http: [SiteID: Int] = [:]
@@ -65,8 +66,8 @@ struct ProbeTests {
         // The primary stops answering 200 once it is cut off (no lease), and another takes over.
         let old = primary.settings.site
         c.stop(old)
-        try await Task.sleep(for: .milliseconds(2500))
-        let newPrimary = try #require(c.primary())
+        try await Task.sleep(for: .milliseconds(1000))
+        let newPrimary = try #require(c.primary(timeout: 15))
         #expect(newPrimary.settings.site != old)
         #expect(try await httpStatus("GET", "http://127.0.0.1:\(http[newPrimary.settings.site]!)/primary") == 200)
         _ = try c.stopAllAndHash()
