@@ -59,13 +59,31 @@ public final class ScriptedLocalCluster: ClusterControl, @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: path)
     }
 
+    /// Starts the site's tandemd as Deploy/local-cluster.sh does (its own session, output
+    /// appended to its log, a pid file), spawned directly: a daemon started through a
+    /// shell script would keep descriptors that make Foundation's Process wait forever.
     public func startSite(_ site: String) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [script, "start-site", site]
-        p.environment = ProcessInfo.processInfo.environment.merging(["TANDEM_LOCAL": root]) { _, n in n }
-        try p.run()
-        p.waitUntilExit()
+        let tandemd = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path + "/tandemd"
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, root + "/\(site).log", O_WRONLY | O_APPEND | O_CREAT, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(0x80))  // POSIX_SPAWN_SETSID: outlives the drill
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(tandemd), strdup("--config"), strdup(root + "/\(site).toml"), nil]
+        defer { for a in argv { free(a) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, tandemd, &actions, &attributes, argv, environ)
+        guard rc == 0 else { throw DrillError("cannot start \(tandemd): \(String(cString: strerror(rc)))") }
+        try "\(pid)\n".write(toFile: root + "/\(site).pid", atomically: true, encoding: .utf8)
+        // Reaped by whoever waits for it: this process does not (it ends first, and init
+        // adopts the daemon), so do not leave a zombie while the drill runs.
+        let child = pid
+        Thread.detachNewThread { var status: Int32 = 0; _ = waitpid(child, &status, 0) }
     }
 }
 

@@ -179,6 +179,8 @@ public final class DataAPI: Sendable {
                 var forwarded = call
                 forwarded.deadlineMilliseconds = UInt32(max(1_000, (deadline - min(deadline, SiteRuntime.now)) / 1_000_000 + 1_000))
                 forwarded.headers.append(ForwardedHeader(name: "Tandem-Scope", value: scope.description))
+                // The site the client used (bookings record it), whichever site executes.
+                forwarded.headers.append(ForwardedHeader(name: "Tandem-Received-By", value: settings.site.name))
                 metrics.forwardedOut()
                 switch await runtime.forward(forwarded, to: p) {
                 case let .success(answer) where answer.status != 421:

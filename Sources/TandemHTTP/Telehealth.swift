@@ -72,7 +72,8 @@ extension DataAPI {
                 SELECT pr.id, pa.id, ?3, ?4, ?5, ?6 FROM practitioners pr, patients pa
                 WHERE pr.reference = ?1 AND pa.reference = ?2
                   AND \(Self.noOverlap(practitioner: "pr.id", start: "?3", minutes: "?4", except: "0"))
-                """, [.text(practitioner), .text(patient), .text(start), .integer(minutes), .text(mode), .text(settings.site.name)],
+                """, [.text(practitioner), .text(patient), .text(start), .integer(minutes), .text(mode),
+                      .text(call.header("Tandem-Received-By") ?? settings.site.name)],
                 requireChanges: true),
         ])
         let e: Execution

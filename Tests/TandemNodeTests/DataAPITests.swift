@@ -172,6 +172,8 @@ struct DataAPITests {
                                  token: APICluster.reader)
         #expect(day.status == 200)
         #expect((day.json["appointments"] as? [[String: Any]])?.map { $0["patient"] as? String } == ["PAT-1", "PAT-2"])
+        #expect((day.json["appointments"] as? [[String: Any]])?.first?["booked_at_site"] as? String == replica.name,
+                "the booking records the site the clinician used, not the primary that executed it")
         let byPatient = try await http("GET", a.url(third, "/v1/appointments?patient=PAT-1"), token: APICluster.reader)
         #expect((byPatient.json["appointments"] as? [[String: Any]])?.count == 1)
 
