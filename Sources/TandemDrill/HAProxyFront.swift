@@ -50,11 +50,7 @@ public final class HAProxyFront: @unchecked Sendable {
         for _ in 0..<100 {
             guard process.isRunning else { throw DrillError("haproxy exited at start; see \(logPath)") }
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var addr = sockaddr_in()
-            addr.sin_family = sa_family_t(AF_INET)
-            addr.sin_port = writePort.bigEndian
-            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+            let ok = withLoopback(port: writePort) { connect(fd, $0, $1) } == 0
             Glibc.close(fd)
             if ok { return }
             usleep(50_000)

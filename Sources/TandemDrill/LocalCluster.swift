@@ -252,11 +252,7 @@ public final class LocalCluster: @unchecked Sendable {
         for _ in 0..<200 {
             let port = UInt16.random(in: 20_000..<32_000, using: &rng)
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var addr = sockaddr_in()
-            addr.sin_family = sa_family_t(AF_INET)
-            addr.sin_port = port.bigEndian
-            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+            let ok = withLoopback(port: port) { bind(fd, $0, $1) } == 0
             Glibc.close(fd)
             if ok && !handedOut.contains(port) {
                 handedOut.insert(port)

@@ -22,11 +22,7 @@ public final class TCPProxy: @unchecked Sendable {
         guard fd >= 0 else { throw DrillError("socket: \(String(cString: strerror(errno)))") }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = listenPort.bigEndian
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let rc = withLoopback(port: listenPort) { bind(fd, $0, $1) }
         guard rc == 0, listen(fd, 64) == 0 else {
             Glibc.close(fd)
             throw DrillError("proxy cannot listen on 127.0.0.1:\(listenPort): \(String(cString: strerror(errno)))")
@@ -77,11 +73,7 @@ public final class TCPProxy: @unchecked Sendable {
                 continue
             }
             let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var addr = sockaddr_in()
-            addr.sin_family = sa_family_t(AF_INET)
-            addr.sin_port = targetPort.bigEndian
-            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            let rc = withLoopback(port: targetPort) { connect(server, $0, $1) }
             // Registered under the lock that `cut` takes: a connection made across a cut
             // is dropped here rather than surviving it.
             let admitted = rc == 0 && lock.withLock { () -> Bool in
@@ -132,6 +124,17 @@ final class Countdown: @unchecked Sendable {
     private var n: Int
     init(_ n: Int) { self.n = n }
     func done() -> Bool { lock.withLock { n -= 1; return n == 0 } }
+}
+
+/// Calls `body` with 127.0.0.1:`port` as a `sockaddr` (for bind and connect).
+func withLoopback<T>(port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = port.bigEndian
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
 }
 
 /// A drill that could not be set up or run, and why.

@@ -41,6 +41,21 @@ func workload(_ c: LocalCluster, writers: Int = 6, through sites: [String]? = ni
 
 func sleep(_ seconds: Double) async throws { try await Task.sleep(nanoseconds: UInt64(seconds * 1e9)) }
 
+/// Whether `condition` holds within `seconds`, asked every 100 ms.
+func eventually(seconds: Double, _ condition: () async -> Bool) async throws -> Bool {
+    for _ in 0..<Int(seconds * 10) {
+        if await condition() { return true }
+        try await sleep(0.1)
+    }
+    return false
+}
+
+/// Whether `site` follows `primary`.
+func follows(_ c: LocalCluster, _ site: String, _ primary: String?) async -> Bool {
+    let s = await c.status(site)
+    return s?["role"] as? String == "follower" && s?["primary"] as? String == primary
+}
+
 /// One machine-readable line per drill, to track the figures over time.
 func drillLine(_ name: String, _ w: Workload, faultAt: Date, _ extra: [String: Any] = [:]) {
     var o: [String: Any] = ["drill": name, "acknowledged": w.acknowledged.count, "failed_visibly": w.failures.count,
@@ -135,12 +150,7 @@ struct FireDrillTests {
             #expect((try? await HTTP.status("HEAD", c.url(old) + "/primary")) != 200, "the resumed primary claims a lease it lost")
             try await sleep(0.1)
         }
-        var rejoined = false
-        for _ in 0..<100 where !rejoined {
-            let s = await c.status(old)
-            rejoined = s?["role"] as? String == "follower" && s?["primary"] as? String == next
-            if !rejoined { try await sleep(0.1) }
-        }
+        let rejoined = try await eventually(seconds: 10) { await follows(c, old, next) }
         #expect(rejoined, "the resumed primary rejoined as a replica of \(next ?? "?")")
         try await sleep(1)
         await w.stop()
@@ -184,12 +194,7 @@ struct FireDrillTests {
         await w.stop()
         #expect((w.firstAck(after: cutAt) ?? 99) < 5, "writes resumed within 5 s")
         // It rejoins as a replica once its links are back (reconnection has a jittered back-off).
-        var rejoined = false
-        for _ in 0..<150 where !rejoined {
-            let s = await c.status(old)
-            rejoined = s?["role"] as? String == "follower" && s?["primary"] as? String == next
-            if !rejoined { try await sleep(0.1) }
-        }
+        let rejoined = try await eventually(seconds: 15) { await follows(c, old, next) }
         #expect(rejoined, "within 15 s of healing the old primary follows \(next ?? "?")")
         drillLine(namespaces ? "partitioned_primary_netns" : "partitioned_primary", w, faultAt: cutAt, ["new_primary": next ?? ""])
         try await expectKept(c, w, "partitioned primary")
@@ -215,11 +220,7 @@ struct FireDrillTests {
         #expect(w.longestPause(from: cutAt, to: Date()) < 1.5, "writes went on (longest pause \(w.longestPause(from: cutAt, to: Date())) s)")
         c.heal()
         // Back in the read pool once it has reconnected (jittered back-off) and caught up.
-        var back = false
-        for _ in 0..<150 where !back {
-            back = (try? await HTTP.status("HEAD", c.url(replica) + "/replica")) == 200
-            if !back { try await sleep(0.1) }
-        }
+        let back = try await eventually(seconds: 15) { (try? await HTTP.status("HEAD", c.url(replica) + "/replica")) == 200 }
         #expect(back, "back in the read pool within 15 s of healing")
         await w.stop()
         drillLine("partitioned_replica", w, faultAt: cutAt)
