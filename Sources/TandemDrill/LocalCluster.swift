@@ -45,6 +45,9 @@ public final class LocalCluster: @unchecked Sendable {
 
     /// `binDirectory` holds tandemd; `deployDirectory` holds make-certs.sh.
     public init(options: Options = Options(), binDirectory: String, deployDirectory: String, dir: String? = nil) throws {
+        // The drill writes to sockets and pipes whose other end it kills on purpose: those
+        // writes must fail with EPIPE, never end the drill itself with SIGPIPE.
+        _ = Glibc.signal(SIGPIPE, SIG_IGN)
         self.options = options
         self.binDirectory = binDirectory
         self.dir = dir ?? NSTemporaryDirectory() + "tandem-drill-\(UUID().uuidString.prefix(8))"

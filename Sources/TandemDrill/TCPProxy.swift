@@ -99,7 +99,9 @@ public final class TCPProxy: @unchecked Sendable {
                         if pause > 0 { usleep(pause) }
                         var off = 0
                         while off < n {
-                            let w = buffer.withUnsafeBytes { write(to, $0.baseAddress! + off, n - off) }
+                            // MSG_NOSIGNAL: the other side closing mid-copy (a cut, a killed site)
+                            // must end this connection with EPIPE, not the drill process with SIGPIPE.
+                            let w = buffer.withUnsafeBytes { send(to, $0.baseAddress! + off, n - off, Int32(MSG_NOSIGNAL)) }
                             if w <= 0 { break copy }
                             off += w
                         }
