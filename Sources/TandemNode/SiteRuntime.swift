@@ -487,6 +487,9 @@ public final class SiteRuntime: @unchecked Sendable {
 
     // MARK: The loop
 
+    /// Inputs of the loop's current batch not handled yet (loop thread only).
+    private var inputsWaiting = 0
+
     private func loop() {
         var nextTick = Self.clock()
         while true {
@@ -500,7 +503,11 @@ public final class SiteRuntime: @unchecked Sendable {
                 return b
             }
             guard let batch else { break }
-            for input in batch { handle(input) }
+            for (i, input) in batch.enumerated() {
+                inputsWaiting = batch.count - 1 - i
+                handle(input)
+            }
+            inputsWaiting = 0
             if Self.clock() >= nextTick {
                 step(.tick)
                 maybeSnapshot()
@@ -610,13 +617,15 @@ public final class SiteRuntime: @unchecked Sendable {
         if ready.roleChanges.contains(where: { if case .becamePrimary = $0 { return true } else { return false } }) {
             catchUpStoreAsPrimary(noop: ready.append)
         }
+        // Messages that need nothing durable go first: a primary's appends reach the peers
+        // while its own fsync runs (which may run on this thread, below).
+        for m in ready.messages { transport.send(m) }
         if ready.hasStorageWork, let id = ready.storageID {
             storageQueue.append((id, ready.messagesAfterPersist, ready.append.isEmpty))
             if !ready.append.isEmpty { appendToLog(id, ready.append) }
         } else {
             for m in ready.messagesAfterPersist { transport.send(m) }
         }
-        for m in ready.messages { transport.send(m) }
         for change in ready.roleChanges { roleChanged(change) }
         if let c = ready.committedThrough { committed(through: c) }
         for r in ready.logReads {
@@ -630,7 +639,12 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     private func appendToLog(_ id: UInt64, _ records: [LogRecord]) {
-        storage.log.append(records) { [weak self] result in
+        // With no other input waiting, this thread writes and fsyncs the records itself
+        // (two thread hand-offs fewer on a replica's acknowledgement path); with input
+        // waiting, the log's writer takes them, so that the next inputs' records can join
+        // them in one group commit instead of each paying an fsync on this thread.
+        let idle = inputsWaiting == 0 && cond.withLock { inbox.isEmpty }
+        let completion: @Sendable (Result<LSN, WALError>) -> Void = { [weak self] result in
             if case .failure(.queueFull) = result {
                 // Back-pressure from the log, not a failure: try again shortly.
                 Thread.sleep(forTimeInterval: 0.002)
@@ -638,6 +652,11 @@ public final class SiteRuntime: @unchecked Sendable {
                 return
             }
             self?.enqueue(.walDone(id, result))
+        }
+        if idle {
+            storage.log.appendInline(records, completion: completion)
+        } else {
+            storage.log.append(records, completion: completion)
         }
     }
 

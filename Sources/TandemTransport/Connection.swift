@@ -60,9 +60,11 @@ public struct HandshakeExpectations: Sendable {
     var hello: Hello { Hello(version: protocolVersion, clusterID: clusterID, siteID: localSite, features: compress ? Wire.featureLZ4 : 0) }
 }
 
-/// An established, authenticated connection to one peer. One I/O thread owns the TLS
-/// stream: it reads frames and writes the queued ones (OpenSSL objects are not used
-/// from two threads at once).
+/// An established, authenticated connection to one peer. One I/O thread reads frames
+/// and writes the queued ones. A sender that finds nothing queued and the TLS stream free
+/// writes its frame itself, on its own thread: on the commit path that saves a wake-up of
+/// the I/O thread per message. Every OpenSSL call on the stream holds `sslLock` (an SSL
+/// object must never be used from two threads at once).
 public final class PeerConnection: @unchecked Sendable {
     public let peer: SiteID
     public let compress: Bool
@@ -79,6 +81,14 @@ public final class PeerConnection: @unchecked Sendable {
     private let wakeWrite: Int32
     private var decoder: FrameDecoder
     private let metrics: TransportMetrics
+    /// Held around every use of `stream`'s SSL object; taken before `lock`, never after.
+    private let sslLock = NSLock()
+    // Guarded by `sslLock`: the frame being written (OpenSSL wants a retried write to
+    // pass the same bytes, so it stays the same array until fully written) and its offset.
+    private var current: [UInt8] = []
+    private var offset = 0
+    private var wantReadForWrite = false
+    private var directFailure: String?
 
     /// Connects the TLS handshake and the application handshake, as the client (the site
     /// dialing) or the server. Throws with the reason on any refusal.
@@ -165,7 +175,8 @@ public final class PeerConnection: @unchecked Sendable {
         let thread = Thread { [self] in
             let reason = ioLoop(onFrame: onFrame)
             lock.withLock { isClosed = true }
-            stream.close()
+            // A sender writing directly holds sslLock and sees isClosed before it writes.
+            sslLock.withLock { stream.close() }
             metrics.closed(reason)
             onClose(reason)
         }
@@ -177,6 +188,29 @@ public final class PeerConnection: @unchecked Sendable {
     /// dropped, the protocol sends what matters again) or the connection is closed.
     @discardableResult
     public func send(_ frame: [UInt8]) -> Bool {
+        if sslLock.try() {
+            defer { sslLock.unlock() }
+            let idle = lock.withLock { !isClosed && queue.isEmpty } && offset >= current.count && !wantReadForWrite && directFailure == nil
+            if idle {
+                current = frame
+                offset = 0
+                let r = current.withUnsafeBytes { stream.write($0) }
+                switch r {
+                case let .done(n):
+                    offset += n
+                    if offset >= current.count { return true }
+                case let .wouldBlock(readable):
+                    if readable { wantReadForWrite = true }
+                case let .closed(why):
+                    directFailure = why
+                }
+                // The I/O thread finishes the frame (waiting for the socket) or reports
+                // the failure.
+                var one: UInt8 = 1
+                _ = Glibc.write(wakeWrite, &one, 1)
+                return true
+            }
+        }
         let ok: Bool = lock.withLock {
             guard !isClosed, queuedBytes + frame.count <= maxQueuedBytes || queue.isEmpty else { return false }
             queue.append(frame)
@@ -202,47 +236,47 @@ public final class PeerConnection: @unchecked Sendable {
 
     private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
         var readBuffer = [UInt8](repeating: 0, count: 64 << 10)
-        var current: [UInt8] = []
-        var offset = 0
         var wantWriteForRead = false
-        var wantReadForWrite = false
         while true {
             if lock.withLock({ isClosed }) { return "closed locally" }
+            if let why = sslLock.withLock({ directFailure }) { return why }
             // Write queued frames as long as the socket takes them.
-            writing: while !wantReadForWrite {
-                if offset >= current.count {
-                    let next: [UInt8]? = lock.withLock {
-                        guard !queue.isEmpty else { return nil }
-                        let f = queue.removeFirst()
-                        queuedBytes -= f.count
-                        return f
+            let writeFailure: String? = sslLock.withLock {
+                while !wantReadForWrite {
+                    if offset >= current.count {
+                        let next: [UInt8]? = lock.withLock {
+                            guard !queue.isEmpty else { return nil }
+                            let f = queue.removeFirst()
+                            queuedBytes -= f.count
+                            return f
+                        }
+                        guard let next else { return nil }
+                        current = next
+                        offset = 0
                     }
-                    guard let next else { break writing }
-                    current = next
-                    offset = 0
+                    let r = current.withUnsafeBytes { stream.write(UnsafeRawBufferPointer(rebasing: $0[offset...])) }
+                    switch r {
+                    case let .done(n): offset += n
+                    case let .wouldBlock(readable):
+                        if readable { wantReadForWrite = true }
+                        return nil
+                    case let .closed(why): return why
+                    }
                 }
-                // OpenSSL wants a retried write to pass the same bytes: `current` stays
-                // the same array until it is fully written.
-                let r = current.withUnsafeBytes { stream.write(UnsafeRawBufferPointer(rebasing: $0[offset...])) }
-                switch r {
-                case let .done(n): offset += n
-                case let .wouldBlock(readable):
-                    if readable { wantReadForWrite = true }
-                    break writing
-                case let .closed(why): return why
-                }
+                return nil
             }
+            if let writeFailure { return writeFailure }
             // Read what is there, a bounded number of times so a peer that never stops
             // sending cannot starve this side's writes (acknowledgements).
             var readProgress = true
             var reads = 0
             while readProgress && reads < 16 {
                 reads += 1
-                let r = readBuffer.withUnsafeMutableBytes { stream.read(into: $0) }
+                let r = sslLock.withLock { readBuffer.withUnsafeMutableBytes { stream.read(into: $0) } }
                 switch r {
                 case let .done(n):
                     // Something arrived: a write that waited for a read may go on.
-                    wantReadForWrite = false
+                    sslLock.withLock { wantReadForWrite = false }
                     readBuffer.withUnsafeBytes { decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
                     do {
                         while let frame = try decoder.next() {
@@ -260,11 +294,11 @@ public final class PeerConnection: @unchecked Sendable {
                     return why
                 }
             }
-            let pendingWrite = offset < current.count
             if readProgress { continue }  // more to read: go round before sleeping
+            let (pendingWrite, waitsForRead) = sslLock.withLock { (offset < current.count, wantReadForWrite) }
             // POLLOUT only when a write can make progress (not while it waits for a read),
             // or a read waits for the socket to drain.
-            let wantOut = (pendingWrite && !wantReadForWrite) || wantWriteForRead
+            let wantOut = (pendingWrite && !waitsForRead) || wantWriteForRead
             var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | (wantOut ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             _ = poll(&fds, 2, 1000)

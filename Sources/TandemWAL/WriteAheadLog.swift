@@ -57,7 +57,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Runs of equal term: (first LSN of the run, term), ascending. Durable records only.
     private var termRuns: [(lsn: LSN, term: Term)] = []
     private var writer: Thread?
-    /// Written by the writer thread only, read under `lock` after publishing.
+    /// Written only by the thread that set `writing` (the writer or an inline appender), read under `lock` after publishing.
     private var lastFsyncNanoseconds: UInt64 = 0
     /// Appends in the last batch: how many the writer expects back for the next one.
     private var expectedAppends = 1
@@ -308,7 +308,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     private func writerLoop() {
         while true {
             lock.lock()
-            while (pending.isEmpty || maintenance) && !(isClosed && pending.isEmpty) {
+            // `writing` also covers an inline batch (appendInline) on another thread.
+            while (pending.isEmpty || maintenance || writing) && !(isClosed && pending.isEmpty) {
                 lock.wait()
             }
             // Group commit: the appenders released by the previous batch usually append
@@ -339,80 +340,115 @@ public final class WriteAheadLog: @unchecked Sendable {
             let stopped = failure
             var tail = segments[segments.count - 1]
             lock.unlock()
-
-            var result: Result<LSN, WALError>
-            var rolled: Segment?
-            if let stopped {
-                result = .failure(stopped)
-            } else {
-                var records: [LogRecord] = []
-                records.reserveCapacity(taken.reduce(0) { $0 + $1.records.count })
-                for p in taken { records.append(contentsOf: p.records) }
-                do {
-                    rolled = try writeBatch(records[...], into: &tail)
-                    result = .success(records[records.count - 1].lsn)
-                } catch let error as WALError {
-                    result = .failure(error)
-                } catch {
-                    result = .failure(.io("\(error)"))
-                }
-            }
-
-            lock.lock()
-            writing = false
-            var renumbered: [Pending] = []
-            switch result {
-            case .success:
-                if rolled != nil {
-                    // `tail` is the new segment; the old one already holds its final state.
-                    segments.append(tail)
-                } else {
-                    segments[segments.count - 1] = tail
-                }
-                stats.batches += 1
-                stats.fsyncNanoseconds += lastFsyncNanoseconds
-                options.fsyncObserver?(lastFsyncNanoseconds)
-                stats.bytes += WALFormat.batchHeaderSize
-                for p in taken {
-                    stats.records += p.records.count
-                    stats.bytes += p.bytes
-                    for r in p.records where termRuns.last?.term != r.term {
-                        termRuns.append((r.lsn, r.term))
-                    }
-                }
-            case .failure(let error):
-                switch error {
-                case .diskFull:
-                    // Nothing reached the live segment: later appends may still succeed,
-                    // but the queued ones were numbered after the failed ones.
-                    renumbered = failQueuedAfterGap(error)
-                default:
-                    if failure == nil { failure = error.asFailStop }
-                }
-            }
-            let queuedFailure = failure ?? (renumbered.isEmpty ? nil : result.failureValue)
-            let toFail = failure != nil ? pending : renumbered
-            if queuedFailure != nil {
-                pending.removeAll()
-                pendingBytes = 0
-            }
-            lock.broadcast()
-            lock.unlock()
-
-            // Completions run here, on the writer thread: measured faster than handing them
-            // to another thread (one wake-up less per batch), and an appender that appends
-            // again from its completion lands in the very next batch. They must be cheap
-            // and must not block.
-            for p in taken {
-                // Each appender learns the last LSN of its own records.
-                p.completion(result.map { _ in p.records[p.records.count - 1].lsn })
-            }
-            if let queuedFailure { for p in toFail { p.completion(.failure(queuedFailure)) } }
+            runBatch(taken, stopped: stopped, tail: &tail)
         }
         writerDone.lock()
         writerExited = true
         writerDone.broadcast()
         writerDone.unlock()
+    }
+
+    /// Appends on the calling thread when the log is idle (nothing queued, no batch being
+    /// written): the records are written and fdatasynced here and `completion` runs here
+    /// before this returns, saving the hand-off to the writer thread and back (two
+    /// wake-ups, a large share of a replica's acknowledgement time on a busy machine).
+    /// When the log is busy, the records are queued for the writer as `append` does, and
+    /// `completion` runs on the writer thread. The same durability rules hold either way.
+    public func appendInline(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
+        lock.lock()
+        if let error = admissionError(records) {
+            lock.unlock()
+            completion(.failure(error))
+            return
+        }
+        guard pending.isEmpty, !writing, !maintenance, failure == nil else {
+            enqueue(records, completion: completion)
+            lock.unlock()
+            return
+        }
+        var bytes = 0
+        for r in records { bytes += WALFormat.recordHeaderSize + r.payload.count }
+        if let last = records.last {
+            queuedNextLSN = last.lsn.next
+            queuedLastTerm = last.term
+        }
+        writing = true
+        var tail = segments[segments.count - 1]
+        lock.unlock()
+        runBatch([Pending(records: records, bytes: bytes, completion: completion)], stopped: nil, tail: &tail)
+    }
+
+    /// Writes one batch (the caller set `writing` under the lock and released it), then
+    /// publishes the result and runs the completions on this thread.
+    private func runBatch(_ taken: [Pending], stopped: WALError?, tail: inout Segment) {
+        var result: Result<LSN, WALError>
+        var rolled: Segment?
+        if let stopped {
+            result = .failure(stopped)
+        } else {
+            var records: [LogRecord] = []
+            records.reserveCapacity(taken.reduce(0) { $0 + $1.records.count })
+            for p in taken { records.append(contentsOf: p.records) }
+            do {
+                rolled = try writeBatch(records[...], into: &tail)
+                result = .success(records[records.count - 1].lsn)
+            } catch let error as WALError {
+                result = .failure(error)
+            } catch {
+                result = .failure(.io("\(error)"))
+            }
+        }
+
+        lock.lock()
+        writing = false
+        var renumbered: [Pending] = []
+        switch result {
+        case .success:
+            if rolled != nil {
+                // `tail` is the new segment; the old one already holds its final state.
+                segments.append(tail)
+            } else {
+                segments[segments.count - 1] = tail
+            }
+            stats.batches += 1
+            stats.fsyncNanoseconds += lastFsyncNanoseconds
+            options.fsyncObserver?(lastFsyncNanoseconds)
+            stats.bytes += WALFormat.batchHeaderSize
+            for p in taken {
+                stats.records += p.records.count
+                stats.bytes += p.bytes
+                for r in p.records where termRuns.last?.term != r.term {
+                    termRuns.append((r.lsn, r.term))
+                }
+            }
+        case .failure(let error):
+            switch error {
+            case .diskFull:
+                // Nothing reached the live segment: later appends may still succeed,
+                // but the queued ones were numbered after the failed ones.
+                renumbered = failQueuedAfterGap(error)
+            default:
+                if failure == nil { failure = error.asFailStop }
+            }
+        }
+        let queuedFailure = failure ?? (renumbered.isEmpty ? nil : result.failureValue)
+        let toFail = failure != nil ? pending : renumbered
+        if queuedFailure != nil {
+            pending.removeAll()
+            pendingBytes = 0
+        }
+        lock.broadcast()
+        lock.unlock()
+
+        // Completions run on the thread that wrote the batch: measured faster than handing
+        // them to another thread (one wake-up less per batch), and an appender that appends
+        // again from its completion lands in the very next batch. They must be cheap and
+        // must not block.
+        for p in taken {
+            // Each appender learns the last LSN of its own records.
+            p.completion(result.map { _ in p.records[p.records.count - 1].lsn })
+        }
+        if let queuedFailure { for p in toFail { p.completion(.failure(queuedFailure)) } }
     }
 
     /// After a batch failed without touching the log, every queued append behind it has

@@ -52,6 +52,63 @@ struct WALTests {
         #expect(again.recovery.records > 0)
     }
 
+    @Test("an inline append on an idle log is durable when it returns; mixed with queued appends while the writer is busy, every record lands once, in order")
+    func inlineAppends() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        // Idle log: the completion has run (durable) before appendInline returns.
+        let done = Counter()
+        log.appendInline([record(1)]) { result in
+            if case .success(LSN(1)) = result { _ = done.increment() }
+        }
+        #expect(done.value == 1)
+        #expect(log.lastLSN == LSN(1))
+        #expect(log.statistics.batches == 1)
+
+        // One thread numbers records (as the site's loop does) and alternates between
+        // inline and queued appends while the writer is busy with earlier ones.
+        let acknowledged = Counter()
+        let order = OrderCheck()
+        let total: UInt64 = 2_000
+        for lsn in 2...total {
+            let r = record(lsn, size: Int(lsn % 200))
+            let completion: @Sendable (Result<LSN, WALError>) -> Void = { result in
+                if case let .success(l) = result, l == LSN(lsn) { _ = acknowledged.increment(); order.saw(l) }
+            }
+            if lsn % 3 == 0 { log.appendInline([r], completion: completion) } else { log.append([r], completion: completion) }
+        }
+        while acknowledged.value < Int(total) - 1 { try await Task.sleep(nanoseconds: 1_000_000) }
+        #expect(order.inOrder, "completions are reported in LSN order")
+        let stats = log.statistics
+        #expect(stats.records == Int(total))
+        #expect(stats.batches < Int(total), "queued appends still share batches")
+        log.close()
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(again.recovery.tornBytesRemoved == 0)
+        #expect(try readAll(again).map(\.lsn) == (1...total).map { LSN($0) })
+    }
+
+    @Test("an fsync error during an inline append stops the log like one on the writer thread")
+    func inlineFsyncFailStop() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let syncs = Counter()
+        var opts = smallOptions()
+        opts.fsyncFault = { _ in syncs.increment() == 2 ? EIO : nil }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: opts)
+        defer { log.close() }
+        let failures = Counter()
+        log.appendInline([record(1)]) { if case .failure = $0 { _ = failures.increment() } }
+        log.appendInline([record(2)]) { if case .failure = $0 { _ = failures.increment() } }
+        #expect(failures.value == 1)
+        #expect(log.failed != nil)
+        log.appendInline([record(3)]) { if case .failure = $0 { _ = failures.increment() } }
+        #expect(failures.value == 2, "no append is reported durable after a failed fsync")
+        await #expect(throws: WALError.self) { try await log.append([record(3)]) }
+        #expect(log.lastLSN == LSN(1))
+        #expect(syncs.value == 2, "a failed fsync is never retried")
+    }
+
     @Test("appends that do not follow the log are refused with the reason")
     func admission() async throws {
         let dir = TempDir(); defer { dir.cleanup() }
@@ -187,4 +244,13 @@ extension WriteAheadLog {
     static func createAndClose(_ path: String) {
         (try? WriteAheadLog.create(directory: path, clusterID: testCluster, options: smallOptions()))?.close()
     }
+}
+
+/// Checks that values arrive in increasing order (from any thread).
+final class OrderCheck: @unchecked Sendable {
+    private let lock = NSLock()
+    private var last: LSN = .zero
+    private var ok = true
+    func saw(_ lsn: LSN) { lock.withLock { if lsn <= last { ok = false }; last = lsn } }
+    var inOrder: Bool { lock.withLock { ok } }
 }
