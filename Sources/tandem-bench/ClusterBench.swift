@@ -47,11 +47,25 @@ struct ClusterBench: AsyncParsableCommand {
                                 json: ["statements": [["sql": "CREATE TABLE bench (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]]])
         let value = String(repeating: "x", count: 256)
         let counter = Counter()
-        @Sendable func write256(_ site: String) async -> Bool {
+        let url = Dictionary(uniqueKeysWithValues: c.options.sites.map { ($0, c.url($0)) })
+        let token = c.token
+        @Sendable func write256(_ client: KeepAliveClient, _ site: String) -> Bool {
             let id = counter.next()
-            let a = try? await HTTP.call("POST", c.url(site) + "/v1/execute", token: c.token,
-                                         json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [id, value]]]])
+            let a = try? client.call("POST", (url[site] ?? "") + "/v1/execute", token: token,
+                                     json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [id, value]]]])
             return a?.status == 200
+        }
+        /// One client's sequential latencies of `op` (seconds, sorted), on its own thread.
+        func latencies(_ n: Int, _ op: @escaping @Sendable (KeepAliveClient, Int) -> Bool) async -> [Double] {
+            await onThread {
+                let client = KeepAliveClient()
+                var lat: [Double] = []
+                for i in 0..<n {
+                    let t = monotonicNanoseconds()
+                    if op(client, i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+                }
+                return lat.sorted()
+            }
         }
 
         // Memory at rest.
@@ -60,12 +74,7 @@ struct ClusterBench: AsyncParsableCommand {
 
         // Commit latency, one client, on the primary and through a replica (forwarded).
         for (name, site) in [("primary", primary), ("replica", replica)] {
-            var lat: [Double] = []
-            for _ in 0..<(quick ? 50 : 1000) {
-                let t = monotonicNanoseconds()
-                if await write256(site) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
-            }
-            lat.sort()
+            let lat = await latencies(quick ? 50 : 1000) { client, _ in write256(client, site) }
             let p50 = percentile(lat, 0.5), p99 = percentile(lat, 0.99)
             emit(["bench": "cluster", "figure": "commit_latency", "through": name, "clients": 1, "value_bytes": 256,
                   "p50_ms": round3(p50 * 1e3), "p99_ms": round3(p99 * 1e3), "ratio_to_floor_p50": round3(p50 / floor), "target_ratio": 1.5])
@@ -77,7 +86,7 @@ struct ClusterBench: AsyncParsableCommand {
         var loadedRSS: [String: Double] = [:]
         for clients in [1, 16, 64] {
             let fsyncsBefore = try await fsyncCount(c, primary)
-            let (n, wall, cpu) = await drive(clients: clients, seconds: secs) { _ in await write256(primary) } sample: {
+            let (n, wall, cpu) = await driveThreads(clients: clients, seconds: secs) { _, client in write256(client, primary) } sample: {
                 if clients == 64 { for s in c.options.sites { loadedRSS[s] = max(loadedRSS[s] ?? 0, rssMiB(c.pid(s))) } }
             }
             let fsyncs = try await fsyncCount(c, primary) - fsyncsBefore
@@ -92,9 +101,10 @@ struct ClusterBench: AsyncParsableCommand {
 
         // The telehealth mix: bookings, cancellations, reports, small documents.
         let mixCounter = Counter()
-        @Sendable func mixed(_ i: Int) async -> Bool {
+        let sites = c.options.sites
+        @Sendable func mixed(_ i: Int, _ client: KeepAliveClient) -> Bool {
             let k = mixCounter.next()
-            let site = c.options.sites[k % c.options.sites.count]
+            let site = url[sites[k % sites.count]] ?? ""
             switch k % 10 {
             case 0..<6:
                 let minutes = k * 30
@@ -102,13 +112,13 @@ struct ClusterBench: AsyncParsableCommand {
                                            "starts_at": String(format: "2031-%02d-%02dT%02d:%02d:00Z", 1 + (minutes / 40320) % 12, 1 + (minutes / 1440) % 28,
                                                                (minutes / 60) % 24, minutes % 60),
                                            "duration_minutes": 20]
-                return (try? await HTTP.call("POST", c.url(site) + "/v1/appointments", token: c.token, json: body))?.status == 201
+                return (try? client.call("POST", site + "/v1/appointments", token: token, json: body))?.status == 201
             case 6:
-                let a = try? await HTTP.call("POST", c.url(site) + "/v1/appointments/\(max(1, k / 2))/cancel", token: c.token)
+                let a = try? client.call("POST", site + "/v1/appointments/\(max(1, k / 2))/cancel", token: token)
                 return a.map { [200, 404, 409].contains($0.status) } ?? false
             case 7, 8:
                 let report = String(repeating: "Consultation report. ", count: 100)
-                return (try? await HTTP.call("POST", c.url(site) + "/v1/execute", token: c.token, json: ["statements": [
+                return (try? client.call("POST", site + "/v1/execute", token: token, json: ["statements": [
                     ["sql": "INSERT OR IGNORE INTO patients (reference) VALUES (?)", "params": ["BENCH-R-\(k)"]],
                     ["sql": "INSERT INTO documents (patient_id, kind, content_type, size, sha256, bytes) SELECT id, 'report', 'text/plain', ?, ?, ? FROM patients WHERE reference = ?",
                      "params": [report.utf8.count, SHA.hex(Array(report.utf8)), ["base64": Data(report.utf8).base64EncodedString()], "BENCH-R-\(k)"]],
@@ -116,12 +126,12 @@ struct ClusterBench: AsyncParsableCommand {
             default:
                 var doc = [UInt8](repeating: 0, count: 16 << 10)
                 for j in stride(from: 0, to: doc.count, by: 64) { doc[j] = UInt8(truncatingIfNeeded: k &+ j) }
-                return (try? await HTTP.upload(c.url(site) + "/v1/documents", token: c.token, body: doc,
-                                               headers: ["Tandem-Patient": "BENCH-U-\(k)", "Content-Type": "application/pdf"]))?.status == 201
+                return (try? client.call("POST", site + "/v1/documents", token: token, body: doc,
+                                         headers: [("Tandem-Patient", "BENCH-U-\(k)"), ("Content-Type", "application/pdf")]))?.status == 201
             }
         }
         for clients in [16, 64] {
-            let (n, wall, cpu) = await drive(clients: clients, seconds: secs, op: mixed)
+            let (n, wall, cpu) = await driveThreads(clients: clients, seconds: secs) { i, client in mixed(i, client) }
             emit(["bench": "cluster", "figure": "throughput", "workload": "telehealth_mix", "clients": clients,
                   "operations_per_second": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
             note(String(format: "telehealth mix, %d clients: %.0f operations/s", clients, Double(n) / wall))
@@ -129,17 +139,13 @@ struct ClusterBench: AsyncParsableCommand {
 
         // Linearizable reads on the primary and through a replica (forwarded to the primary).
         for (name, site) in [("primary", primary), ("replica", replica)] {
-            @Sendable func read(_ i: Int) async -> Bool {
-                (try? await HTTP.call("POST", c.url(site) + "/v1/query", token: c.token,
-                                      json: ["sql": "SELECT v FROM bench WHERE id = ?", "params": [1 + i % 100]]))?.status == 200
+            let base = url[site] ?? ""
+            @Sendable func read(_ client: KeepAliveClient, _ i: Int) -> Bool {
+                (try? client.call("POST", base + "/v1/query", token: token,
+                                  json: ["sql": "SELECT v FROM bench WHERE id = ?", "params": [1 + i % 100]]))?.status == 200
             }
-            var lat: [Double] = []
-            for i in 0..<(quick ? 50 : 1000) {
-                let t = monotonicNanoseconds()
-                if await read(i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
-            }
-            lat.sort()
-            let (n, wall, cpu) = await drive(clients: 16, seconds: secs, op: read)
+            let lat = await latencies(quick ? 50 : 1000, read)
+            let (n, wall, cpu) = await driveThreads(clients: 16, seconds: secs) { i, client in read(client, i) }
             emit(["bench": "cluster", "figure": "linearizable_read", "through": name, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
                   "p99_ms": round3(percentile(lat, 0.99) * 1e3), "reads_per_second_16_clients": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
             note(String(format: "linearizable reads via %@: p50 %.2f ms, %.0f reads/s with 16 clients", name, percentile(lat, 0.5) * 1e3, Double(n) / wall))
@@ -150,14 +156,11 @@ struct ClusterBench: AsyncParsableCommand {
             var doc = [UInt8](repeating: 0, count: size)
             var g = SeededRandom(seed: UInt64(size))
             for j in stride(from: 0, to: size, by: 8) { doc[j] = UInt8(truncatingIfNeeded: g.next()) }
-            var lat: [Double] = []
-            for i in 0..<(quick ? 3 : (size > 1 << 20 ? 10 : 50)) {
-                let t = monotonicNanoseconds()
-                let a = try await HTTP.upload(c.url(primary) + "/v1/documents", token: c.token, body: doc,
-                                              headers: ["Tandem-Patient": "BENCH-DOC-\(size)-\(i)", "Content-Type": "application/octet-stream"])
-                if a.status == 201 { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            let document = doc, base = url[primary] ?? ""
+            let lat = await latencies(quick ? 3 : (size > 1 << 20 ? 10 : 50)) { client, i in
+                (try? client.call("POST", base + "/v1/documents", token: token, body: document,
+                                  headers: [("Tandem-Patient", "BENCH-DOC-\(size)-\(i)"), ("Content-Type", "application/octet-stream")]))?.status == 201
             }
-            lat.sort()
             emit(["bench": "cluster", "figure": "document_write_latency", "bytes": size, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
                   "samples": lat.count])
             note(String(format: "document of %d bytes: write p50 %.1f ms", size, percentile(lat, 0.5) * 1e3))
@@ -173,11 +176,12 @@ struct ClusterBench: AsyncParsableCommand {
             for j in stride(from: 0, to: bytes.count, by: 8) { bytes[j] = UInt8(truncatingIfNeeded: g.next()) }
             let doc = bytes
             let uploads = Counter()
-            _ = await drive(clients: 8, seconds: 3600) { _ in
+            let base = url[primary] ?? ""
+            _ = await driveThreads(clients: 8, seconds: 3600) { _, client in
                 let k = uploads.next()
                 if k >= mib { return false }
-                return (try? await HTTP.upload(c.url(primary) + "/v1/documents", token: c.token, body: doc,
-                                               headers: ["Tandem-Patient": "BENCH-CATCHUP-\(k)"]))?.status == 201
+                return (try? client.call("POST", base + "/v1/documents", token: token, body: doc,
+                                         headers: [("Tandem-Patient", "BENCH-CATCHUP-\(k)")]))?.status == 201
             } stopWhen: { uploads.value >= mib }
             let target = (try await HTTP.json("GET", c.url(primary) + "/status"))["site"] as? [String: Any]
             let commit = target?["commit_lsn"] as? Int ?? 0
@@ -202,11 +206,14 @@ struct ClusterBench: AsyncParsableCommand {
             let survivors = c.options.sites.filter { $0 != p }
             let t = monotonicNanoseconds()
             c.signal(p, SIGKILL)
-            var ok = false
-            var k = 0
-            while !ok && Double(monotonicNanoseconds() - t) / 1e9 < 30 {
-                ok = await write256(survivors[k % survivors.count])
-                k += 1
+            _ = await onThread {
+                let client = KeepAliveClient(timeoutSeconds: 5)
+                var k = 0
+                while Double(monotonicNanoseconds() - t) / 1e9 < 30 {
+                    if write256(client, survivors[k % survivors.count]) { return true }
+                    k += 1
+                }
+                return false
             }
             times.append(Double(monotonicNanoseconds() - t) / 1e9)
             try c.start(p)
@@ -227,14 +234,11 @@ struct ClusterBench: AsyncParsableCommand {
         if let p5 = await c5.waitForPrimary(seconds: 30) {
             _ = try await HTTP.call("POST", c5.url(p5) + "/v1/execute", token: c5.token,
                                     json: ["statements": [["sql": "CREATE TABLE bench (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]]])
-            var lat: [Double] = []
-            for i in 0..<(quick ? 50 : 1000) {
-                let t = monotonicNanoseconds()
-                let a = try? await HTTP.call("POST", c5.url(p5) + "/v1/execute", token: c5.token,
-                                             json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [i, value]]]])
-                if a?.status == 200 { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            let base = c5.url(p5), token5 = c5.token
+            let lat = await latencies(quick ? 50 : 1000) { client, i in
+                (try? client.call("POST", base + "/v1/execute", token: token5,
+                                  json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [i, value]]]]))?.status == 200
             }
-            lat.sort()
             emit(["bench": "cluster", "figure": "commit_latency", "through": "primary", "sites": 5, "clients": 1,
                   "p50_ms": round3(percentile(lat, 0.5) * 1e3), "p99_ms": round3(percentile(lat, 0.99) * 1e3)])
             note(String(format: "five sites: commit latency p50 %.2f ms", percentile(lat, 0.5) * 1e3))
@@ -248,35 +252,6 @@ final class Counter: @unchecked Sendable {
     private var n = 0
     func next() -> Int { lock.withLock { defer { n += 1 }; return n } }
     var value: Int { lock.withLock { n } }
-}
-
-/// Runs `clients` concurrent loops of `op` for `seconds`; returns (successes, wall seconds,
-/// this process's CPU share of one core: the load generator's own cost).
-func drive(clients: Int, seconds: Double, op: @escaping @Sendable (Int) async -> Bool,
-           sample: @escaping () -> Void = {}, stopWhen: @escaping @Sendable () -> Bool = { false }) async -> (Int, Double, Double) {
-    let done = Counter()
-    let cpu0 = processCPUSeconds()
-    let t0 = monotonicNanoseconds()
-    let end = t0 + UInt64(seconds * 1e9)
-    await withTaskGroup(of: Void.self) { group in
-        for i in 0..<clients {
-            group.addTask {
-                var k = i
-                while monotonicNanoseconds() < end && !stopWhen() {
-                    if await op(k) { _ = done.next() }
-                    k += clients
-                }
-            }
-        }
-        while monotonicNanoseconds() < end && !stopWhen() {
-            sample()
-            try? await Task.sleep(nanoseconds: 200_000_000)
-            if group.isEmpty { break }
-        }
-        await group.waitForAll()
-    }
-    let wall = Double(monotonicNanoseconds() - t0) / 1e9
-    return (done.value, wall, (processCPUSeconds() - cpu0) / wall)
 }
 
 func processCPUSeconds() -> Double {
@@ -367,29 +342,28 @@ struct HTTPLoadBench: AsyncParsableCommand {
 
     func run() async throws {
         guard let json = try? JSONSerialization.jsonObject(with: Data(body.utf8)) else { throw ValidationError("--body must be JSON") }
-        let box = JSONBox(json)
-        @Sendable func post(_ i: Int) async -> Bool {
-            let a = try? await HTTP.call("POST", url, json: box.value, timeout: 10)
+        let payload = [UInt8](try JSONSerialization.data(withJSONObject: json))
+        let target = url
+        @Sendable func post(_ client: KeepAliveClient) -> Bool {
+            let a = try? client.call("POST", target, body: payload, headers: [("Content-Type", "application/json")])
             return a.map { (200..<300).contains($0.status) } ?? false
         }
-        var lat: [Double] = []
-        for i in 0..<samples {
-            let t = monotonicNanoseconds()
-            if await post(i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+        let n = samples
+        let lat: [Double] = await onThread {
+            let client = KeepAliveClient(timeoutSeconds: 10)
+            var lat: [Double] = []
+            for _ in 0..<n {
+                let t = monotonicNanoseconds()
+                if post(client) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+            }
+            return lat.sorted()
         }
-        lat.sort()
         emit(["bench": "peer", "system": system, "figure": "commit_latency", "clients": 1, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
               "p99_ms": round3(percentile(lat, 0.99) * 1e3), "samples": lat.count])
         for clients in [1, 16, 64] {
-            let (n, wall, cpu) = await drive(clients: clients, seconds: seconds, op: post)
+            let (n, wall, cpu) = await driveThreads(clients: clients, seconds: seconds) { _, client in post(client) }
             emit(["bench": "peer", "system": system, "figure": "throughput", "workload": "write_256b", "clients": clients,
                   "writes_per_second": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
         }
     }
-}
-
-/// A JSON value handed to concurrent clients (read only).
-final class JSONBox: @unchecked Sendable {
-    let value: Any
-    init(_ value: Any) { self.value = value }
 }
