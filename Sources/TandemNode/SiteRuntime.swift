@@ -189,6 +189,9 @@ public final class SiteRuntime: @unchecked Sendable {
     static let orphanWaitNanoseconds: UInt64 = 10_000_000_000
     private var lastSnapshotLSN: LSN = .zero
     private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String, peer: SiteID)?
+    /// When the current snapshot's creation and reception began (for the log's durations).
+    private var snapshotStarted: Instant = 0
+    private var snapshotReceiveStarted: Instant = 0
     private var sendingSnapshot: Set<SiteID> = []
     private var snapshotInProgress = false
     /// The no-op of a new primary whose log tail the database does not reflect yet.
@@ -290,6 +293,8 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     /// The local clock for leases: CLOCK_BOOTTIME keeps counting through a suspension.
+    static func milliseconds(since t: Instant) -> UInt64 { (clock() - min(t, clock())) / 1_000_000 }
+
     static func clock() -> Instant {
         var ts = timespec()
         clock_gettime(CLOCK_BOOTTIME, &ts)
@@ -946,6 +951,7 @@ public final class SiteRuntime: @unchecked Sendable {
         snapshotInProgress = true
         let source = storage.store.snapshotSource
         let path = storage.snapshotPath
+        snapshotStarted = Self.clock()
         Thread { [weak self] in
             let result = Result { try SiteStorage.writeSnapshot(source, to: path) }
             self?.enqueue(.snapshotTaken(result.mapError { SnapshotFailure(message: "\($0)") }))
@@ -960,7 +966,7 @@ public final class SiteRuntime: @unchecked Sendable {
             do {
                 try storage.log.removePrefix(through: info.lsn, retention: settings.retention)
                 step(.compacted(through: storage.log.firstLSN.previous))
-                settings.log("event=snapshot site=\(settings.site) lsn=\(info.lsn) bytes=\(info.fileBytes) log_first_lsn=\(storage.log.firstLSN)")
+                settings.log("event=snapshot site=\(settings.site) lsn=\(info.lsn) bytes=\(info.fileBytes) database_bytes=\(info.rawBytes) took_ms=\(Self.milliseconds(since: snapshotStarted)) log_first_lsn=\(storage.log.firstLSN)")
             } catch {
                 settings.log("event=log_compaction_failed site=\(settings.site) error=\"\(error)\"")
             }
@@ -1009,6 +1015,7 @@ public final class SiteRuntime: @unchecked Sendable {
             let offset = have <= size ? have : 0
             if offset == 0 { try? FileManager.default.removeItem(atPath: path) }
             snapshotReceive = (lsn, term, size, path, peer)
+            snapshotReceiveStarted = Self.clock()
             settings.log("event=snapshot_receive site=\(settings.site) from=\(peer) lsn=\(lsn) bytes=\(size) resume_offset=\(offset)")
             if offset == size {
                 finishSnapshot()
@@ -1051,11 +1058,13 @@ public final class SiteRuntime: @unchecked Sendable {
             }
             let diverged = core.log.term(at: rx.lsn).map { $0 != rx.term } ?? false
             guard rx.lsn > core.log.lastLSN || diverged else { return }  // the log caught up meanwhile
+            let transferMs = Self.milliseconds(since: snapshotReceiveStarted)
+            let installStarted = Self.clock()
             try storage.installSnapshot(from: rx.path) { _, _ in }
             try? FileManager.default.removeItem(atPath: rx.path)
             lastSnapshotLSN = rx.lsn
             step(.snapshotInstalled(lsn: rx.lsn, term: rx.term))
-            settings.log("event=snapshot_installed site=\(settings.site) lsn=\(rx.lsn)")
+            settings.log("event=snapshot_installed site=\(settings.site) lsn=\(rx.lsn) bytes=\(rx.size) transfer_ms=\(transferMs) install_ms=\(Self.milliseconds(since: installStarted))")
         } catch {
             settings.log("event=snapshot_install_failed site=\(settings.site) error=\"\(error)\"")
             try? FileManager.default.removeItem(atPath: rx.path)

@@ -14,8 +14,10 @@ struct ClusterBench: AsyncParsableCommand {
     @OptionGroup var common: CommonOptions
     @Option(help: "Seconds per throughput measurement.") var seconds = 5.0
     @Option(help: "Failover rounds.") var failovers = 20
-    @Option(help: "MiB of log written while a site is down, for the catch-up figure.") var catchUpMiB = 1024
+    @Option(name: .customLong("catch-up-mib"), help: "MiB of log written while a site is down, for the catch-up figure.") var catchUpMiB = 1024
     @Option(help: "The Deploy directory (make-certs.sh).") var deploy = "Deploy"
+    @Option(name: .customLong("snapshot-mib"), help: "Database sizes in MiB for the snapshot path (create, transfer, install), comma-separated.")
+    var snapshotMiB = "100,1024"
 
     func run() async throws {
         let bin = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
@@ -225,6 +227,16 @@ struct ClusterBench: AsyncParsableCommand {
               "p99_s": round3(percentile(times, 0.99)), "lease_ms": options.leaseMilliseconds])
         c.stopAll()
 
+        // The snapshot path: a site down while the database grew by `mib` MiB, on a cluster
+        // that keeps no log beyond its snapshots, so the site must take a snapshot (created
+        // on the primary, sent in chunks over TLS, installed), then the log after it.
+        let sizes = quick ? [8] : snapshotMiB.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        for mib in sizes {
+            var small = options
+            small.storage = "segment_bytes = 1048576\nsnapshot_every_records = 8\nretain_log_bytes = 0\nretain_log_hours = 0"
+            try await snapshotPath(options: small, mib: mib, bin: bin, dir: dir + "/snapshot-\(mib)")
+        }
+
         // How cost grows with the cluster: commit latency with five sites against three.
         var five = options
         five.sites = ["s1", "s2", "s3", "s4", "s5"]
@@ -366,4 +378,71 @@ struct HTTPLoadBench: AsyncParsableCommand {
                   "writes_per_second": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
         }
     }
+}
+
+extension ClusterBench {
+    /// Measures catch-up through a snapshot of a database of `mib` MiB: total time, and
+    /// from the sites' log lines the snapshot's creation on the primary, its transfer and
+    /// its installation on the site that was down.
+    func snapshotPath(options: LocalCluster.Options, mib: Int, bin: String, dir: String) async throws {
+        let c = try LocalCluster(options: options, binDirectory: bin, deployDirectory: deploy, dir: dir)
+        defer {
+            c.stopAll()
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        try c.startAll()
+        guard let primary = await c.waitForPrimary(seconds: 30) else { throw DrillError("no primary came up") }
+        let lagging = c.options.sites.first { $0 != primary } ?? primary
+        c.signal(lagging, SIGKILL)
+        var bytes = [UInt8](repeating: 0, count: 1 << 20)
+        var g = SeededRandom(seed: UInt64(mib))
+        for j in stride(from: 0, to: bytes.count, by: 8) { bytes[j] = UInt8(truncatingIfNeeded: g.next()) }
+        let doc = bytes, base = c.url(primary), token = c.token
+        let uploads = Counter()
+        _ = await driveThreads(clients: 8, seconds: 3600) { _, client in
+            let k = uploads.next()
+            if k >= mib { return false }
+            return (try? client.call("POST", base + "/v1/documents", token: token, body: doc,
+                                     headers: [("Tandem-Patient", "BENCH-SNAP-\(k)")]))?.status == 201
+        } stopWhen: { uploads.value >= mib }
+        let commit = (await c.status(primary))?["commit_lsn"] as? Int ?? 0
+        let t = monotonicNanoseconds()
+        try c.start(lagging)
+        var caughtUp = false
+        while !caughtUp && Double(monotonicNanoseconds() - t) / 1e9 < 900 {
+            let s = await c.status(lagging)
+            caughtUp = (s?["applied_lsn"] as? Int ?? 0) >= commit
+            if !caughtUp { try await Task.sleep(nanoseconds: 50_000_000) }
+        }
+        let took = Double(monotonicNanoseconds() - t) / 1e9
+        // The phases, from the log lines of the installation and of the snapshot it used.
+        let installed = logFields(c.logPath(lagging), event: "snapshot_installed").last ?? [:]
+        let lsn = installed["lsn"] ?? ""
+        let created = logFields(c.logPath(primary), event: "snapshot").last { $0["lsn"] == lsn } ?? [:]
+        func number(_ d: [String: String], _ k: String) -> Int { Int(d[k] ?? "") ?? -1 }
+        emit(["bench": "cluster", "figure": "catch_up", "path": "snapshot", "mib": mib, "seconds": round3(took),
+              "mb_per_second": round3(Double(mib) * 1.048576 / took), "caught_up": caughtUp,
+              "took_snapshot": !installed.isEmpty])
+        emit(["bench": "cluster", "figure": "snapshot", "database_mib": mib, "database_bytes": number(created, "database_bytes"),
+              "file_bytes": number(installed, "bytes"), "create_ms": number(created, "took_ms"),
+              "transfer_ms": number(installed, "transfer_ms"), "install_ms": number(installed, "install_ms")])
+        note(String(format: "snapshot path, %d MiB: caught up in %.1f s (%.0f MB/s); snapshot create %d ms, transfer %d ms, install %d ms",
+                    mib, took, Double(mib) * 1.048576 / took, number(created, "took_ms"), number(installed, "transfer_ms"),
+                    number(installed, "install_ms")))
+    }
+}
+
+/// The key=value fields of every line of a site's log with `event=<event>`.
+func logFields(_ path: String, event: String) -> [[String: String]] {
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+    var out: [[String: String]] = []
+    for line in text.split(separator: "\n") where line.contains(" event=\(event) ") {
+        var fields: [String: String] = [:]
+        for part in line.split(separator: " ") {
+            guard let eq = part.firstIndex(of: "=") else { continue }
+            fields[String(part[..<eq])] = String(part[part.index(after: eq)...])
+        }
+        if fields["event"] == event { out.append(fields) }
+    }
+    return out
 }
