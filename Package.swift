@@ -112,7 +112,7 @@ let package = Package(
         .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
         .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
         .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
-        .testTarget(name: "TandemDrillTests", dependencies: ["TandemDrill"], swiftSettings: strict),
+        .testTarget(name: "TandemDrillTests", dependencies: ["TandemDrill", "TandemConfig"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

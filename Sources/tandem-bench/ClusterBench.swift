@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Glibc
+import TandemConfig
 import TandemDrill
 import TandemModel
 import TandemStore
@@ -36,9 +37,10 @@ struct ClusterBench: AsyncParsableCommand {
         note(String(format: "floor: loopback round trip %.3f ms + fdatasync %.3f ms = %.3f ms", rtt.p50 * 1e3, fsync.p50 * 1e3, floor * 1e3))
 
         var options = LocalCluster.Options()
-        options.leaseMilliseconds = 2000
-        options.heartbeatMilliseconds = 500
-        options.jitterMilliseconds = 300
+        // tandemd's defaults (the figures are for them).
+        options.leaseMilliseconds = TimingDefaults.leaseMilliseconds
+        options.heartbeatMilliseconds = TimingDefaults.heartbeatMilliseconds
+        options.jitterMilliseconds = TimingDefaults.electionJitterMilliseconds
         options.transferTimeoutMilliseconds = 4000
         let c = try LocalCluster(options: options, binDirectory: bin, deployDirectory: deploy, dir: dir + "/three")
         defer { c.stopAll() }

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import TandemCore
 @testable import TandemConfig
@@ -104,7 +105,11 @@ struct SiteConfigurationTests {
         let c = try SiteConfiguration.parse(sample, file: "sbg.toml")
         #expect(c.siteID == "sbg" && c.sites.count == 3)
         #expect(c.commitPolicy == .majorityTwoDomains)
-        #expect(c.timing.leaseDuration == .seconds(2) && c.timing.heartbeatInterval == .milliseconds(500))
+        #expect(c.timing.leaseDuration == .seconds(2) && c.timing.heartbeatInterval == .milliseconds(300))
+        #expect(c.timing.electionJitter == .milliseconds(200))
+        // Without a lease in the file: 1.5 s, the default the cluster benchmark measures.
+        let bare = try SiteConfiguration.parse(sample.replacingOccurrences(of: "lease_ms = 2_000\n", with: ""), file: "sbg.toml")
+        #expect(bare.timing.leaseDuration == .milliseconds(1500))
         #expect(c.sites[2].role == .witness)
         #expect(c.cluster.placementWarnings.isEmpty)
     }
@@ -122,7 +127,7 @@ struct SiteConfigurationTests {
         ("lease_ms = 2_000", "lease_ms = 2_000\nbogus = 1", "timing.bogus", 13, "one of the known keys"),
         ("site_id = \"sbg\"", "site_id = \"lyon\"", "site_id", 3, "one of the [[sites]] ids"),
         ("lease_ms = 2_000", "lease_ms = \"long\"", "timing.lease_ms", 12, "an integer"),
-        ("lease_ms = 2_000", "lease_ms = 900", "timing.heartbeat_ms", nil, "at most a third"),
+        ("lease_ms = 2_000", "lease_ms = 800", "timing.heartbeat_ms", nil, "at most a third"),
         ("commit_policy = \"majority-two-domains\"", "commit_policy = \"eventual\"", "commit_policy", 5, "\"majority\""),
         ("peer = \"10.0.1.10:7401\"   # TLS between sites", "peer = \"10.0.1.10\"", "listen.peer", 8, "host:port"),
         ("role = \"witness\"", "role = \"observer\"", "sites[2].role", 35, "\"voter\" or \"witness\""),

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import TandemConfig
 @testable import TandemDrill
 
 let repoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
@@ -71,9 +72,9 @@ struct FireDrillTests {
     func killPrimaryRounds() async throws {
         let c = try makeCluster {
             // The default lease: the target (a write pause under 3 s) is stated for it.
-            $0.leaseMilliseconds = 2000
-            $0.heartbeatMilliseconds = 500
-            $0.jitterMilliseconds = 300
+            $0.leaseMilliseconds = TimingDefaults.leaseMilliseconds
+            $0.heartbeatMilliseconds = TimingDefaults.heartbeatMilliseconds
+            $0.jitterMilliseconds = TimingDefaults.electionJitterMilliseconds
         }
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
@@ -92,9 +93,9 @@ struct FireDrillTests {
           .enabled(if: HAProxyFront.isInstalled, "haproxy is not installed: Deploy/setup.sh installs it"))
     func killPrimaryThroughHAProxy() async throws {
         var o = LocalCluster.Options()
-        o.leaseMilliseconds = 2000  // the default lease: the target is stated for it
-        o.heartbeatMilliseconds = 500
-        o.jitterMilliseconds = 300
+        o.leaseMilliseconds = TimingDefaults.leaseMilliseconds  // the default lease: the target is stated for it
+        o.heartbeatMilliseconds = TimingDefaults.heartbeatMilliseconds
+        o.jitterMilliseconds = TimingDefaults.electionJitterMilliseconds
         let c = try makeCluster { $0 = o }
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
@@ -105,7 +106,7 @@ struct FireDrillTests {
                                              readsThrough: ["haproxy-read": lb.readURL])
         print(report.json)
         #expect(report.passed, "\(report.text)")
-        for r in report.rounds { #expect(r.longestPause < 3, "write pause \(r.longestPause) s with the 2 s lease (target: under 3 s)") }
+        for r in report.rounds { #expect(r.longestPause < 3, "write pause \(r.longestPause) s with the default lease (target: under 3 s)") }
         #expect(report.acknowledged > 50)
         // The window of requests that failed, or whose outcome the client could not know,
         // is bounded: at most what the writers had in flight around each kill, twice over.
