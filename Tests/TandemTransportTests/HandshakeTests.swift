@@ -23,7 +23,7 @@ final class Outcome: @unchecked Sendable {
 /// outcomes.
 func handshake(server: TLSContext, client: TLSContext, serverSite: SiteID = "b", clientSite: SiteID = "a",
                clientClaims: SiteID? = nil, dial: SiteID = "b", serverCluster: ClusterID = clusterA, clientCluster: ClusterID = clusterA,
-               clientVersion: UInt16 = Wire.protocolVersion) throws -> (server: Result<PeerConnection, TransportError>, client: Result<PeerConnection, TransportError>) {
+               clientVersion: UInt16 = Wire.protocolVersion, keepOpen: Bool = false) throws -> (server: Result<PeerConnection, TransportError>, client: Result<PeerConnection, TransportError>) {
     let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
     defer { Glibc.close(listener) }
     let port = try #require(Transport.localPort(of: listener))
@@ -50,10 +50,10 @@ func handshake(server: TLSContext, client: TLSContext, serverSite: SiteID = "b",
         clientResult = .success(try PeerConnection.establish(fd: fd, context: client, isServer: false, expectedPeer: dial, expect: clientExpect,
                                                              metrics: TransportMetrics(), maxQueuedBytes: 1 << 20))
     } catch { clientResult = .failure(error) }
-    if case let .success(c) = clientResult { c.close() }
+    if !keepOpen, case let .success(c) = clientResult { c.close() }
     outcome.done.wait()
     let serverResult = outcome.lock.withLock { outcome.result! }
-    if case let .success(c) = serverResult { c.close() }
+    if !keepOpen, case let .success(c) = serverResult { c.close() }
     return (serverResult, clientResult)
 }
 
@@ -73,6 +73,61 @@ struct HandshakeTests {
         }
         #expect(s.peer == "a" && c.peer == "b")
         #expect(s.compress && c.compress, "LZ4 negotiated")
+    }
+
+    @Test("frames sent from several threads arrive whole and in each sender's order, whether written on the sender's thread or by the connection's")
+    func sendOrder() async throws {
+        let r = try handshake(server: try context("b"), client: try context("a"), keepOpen: true)
+        guard case let .success(server) = r.server, case let .success(client) = r.client else {
+            Issue.record("handshake failed: \(r)")
+            return
+        }
+        defer { client.close(); server.close() }
+        final class Seen: @unchecked Sendable {
+            let lock = NSLock()
+            var last: [UInt8: Int] = [:]
+            var count = 0
+            var broken: [String] = []
+        }
+        let seen = Seen()
+        server.start(onFrame: { type, body in
+            seen.lock.withLock {
+                // body: sender, 4-byte sequence number, then filler of a known value.
+                guard type == .forward, body.count >= 5 else { seen.broken.append("type \(type), \(body.count) bytes"); return }
+                let sender = body[0]
+                let n = Int(body[1]) << 24 | Int(body[2]) << 16 | Int(body[3]) << 8 | Int(body[4])
+                if n != (seen.last[sender] ?? -1) + 1 { seen.broken.append("sender \(sender): \(n) after \(seen.last[sender] ?? -1)") }
+                if body.dropFirst(5).contains(where: { $0 != sender }) { seen.broken.append("sender \(sender) frame \(n) corrupted") }
+                seen.last[sender] = n
+                seen.count += 1
+            }
+        }, onClose: { _ in })
+        client.start(onFrame: { _, _ in }, onClose: { _ in })
+        let senders = 4, perSender = 800
+        await withTaskGroup(of: Void.self) { group in
+            for sender in 0..<senders {
+                group.addTask {
+                    await onThread {
+                        for n in 0..<perSender {
+                            // Small frames go out on this thread; 64-256 KiB ones fill the
+                            // socket, so the connection's thread must finish them.
+                            let size = n % 5 == 0 ? (64 << 10) * (1 + n % 4) : 10 + n % 200
+                            var body = [UInt8](repeating: UInt8(sender), count: 5 + size)
+                            body[1] = UInt8(n >> 24 & 0xFF); body[2] = UInt8(n >> 16 & 0xFF); body[3] = UInt8(n >> 8 & 0xFF); body[4] = UInt8(n & 0xFF)
+                            let frame = WireEncoder.frame(.forward, body)
+                            // A full queue refuses (the protocol would re-send): wait and retry.
+                            while !client.send(frame) { usleep(1000) }
+                        }
+                    }
+                }
+            }
+        }
+        let deadline = Date().addingTimeInterval(30)
+        while seen.lock.withLock({ seen.count }) < senders * perSender && Date() < deadline { try await Task.sleep(nanoseconds: 10_000_000) }
+        seen.lock.withLock {
+            #expect(seen.count == senders * perSender)
+            #expect(seen.broken.isEmpty, "\(seen.broken.prefix(5))")
+        }
     }
 
     @Test("a certificate from another CA is refused during the handshake")
@@ -159,4 +214,11 @@ struct HandshakeTests {
 /// A client context without a certificate, to show the server requires one.
 enum BareClientContext {
     static func make(ca: String) throws -> TLSContext { try TLSContext.withoutCertificate(certificateAuthority: ca) }
+}
+
+/// Runs a blocking body on a thread of its own (not one of Swift's few pool threads).
+func onThread(_ body: @escaping @Sendable () -> Void) async {
+    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        Thread { body(); c.resume() }.start()
+    }
 }
