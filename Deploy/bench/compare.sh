@@ -132,15 +132,19 @@ CONF
     for clients in 1 16 64; do
       rm -f "$work"/pgbench_log.*
       out=$(cd "$work" && as_pg timeout $((seconds + 60)) env PGOPTIONS="-c synchronous_commit=$mode" pgbench -h 127.0.0.1 -p 35432 -U bench -n -f insert.sql \
-        -c "$clients" -j "$([ "$clients" -gt 2 ] && echo 2 || echo 1)" -T "$seconds" -l postgres 2>&1)
+        -c "$clients" -j "$([ "$clients" -gt 2 ] && echo 2 || echo 1)" -T "$seconds" -l postgres 2>&1; times)
       tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1)
-      python3 - "$mode" "$clients" "${tps:-0}" "$work" <<'PY' | tee -a "$results"
+      # pgbench's own CPU (user + system of the subshell's children, from `times`), so a
+      # saturated load generator shows next to its throughput as it does for the others.
+      cpu=$(echo "$out" | tail -n 1 | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] } print t }')
+      python3 - "$mode" "$clients" "${tps:-0}" "$work" "${cpu:-0}" "$seconds" <<'PY' | tee -a "$results"
 import glob, json, sys
 mode, clients, tps, work = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+cpu_share = round(float(sys.argv[5]) / float(sys.argv[6]), 3)
 lat = sorted(int(line.split()[2]) for f in glob.glob(work + "/pgbench_log.*") for line in open(f) if line.strip())
 p = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))] / 1000 if lat else 0
 print(json.dumps({"bench": "peer", "system": "postgresql-sync-" + mode, "figure": "throughput", "workload": "write_256b",
-                  "clients": clients, "writes_per_second": int(tps)}))
+                  "clients": clients, "writes_per_second": int(tps), "client_cpu_share": cpu_share}))
 if clients == 1:
     print(json.dumps({"bench": "peer", "system": "postgresql-sync-" + mode, "figure": "commit_latency", "clients": 1,
                       "p50_ms": round(p(0.5), 3), "p99_ms": round(p(0.99), 3)}))
