@@ -27,7 +27,7 @@ done
 # The cluster benchmark on real tandemd processes, quick: it must run end to end.
 out=$("$bench" cluster --quick --deploy Deploy 2>/dev/null)
 echo "$out"
-for figure in floor commit_latency throughput linearizable_read catch_up failover; do
+for figure in floor commit_latency throughput linearizable_read catch_up snapshot failover; do
   echo "$out" | grep -q "\"figure\":\"$figure\"" || { echo "tandem-bench cluster printed no $figure figure" >&2; exit 1; }
 done
 echo "benchmarks: 6 passed, 0 failed"
