@@ -183,6 +183,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         lock.lock()
         isClosed = true
         lock.broadcast()
+        // An inline batch on another thread finishes (and reports) before close returns.
+        while writing { lock.wait() }
         lock.unlock()
         writerDone.lock()
         while !writerExited { writerDone.wait() }
