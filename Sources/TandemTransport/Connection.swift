@@ -174,9 +174,11 @@ public final class PeerConnection: @unchecked Sendable {
     public func start(onFrame: @escaping @Sendable (Wire.FrameType, [UInt8]) -> Void, onClose: @escaping @Sendable (String) -> Void) {
         let thread = Thread { [self] in
             let reason = ioLoop(onFrame: onFrame)
-            lock.withLock { isClosed = true }
-            // A sender writing directly holds sslLock and sees isClosed before it writes.
-            sslLock.withLock { stream.close() }
+            // A sender writing directly holds sslLock and checks isClosed before it writes.
+            sslLock.withLock {
+                lock.withLock { isClosed = true }
+                stream.close()
+            }
             metrics.closed(reason)
             onClose(reason)
         }

@@ -11,7 +11,10 @@ import TandemModel
 /// anything earlier is reported as corruption and nothing is truncated.
 ///
 /// Thread safety: all state is guarded by `lock`; blocking I/O happens on the writer
-/// thread, or on the caller's thread for maintenance (which first drains the writer).
+/// thread, on the caller's thread for maintenance (which first drains the writer), or on
+/// the caller's thread for an inline append (`appendInline`, only when the log is idle).
+/// One batch at a time is written and reported (`writing`), so completions arrive in LSN
+/// order whichever thread wrote the batch.
 public final class WriteAheadLog: @unchecked Sendable {
     public let directory: String
     public let clusterID: ClusterID
@@ -73,6 +76,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         public var records = 0
         public var bytes = 0
         public var fsyncNanoseconds: UInt64 = 0
+        /// Batches written on an appender's thread (`appendInline`) rather than the writer's.
+        public var inlineBatches = 0
     }
     private var stats = Statistics()
     public var statistics: Statistics { lock.withLock { stats } }
@@ -183,7 +188,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         lock.lock()
         isClosed = true
         lock.broadcast()
-        // An inline batch on another thread finishes (and reports) before close returns.
+        // An inline batch on another thread is written and reported before close returns.
         while writing { lock.wait() }
         lock.unlock()
         writerDone.lock()
@@ -222,8 +227,9 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     // MARK: Appending
 
-    /// Queues records for the next batch. `completion` runs on the writer thread once the
-    /// records are durable (with the last LSN) or have failed. Records must follow the
+    /// Queues records for the next batch. `completion` runs on the thread that wrote the
+    /// batch (the writer thread) once the records are durable (with the last LSN) or have
+    /// failed. Records must follow the
     /// log: consecutive LSNs, terms that never go down.
     public func append(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
         lock.lock()
@@ -356,6 +362,9 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// wake-ups, a large share of a replica's acknowledgement time on a busy machine).
     /// When the log is busy, the records are queued for the writer as `append` does, and
     /// `completion` runs on the writer thread. The same durability rules hold either way.
+    /// An inline append is taken only while the last fdatasync took at most this long.
+    static let inlineFsyncLimitNanoseconds: UInt64 = 5_000_000
+
     public func appendInline(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
         lock.lock()
         if let error = admissionError(records) {
@@ -363,13 +372,19 @@ public final class WriteAheadLog: @unchecked Sendable {
             completion(.failure(error))
             return
         }
-        guard pending.isEmpty, !writing, !maintenance, failure == nil else {
+        var bytes = 0
+        for r in records { bytes += WALFormat.recordHeaderSize + r.payload.count }
+        // The writer takes the batch instead when one is in flight or queued, when it would
+        // roll the segment (creating one may zero-fill 64 MiB), or when the disk is slow
+        // now (the caller, the site's loop, must keep answering heartbeats).
+        let rolls = segments[segments.count - 1].end + WALFormat.batchHeaderSize + bytes > options.segmentSize
+        guard pending.isEmpty, !writing, !maintenance, failure == nil, !rolls,
+              lastFsyncNanoseconds <= Self.inlineFsyncLimitNanoseconds else {
             enqueue(records, completion: completion)
             lock.unlock()
             return
         }
-        var bytes = 0
-        for r in records { bytes += WALFormat.recordHeaderSize + r.payload.count }
+        stats.inlineBatches += 1
         if let last = records.last {
             queuedNextLSN = last.lsn.next
             queuedLastTerm = last.term
@@ -402,7 +417,6 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
 
         lock.lock()
-        writing = false
         var renumbered: [Pending] = []
         switch result {
         case .success:
@@ -439,7 +453,6 @@ public final class WriteAheadLog: @unchecked Sendable {
             pending.removeAll()
             pendingBytes = 0
         }
-        lock.broadcast()
         lock.unlock()
 
         // Completions run on the thread that wrote the batch: measured faster than handing
@@ -451,6 +464,11 @@ public final class WriteAheadLog: @unchecked Sendable {
             p.completion(result.map { _ in p.records[p.records.count - 1].lsn })
         }
         if let queuedFailure { for p in toFail { p.completion(.failure(queuedFailure)) } }
+        // Only now may another batch start: completions are reported in LSN order.
+        lock.lock()
+        writing = false
+        lock.broadcast()
+        lock.unlock()
     }
 
     /// After a batch failed without touching the log, every queued append behind it has

@@ -115,8 +115,12 @@ struct HandshakeTests {
                             var body = [UInt8](repeating: UInt8(sender), count: 5 + size)
                             body[1] = UInt8(n >> 24 & 0xFF); body[2] = UInt8(n >> 16 & 0xFF); body[3] = UInt8(n >> 8 & 0xFF); body[4] = UInt8(n & 0xFF)
                             let frame = WireEncoder.frame(.forward, body)
-                            // A full queue refuses (the protocol would re-send): wait and retry.
-                            while !client.send(frame) { usleep(1000) }
+                            // A full queue refuses (the protocol would re-send): wait and retry,
+                            // unless the connection closed (then the test fails, below).
+                            while !client.send(frame) {
+                                if !client.isOpen { return }
+                                usleep(1000)
+                            }
                         }
                     }
                 }
@@ -124,6 +128,7 @@ struct HandshakeTests {
         }
         let deadline = Date().addingTimeInterval(30)
         while seen.lock.withLock({ seen.count }) < senders * perSender && Date() < deadline { try await Task.sleep(nanoseconds: 10_000_000) }
+        #expect(client.isOpen && server.isOpen, "the connection stayed up")
         seen.lock.withLock {
             #expect(seen.count == senders * perSender)
             #expect(seen.broken.isEmpty, "\(seen.broken.prefix(5))")

@@ -64,6 +64,7 @@ struct WALTests {
         #expect(done.value == 1)
         #expect(log.lastLSN == LSN(1))
         #expect(log.statistics.batches == 1)
+        #expect(log.statistics.inlineBatches == 1)
 
         // One thread numbers records (as the site's loop does) and alternates between
         // inline and queued appends while the writer is busy with earlier ones.
@@ -77,7 +78,9 @@ struct WALTests {
             }
             if lsn % 3 == 0 { log.appendInline([r], completion: completion) } else { log.append([r], completion: completion) }
         }
-        while acknowledged.value < Int(total) - 1 { try await Task.sleep(nanoseconds: 1_000_000) }
+        let deadline = Date().addingTimeInterval(60)
+        while acknowledged.value < Int(total) - 1 && Date() < deadline { try await Task.sleep(nanoseconds: 1_000_000) }
+        #expect(acknowledged.value == Int(total) - 1, "every append is acknowledged")
         #expect(order.inOrder, "completions are reported in LSN order")
         let stats = log.statistics
         #expect(stats.records == Int(total))
@@ -87,6 +90,29 @@ struct WALTests {
         defer { again.close() }
         #expect(again.recovery.tornBytesRemoved == 0)
         #expect(try readAll(again).map(\.lsn) == (1...total).map { LSN($0) })
+    }
+
+    @Test("an inline append that would roll the segment goes to the writer thread instead (creating a segment may zero-fill it)")
+    func inlineDoesNotRoll() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { log.close() }
+        // Fill the first 64 KiB segment to within one record of its end.
+        var lsn: UInt64 = 0
+        while log.byteSize < (64 << 10) - 2_000 {
+            lsn += 1
+            try await log.append([record(lsn, size: 1_000)])
+        }
+        #expect(log.segmentCount == 1)
+        let inlineBefore = log.statistics.inlineBatches
+        let done = Counter()
+        lsn += 1
+        log.appendInline([record(lsn, size: 3_000)]) { if case .success = $0 { _ = done.increment() } }
+        let deadline = Date().addingTimeInterval(10)
+        while done.value == 0 && Date() < deadline { try await Task.sleep(nanoseconds: 1_000_000) }
+        #expect(done.value == 1)
+        #expect(log.segmentCount == 2, "the record rolled the segment")
+        #expect(log.statistics.inlineBatches == inlineBefore, "the writer thread, not the caller, rolled it")
     }
 
     @Test("an fsync error during an inline append stops the log like one on the writer thread")
