@@ -325,12 +325,28 @@ public final class Transport: @unchecked Sendable {
         return rc == 0 ? UInt16(bigEndian: addr.sin_port) : nil
     }
 
-    /// A free loopback port, found by binding port 0 (for tests and local clusters).
-    public static func freeLoopbackPort() throws(TransportError) -> UInt16 {
+    /// A loopback port the kernel picks from its ephemeral range, free at this moment (for
+    /// a daemon's internal listener: no configured service expects a port in that range).
+    public static func ephemeralLoopbackPort() throws(TransportError) -> UInt16 {
         let fd = try listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
         defer { Glibc.close(fd) }
         guard let port = localPort(of: fd) else { throw TransportError(.other, "getsockname: \(String(cString: strerror(errno)))") }
         return port
+    }
+
+    /// A free loopback port below the ephemeral range (for tests and local clusters).
+    public static func freeLoopbackPort() throws(TransportError) -> UInt16 {
+        // Below the kernel's ephemeral range (32768 and up): a port the kernel picked for
+        // us could be given to some outgoing connection between now and the caller's bind
+        // (seen in CI: "Address already in use"). Never the same port twice per process.
+        for _ in 0..<500 {
+            let port = UInt16.random(in: 20_000..<32_000)
+            guard HandedOutPorts.shared.claim(port) else { continue }
+            guard let fd = try? listen(on: PeerEndpoint(host: "127.0.0.1", port: port)) else { continue }
+            Glibc.close(fd)
+            return port
+        }
+        throw TransportError(.other, "no free loopback port between 20000 and 32000")
     }
 
     static func socketAddress(_ endpoint: PeerEndpoint) throws(TransportError) -> sockaddr_in {
@@ -403,4 +419,12 @@ public final class TLSFileWatcher: @unchecked Sendable {
     }
 
     public func stop() { lock.withLock { stopped = true } }
+}
+
+/// Ports `freeLoopbackPort` has handed out in this process.
+final class HandedOutPorts: @unchecked Sendable {
+    static let shared = HandedOutPorts()
+    private let lock = NSLock()
+    private var ports: Set<UInt16> = []  // guarded by `lock`
+    func claim(_ port: UInt16) -> Bool { lock.withLock { ports.insert(port).inserted } }
 }

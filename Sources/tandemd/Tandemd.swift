@@ -104,7 +104,7 @@ struct Tandemd: AsyncParsableCommand {
         var https: HTTPSTerminator?
         var httpHost = String(parts[0]), httpPort = Int(parts[1]) ?? 0
         if c.apiTLS {
-            let backend = try Transport.freeLoopbackPort()
+            let backend = try Transport.ephemeralLoopbackPort()
             let files = TLSFiles(certificate: c.tlsCertificate, privateKey: c.tlsPrivateKey, certificateAuthority: c.tlsCA, allowTLS12: true)
             let t = HTTPSTerminator(listen: PeerEndpoint(host: httpHost, port: UInt16(httpPort)), backendPort: backend,
                                     context: try .httpsServer(files: files), log: log.emit)
