@@ -297,13 +297,22 @@ public final class WriteAheadLog: @unchecked Sendable {
         return nil
     }
 
-    private func enqueue(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
-        var bytes = 0
-        for r in records { bytes += WALFormat.recordHeaderSize + r.payload.count }
+    /// Bytes `records` take in a batch (headers included).
+    private static func byteCount(_ records: [LogRecord]) -> Int {
+        records.reduce(0) { $0 + WALFormat.recordHeaderSize + $1.payload.count }
+    }
+
+    /// Numbers the next append after `records`. Caller holds the lock.
+    private func advanceQueuedEnd(past records: [LogRecord]) {
         if let last = records.last {
             queuedNextLSN = last.lsn.next
             queuedLastTerm = last.term
         }
+    }
+
+    private func enqueue(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
+        let bytes = Self.byteCount(records)
+        advanceQueuedEnd(past: records)
         pending.append(Pending(records: records, bytes: bytes, completion: completion))
         pendingBytes += bytes
         // Wake the writer when work appears and when the expected group is complete; a
@@ -372,8 +381,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             completion(.failure(error))
             return
         }
-        var bytes = 0
-        for r in records { bytes += WALFormat.recordHeaderSize + r.payload.count }
+        let bytes = Self.byteCount(records)
         // The writer takes the batch instead when one is in flight or queued, when it would
         // roll the segment (creating one may zero-fill 64 MiB), or when the disk is slow
         // now (the caller, the site's loop, must keep answering heartbeats).
@@ -385,10 +393,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             return
         }
         stats.inlineBatches += 1
-        if let last = records.last {
-            queuedNextLSN = last.lsn.next
-            queuedLastTerm = last.term
-        }
+        advanceQueuedEnd(past: records)
         writing = true
         var tail = segments[segments.count - 1]
         lock.unlock()

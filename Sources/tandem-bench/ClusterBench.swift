@@ -59,19 +59,6 @@ struct ClusterBench: AsyncParsableCommand {
                                      json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [id, value]]]])
             return a?.status == 200
         }
-        /// One client's sequential latencies of `op` (seconds, sorted), on its own thread.
-        func latencies(_ n: Int, _ op: @escaping @Sendable (KeepAliveClient, Int) -> Bool) async -> [Double] {
-            await onThread {
-                let client = KeepAliveClient()
-                var lat: [Double] = []
-                for i in 0..<n {
-                    let t = monotonicNanoseconds()
-                    if op(client, i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
-                }
-                return lat.sorted()
-            }
-        }
-
         // Memory at rest.
         let idle = c.options.sites.map { ($0, rssMiB(c.pid($0))) }
         emit(["bench": "cluster", "figure": "memory_idle", "rss_mib": Dictionary(uniqueKeysWithValues: idle.map { ($0.0, $0.1) })])
@@ -173,31 +160,8 @@ struct ClusterBench: AsyncParsableCommand {
         // Catch-up: a site down while the others write, then back.
         do {
             let lagging = c.options.sites.first { $0 != primary } ?? primary
-            c.signal(lagging, SIGKILL)
             let mib = quick ? 16 : catchUpMiB
-            var bytes = [UInt8](repeating: 0, count: 1 << 20)
-            var g = SeededRandom(seed: 99)
-            for j in stride(from: 0, to: bytes.count, by: 8) { bytes[j] = UInt8(truncatingIfNeeded: g.next()) }
-            let doc = bytes
-            let uploads = Counter()
-            let base = url[primary] ?? ""
-            _ = await driveThreads(clients: 8, seconds: 3600) { _, client in
-                let k = uploads.next()
-                if k >= mib { return false }
-                return (try? client.call("POST", base + "/v1/documents", token: token, body: doc,
-                                         headers: [("Tandem-Patient", "BENCH-CATCHUP-\(k)")]))?.status == 201
-            } stopWhen: { uploads.value >= mib }
-            let target = (try await HTTP.json("GET", c.url(primary) + "/status"))["site"] as? [String: Any]
-            let commit = target?["commit_lsn"] as? Int ?? 0
-            let t = monotonicNanoseconds()
-            try c.start(lagging)
-            var caughtUp = false
-            while !caughtUp && Double(monotonicNanoseconds() - t) / 1e9 < 600 {
-                let s = await c.status(lagging)
-                caughtUp = (s?["applied_lsn"] as? Int ?? 0) >= commit
-                if !caughtUp { try await Task.sleep(nanoseconds: 50_000_000) }
-            }
-            let took = Double(monotonicNanoseconds() - t) / 1e9
+            let (took, caughtUp) = try await catchUp(c, primary: primary, lagging: lagging, mib: mib, seed: 99, label: "CATCHUP")
             emit(["bench": "cluster", "figure": "catch_up", "path": "log", "mib": mib, "seconds": round3(took),
                   "mb_per_second": round3(Double(mib) * 1.048576 / took), "caught_up": caughtUp])
             note(String(format: "catch-up of %d MiB of log: %.1f s (%.0f MB/s)", mib, took, Double(mib) * 1.048576 / took))
@@ -363,15 +327,7 @@ struct HTTPLoadBench: AsyncParsableCommand {
             return a.map { (200..<300).contains($0.status) } ?? false
         }
         let n = samples
-        let lat: [Double] = await onThread {
-            let client = KeepAliveClient(timeoutSeconds: 10)
-            var lat: [Double] = []
-            for _ in 0..<n {
-                let t = monotonicNanoseconds()
-                if post(client) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
-            }
-            return lat.sorted()
-        }
+        let lat = await latencies(n, timeoutSeconds: 10) { client, _ in post(client) }
         emit(["bench": "peer", "system": system, "figure": "commit_latency", "clients": 1, "p50_ms": round3(percentile(lat, 0.5) * 1e3),
               "p99_ms": round3(percentile(lat, 0.99) * 1e3), "samples": lat.count])
         for clients in [1, 16, 64] {
@@ -383,6 +339,35 @@ struct HTTPLoadBench: AsyncParsableCommand {
 }
 
 extension ClusterBench {
+    /// Kills `lagging`, writes `mib` documents of 1 MiB on the primary (8 clients), starts
+    /// `lagging` again and waits until it has applied the primary's commit LSN. Returns the
+    /// seconds from its start to then, and whether it got there within `limitSeconds`.
+    func catchUp(_ c: LocalCluster, primary: String, lagging: String, mib: Int, seed: UInt64, label: String,
+                 limitSeconds: Double = 600) async throws -> (Double, Bool) {
+        c.signal(lagging, SIGKILL)
+        var bytes = [UInt8](repeating: 0, count: 1 << 20)
+        var g = SeededRandom(seed: seed)
+        for j in stride(from: 0, to: bytes.count, by: 8) { bytes[j] = UInt8(truncatingIfNeeded: g.next()) }
+        let doc = bytes, base = c.url(primary), token = c.token
+        let uploads = Counter()
+        _ = await driveThreads(clients: 8, seconds: 3600) { _, client in
+            let k = uploads.next()
+            if k >= mib { return false }
+            return (try? client.call("POST", base + "/v1/documents", token: token, body: doc,
+                                     headers: [("Tandem-Patient", "BENCH-\(label)-\(k)")]))?.status == 201
+        } stopWhen: { uploads.value >= mib }
+        let commit = (await c.status(primary))?["commit_lsn"] as? Int ?? 0
+        let t = monotonicNanoseconds()
+        try c.start(lagging)
+        var caughtUp = false
+        while !caughtUp && Double(monotonicNanoseconds() - t) / 1e9 < limitSeconds {
+            let s = await c.status(lagging)
+            caughtUp = (s?["applied_lsn"] as? Int ?? 0) >= commit
+            if !caughtUp { try await Task.sleep(nanoseconds: 50_000_000) }
+        }
+        return (Double(monotonicNanoseconds() - t) / 1e9, caughtUp)
+    }
+
     /// Measures catch-up through a snapshot of a database of `mib` MiB: total time, and
     /// from the sites' log lines the snapshot's creation on the primary, its transfer and
     /// its installation on the site that was down.
@@ -395,28 +380,8 @@ extension ClusterBench {
         try c.startAll()
         guard let primary = await c.waitForPrimary(seconds: 30) else { throw DrillError("no primary came up") }
         let lagging = c.options.sites.first { $0 != primary } ?? primary
-        c.signal(lagging, SIGKILL)
-        var bytes = [UInt8](repeating: 0, count: 1 << 20)
-        var g = SeededRandom(seed: UInt64(mib))
-        for j in stride(from: 0, to: bytes.count, by: 8) { bytes[j] = UInt8(truncatingIfNeeded: g.next()) }
-        let doc = bytes, base = c.url(primary), token = c.token
-        let uploads = Counter()
-        _ = await driveThreads(clients: 8, seconds: 3600) { _, client in
-            let k = uploads.next()
-            if k >= mib { return false }
-            return (try? client.call("POST", base + "/v1/documents", token: token, body: doc,
-                                     headers: [("Tandem-Patient", "BENCH-SNAP-\(k)")]))?.status == 201
-        } stopWhen: { uploads.value >= mib }
-        let commit = (await c.status(primary))?["commit_lsn"] as? Int ?? 0
-        let t = monotonicNanoseconds()
-        try c.start(lagging)
-        var caughtUp = false
-        while !caughtUp && Double(monotonicNanoseconds() - t) / 1e9 < 900 {
-            let s = await c.status(lagging)
-            caughtUp = (s?["applied_lsn"] as? Int ?? 0) >= commit
-            if !caughtUp { try await Task.sleep(nanoseconds: 50_000_000) }
-        }
-        let took = Double(monotonicNanoseconds() - t) / 1e9
+        let (took, caughtUp) = try await catchUp(c, primary: primary, lagging: lagging, mib: mib, seed: UInt64(mib), label: "SNAP",
+                                                 limitSeconds: 900)
         // The phases, from the log lines of the installation and of the snapshot it used.
         let installed = logFields(c.logPath(lagging), event: "snapshot_installed").last ?? [:]
         let lsn = installed["lsn"] ?? ""

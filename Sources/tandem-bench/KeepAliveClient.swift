@@ -266,6 +266,19 @@ func driveThreads(clients: Int, seconds: Double, op: @escaping @Sendable (Int, K
     return (done.value, wall, (processCPUSeconds() - cpu0) / wall)
 }
 
+/// One client's sequential latencies of `op` (seconds, sorted), on a thread of its own.
+func latencies(_ n: Int, timeoutSeconds: Int = 30, _ op: @escaping @Sendable (KeepAliveClient, Int) -> Bool) async -> [Double] {
+    await onThread {
+        let client = KeepAliveClient(timeoutSeconds: timeoutSeconds)
+        var lat: [Double] = []
+        for i in 0..<n {
+            let t = monotonicNanoseconds()
+            if op(client, i) { lat.append(Double(monotonicNanoseconds() - t) / 1e9) }
+        }
+        return lat.sorted()
+    }
+}
+
 /// Runs a blocking body on its own thread (so blocking I/O never holds a thread of
 /// Swift's small cooperative pool).
 func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
