@@ -33,8 +33,8 @@ public final class HAProxyFront: @unchecked Sendable {
         }
         config = config.replacingOccurrences(of: "bind :8080", with: "bind 127.0.0.1:\(writePort)")
             .replacingOccurrences(of: "bind :8081", with: "bind 127.0.0.1:\(readPort)")
-            .replacingOccurrences(of: "log stdout format raw local0", with: "")
-            .replacingOccurrences(of: "log global", with: "")
+            // The log (one line per request and per server state change) goes to
+            // haproxy.log beside the sites' logs: haproxy runs in the foreground.
         configPath = cluster.dir + "/haproxy.cfg"
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
         let logPath = cluster.dir + "/haproxy.log"

@@ -217,7 +217,15 @@ public final class LocalCluster: @unchecked Sendable {
         namespaces?.remove()
     }
 
-    public func removeFiles() { try? FileManager.default.removeItem(atPath: dir) }
+    /// Removes the cluster's directory, unless TANDEM_KEEP_DRILL_FILES is set (then its
+    /// logs stay for a post-mortem, and their path is printed).
+    public func removeFiles() {
+        if ProcessInfo.processInfo.environment["TANDEM_KEEP_DRILL_FILES"] != nil {
+            print("drill files kept in \(dir)")
+            return
+        }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
 
     // MARK: Asking the sites
 
