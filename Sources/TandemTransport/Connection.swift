@@ -70,6 +70,10 @@ public final class PeerConnection: @unchecked Sendable {
     public let compress: Bool
     /// SHA-256 of the certificate the peer presented.
     public let peerCertificate: String?
+    /// Whether this site dialed the connection (rather than accepted it).
+    public let dialedHere: Bool
+    /// When the handshake completed (monotonic nanoseconds).
+    public let establishedAt: UInt64
     let stream: TLSStream
     private let lock = NSLock()
     // Guarded by `lock`.
@@ -115,7 +119,7 @@ public final class PeerConnection: @unchecked Sendable {
             }
             let compress = expect.compress && remote.features & Wire.featureLZ4 != 0
             return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compress: compress,
-                                      metrics: metrics, maxQueuedBytes: maxQueuedBytes)
+                                      dialedHere: !isServer, metrics: metrics, maxQueuedBytes: maxQueuedBytes)
         } catch {
             metrics.handshakeFailed(error.reason)
             stream.close()
@@ -146,8 +150,8 @@ public final class PeerConnection: @unchecked Sendable {
         }
     }
 
-    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, metrics: TransportMetrics,
-                 maxQueuedBytes: Int) throws(TransportError) {
+    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, dialedHere: Bool,
+                 metrics: TransportMetrics, maxQueuedBytes: Int) throws(TransportError) {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw TransportError(.other, "pipe: \(String(cString: strerror(errno)))") }
         for f in fds {
@@ -159,6 +163,8 @@ public final class PeerConnection: @unchecked Sendable {
         peerCertificate = stream.peerCertificateFingerprint()
         self.decoder = decoder
         self.compress = compress
+        self.dialedHere = dialedHere
+        establishedAt = monotonicNanoseconds()
         self.metrics = metrics
         self.maxQueuedBytes = maxQueuedBytes
         wakeRead = fds[0]

@@ -26,7 +26,14 @@ public struct TransportSettings: Sendable {
     public var handshakeTimeoutNanoseconds: UInt64 = 5_000_000_000
     /// Reconnection back-off: doubles from the minimum to the maximum, with jitter.
     public var reconnectMinNanoseconds: UInt64 = 50_000_000
-    public var reconnectMaxNanoseconds: UInt64 = 5_000_000_000
+    /// Capped at 2 s: a healed link is back within about that, and a failed dial costs
+    /// a refused SYN (or one handshake) every 1–2 s.
+    public var reconnectMaxNanoseconds: UInt64 = 2_000_000_000
+    /// Two connections to one peer made within this window (both sides dialed at once)
+    /// are settled by keeping the one the lower site id dialed; an older connection is
+    /// replaced by a newer one whoever dialed (the old one may be half-open: the peer
+    /// restarted, and its dial is the proof).
+    public var duplicateWindowNanoseconds: UInt64 = 1_000_000_000
     public var limits = WireLimits()
 
     public init(site: SiteID, clusterID: ClusterID, listen: PeerEndpoint, peers: [SiteID: PeerEndpoint]) {
@@ -44,21 +51,26 @@ public struct TransportSettings: Sendable {
     }
 }
 
-/// One long-lived, mutually authenticated TLS connection per pair of sites: the site
-/// whose id sorts first dials, the other accepts. Turns the core's messages into frames
-/// and frames back into messages; it never interprets them.
+/// One long-lived, mutually authenticated TLS connection per pair of sites. Both sites
+/// dial while they have no connection to the other (a restarted site reaches its peers at
+/// once, instead of waiting out the survivor's reconnection back-off); when both dials
+/// succeed together, both sides keep the one the lower site id dialed. Turns the core's
+/// messages into frames and frames back into messages; it never interprets them.
 ///
 /// Thread safety: state is guarded by `lock`; each connection has its own I/O thread.
 public final class Transport: @unchecked Sendable {
     public let settings: TransportSettings
     public let metrics = TransportMetrics()
     private let lock = NSLock()
+    /// Dialers wait on it while connected; a closing connection wakes them.
+    private let dialWake = NSCondition()
     // Guarded by `lock`.
     private var context: TLSContext
     private var connections: [SiteID: PeerConnection] = [:]
     private var stopped = false
     private var listenFD: Int32 = -1
     private var handshakesInProgress = 0
+    private var crossedDials = 0
     // Set before `start` (thread start orders these writes before any read).
     private var onMessage: @Sendable (Message) -> Void
     private var onSnapshotFrame: (@Sendable (SiteID, SnapshotFrame) -> Void)?
@@ -83,7 +95,7 @@ public final class Transport: @unchecked Sendable {
         self.onForwardFrame = onForwardFrame
     }
 
-    /// Binds the listener and starts dialing the peers this site dials.
+    /// Binds the listener and starts dialing every peer (while not connected to it).
     public func start() throws(TransportError) {
         // OpenSSL writes with write(2): a peer that vanished would otherwise kill the
         // whole process with SIGPIPE instead of failing that one connection with EPIPE.
@@ -93,7 +105,7 @@ public final class Transport: @unchecked Sendable {
         let acceptor = Thread { [self] in acceptLoop(fd) }
         acceptor.name = "tandem-accept"
         acceptor.start()
-        for (peer, endpoint) in settings.peers where settings.site < peer {
+        for (peer, endpoint) in settings.peers {
             let dialer = Thread { [self] in dialLoop(peer, endpoint) }
             dialer.name = "tandem-dial-\(peer)"
             dialer.start()
@@ -168,14 +180,34 @@ public final class Transport: @unchecked Sendable {
     /// Closes the connection to `peer` (it is re-established by the dialing side).
     public func disconnect(_ peer: SiteID) { lock.withLock { connections[peer] }?.close() }
 
+    /// Connections closed at once because they crossed one the lower site id dialed.
+    public var crossedDialsClosed: Int { lock.withLock { crossedDials } }
+
+    /// Whether this site dialed its open connection to `peer` (nil when not connected).
+    public func dialedHere(_ peer: SiteID) -> Bool? {
+        lock.withLock { connections[peer] }.flatMap { $0.isOpen ? $0.dialedHere : nil }
+    }
+
     public var connectedPeers: [SiteID] { lock.withLock { connections.filter { $0.value.isOpen }.map(\.key).sorted() } }
 
     // MARK: Connections
+
+    /// Whether `c` was dialed by the site whose id sorts first (the one both sides keep
+    /// when two connections cross).
+    private func dialedByLowerID(_ c: PeerConnection) -> Bool {
+        c.dialedHere == (settings.site < c.peer)
+    }
 
     private func adopt(_ c: PeerConnection) {
         let (old, refused): (PeerConnection?, Bool) = lock.withLock {
             if stopped { return (nil, true) }
             let o = connections[c.peer]
+            if let o, o.isOpen, !dialedByLowerID(c), dialedByLowerID(o),
+               c.establishedAt < o.establishedAt + settings.duplicateWindowNanoseconds {
+                // Both sides dialed at once: the peer keeps the same one (see the type's doc).
+                crossedDials += 1
+                return (nil, true)
+            }
             connections[c.peer] = c
             return (o, false)
         }
@@ -218,6 +250,7 @@ public final class Transport: @unchecked Sendable {
         }, onClose: { [weak self] reason in
             self?.log("event=peer_disconnected peer=\(c.peer) reason=\"\(reason)\"")
             self?.lock.withLock { if self?.connections[c.peer] === c { self?.connections[c.peer] = nil } }
+            self?.dialWake.broadcast()
         })
         log("event=peer_connected peer=\(c.peer) lz4=\(c.compress)")
     }
@@ -273,7 +306,10 @@ public final class Transport: @unchecked Sendable {
         var rng = SeededRandom(seed: monotonicNanoseconds())
         while !lock.withLock({ stopped }) {
             if let c = lock.withLock({ connections[peer] }), c.isOpen {
-                usleep(50_000)
+                // Woken when a connection closes: the dial starts at once.
+                dialWake.lock()
+                _ = dialWake.wait(until: Date(timeIntervalSinceNow: 0.05))
+                dialWake.unlock()
                 continue
             }
             do throws(TransportError) {

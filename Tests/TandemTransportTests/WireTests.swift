@@ -175,6 +175,74 @@ struct TransportTests {
     }
 }
 
+@Suite("Connection set-up", .serialized)
+struct ConnectionSetUpTests {
+    func pair(backoff: UInt64) throws -> (make: (SiteID) throws -> Transport, ports: [SiteID: UInt16]) {
+        var ports: [SiteID: UInt16] = [:]
+        for id: SiteID in ["a", "b"] { ports[id] = try Transport.freeLoopbackPort() }
+        let fixed = ports
+        return ({ id in
+            let other: SiteID = id == "a" ? "b" : "a"
+            var settings = TransportSettings(site: id, clusterID: clusterA, listen: PeerEndpoint(host: "127.0.0.1", port: fixed[id]!),
+                                             peers: [other: PeerEndpoint(host: "127.0.0.1", port: fixed[other]!)])
+            settings.reconnectMinNanoseconds = backoff
+            settings.reconnectMaxNanoseconds = backoff
+            settings.duplicateWindowNanoseconds = 300_000_000
+            return Transport(settings: settings, context: try context(id.name)) { _ in }
+        }, ports)
+    }
+
+    @Test("a restarted site reaches a peer at once, whichever id sorts first, although the peer's reconnection back-off is 3 s")
+    func restartedSiteDialsAtOnce() throws {
+        let (make, _) = try pair(backoff: 3_000_000_000)
+        for restarted: SiteID in ["b", "a"] {
+            let survivor = try make(restarted == "a" ? "b" : "a")
+            var again = try make(restarted)
+            try survivor.start()
+            try again.start()
+            defer { survivor.stop(); again.stop() }
+            for _ in 0..<300 where survivor.connectedPeers.isEmpty || again.connectedPeers.isEmpty { usleep(10_000) }
+            #expect(!survivor.connectedPeers.isEmpty)
+            // The restarted site goes away; the survivor's next dial fails and it waits 1.5–3 s.
+            again.stop()
+            usleep(300_000)
+            again = try make(restarted)
+            let start = Date()
+            try again.start()
+            for _ in 0..<400 where survivor.connectedPeers.isEmpty || again.connectedPeers.isEmpty { usleep(5_000) }
+            let took = Date().timeIntervalSince(start)
+            #expect(!survivor.connectedPeers.isEmpty && !again.connectedPeers.isEmpty)
+            #expect(took < 1, "the restarted site \(restarted) waited \(took) s for a connection to its peer")
+        }
+    }
+
+    @Test("two sites dialing each other at once settle on one connection, the same on both sides, and keep it")
+    func crossingDialsSettle() throws {
+        let (make, _) = try pair(backoff: 20_000_000)
+        let a = try make("a"), b = try make("b")
+        try a.start()
+        try b.start()
+        defer { a.stop(); b.stop() }
+        for round in 0..<10 {
+            for _ in 0..<300 where a.dialedHere("b") == nil || b.dialedHere("a") == nil { usleep(5_000) }
+            // Both sides lose the connection at once and both dial again 10–20 ms later:
+            // the dials cross.
+            a.disconnect("b")
+            b.disconnect("a")
+            usleep(100_000)
+            // Past the window (300 ms here) in which crossing dials are settled.
+            usleep(400_000)
+            let aDialed = a.dialedHere("b"), bDialed = b.dialedHere("a")
+            #expect(aDialed != nil && bDialed != nil && aDialed != bDialed,
+                    "round \(round): each side must hold the one connection between them (a dialed: \(String(describing: aDialed)), b dialed: \(String(describing: bDialed)))")
+            usleep(200_000)
+            #expect(a.dialedHere("b") == aDialed && b.dialedHere("a") == bDialed, "round \(round): the connection kept changing")
+        }
+        // The dials did cross (else this test proved nothing about settling them).
+        #expect(a.crossedDialsClosed + b.crossedDialsClosed > 0)
+    }
+}
+
 @Suite("Certificate rotation", .serialized)
 struct RotationTests {
     @Test("re-reading the TLS files keeps open connections and gives new ones the new certificate")
