@@ -10,6 +10,8 @@ public final class HAProxyFront: @unchecked Sendable {
     public let readPort: UInt16
     private let process: Process
     public let configPath: String
+    /// Where haproxy writes its log (requests and server state changes).
+    public let logPath: String
 
     public static var isInstalled: Bool { path != nil }
     static var path: String? {
@@ -37,7 +39,7 @@ public final class HAProxyFront: @unchecked Sendable {
             // haproxy.log beside the sites' logs: haproxy runs in the foreground.
         configPath = cluster.dir + "/haproxy.cfg"
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
-        let logPath = cluster.dir + "/haproxy.log"
+        logPath = cluster.dir + "/haproxy.log"
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath) ?? FileHandle.nullDevice
         process = Process()

@@ -33,6 +33,7 @@ public final class Workload: @unchecked Sendable {
     private var reads: [Read] = []
     private var readErrors: [String: Int] = [:]
     private var running = false
+    private var stopped: Date?
     private var tasks: [Task<Void, Never>] = []
     private let prefix = "D\(Int(Date().timeIntervalSince1970) % 100_000)"
 
@@ -77,7 +78,11 @@ public final class Workload: @unchecked Sendable {
         lock.withLock { running = false }
         for t in tasks { await t.value }
         tasks = []
+        lock.withLock { stopped = Date() }
     }
+
+    /// When the clients stopped (nil while running): the end of any pause measured.
+    public var stoppedAt: Date? { lock.withLock { stopped } }
 
     private func book(writer w: Int, k: Int, site: String) async {
         let key = "\(prefix)-\(w)-\(k)"

@@ -304,6 +304,9 @@ public final class Transport: @unchecked Sendable {
     private func dialLoop(_ peer: SiteID, _ endpoint: PeerEndpoint) {
         var backoff = settings.reconnectMinNanoseconds
         var rng = SeededRandom(seed: monotonicNanoseconds())
+        var failedDials = 0
+        var lastLogged = ""
+        var lastLoggedAt: UInt64 = 0
         while !lock.withLock({ stopped }) {
             if let c = lock.withLock({ connections[peer] }), c.isOpen {
                 // Woken when a connection closes: the dial starts at once.
@@ -320,8 +323,18 @@ public final class Transport: @unchecked Sendable {
                                                      maxQueuedBytes: settings.maxQueuedBytesPerPeer)
                 adopt(c)
                 backoff = settings.reconnectMinNanoseconds
+                failedDials = 0
+                lastLogged = ""
             } catch {
-                log("event=dial_failed peer=\(peer) address=\(endpoint.host):\(endpoint.port) reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+                // Logged when the reason changes, else every 30 s (with the count), so a
+                // peer down for hours does not flood the log.
+                let now = monotonicNanoseconds()
+                failedDials += 1
+                if error.detail != lastLogged || now >= lastLoggedAt + 30_000_000_000 {
+                    log("event=dial_failed peer=\(peer) address=\(endpoint.host):\(endpoint.port) reason=\(error.reason.rawValue) detail=\"\(error.detail)\" attempts=\(failedDials)")
+                    lastLogged = error.detail
+                    lastLoggedAt = now
+                }
                 // Jittered exponential back-off.
                 let jitter = backoff / 2 + rng.next() % max(1, backoff / 2)
                 usleep(UInt32(min(jitter / 1000, UInt64(UInt32.max))))

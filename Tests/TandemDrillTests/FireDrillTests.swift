@@ -57,11 +57,29 @@ func follows(_ c: LocalCluster, _ site: String, _ primary: String?) async -> Boo
     return s?["role"] as? String == "follower" && s?["primary"] as? String == primary
 }
 
+/// What a failed drill leaves for the reader of a CI log: the sites' role and connection
+/// events, and HAProxy's server state changes and requests that did not succeed.
+func postMortem(_ c: LocalCluster, haproxyLog: String? = nil) {
+    func lines(_ path: String) -> [String] {
+        (FileManager.default.contents(atPath: path).map { String(decoding: $0, as: UTF8.self) } ?? "").split(separator: "\n").map(String.init)
+    }
+    var events: [String] = []
+    for s in c.options.sites {
+        events += lines(c.dir + "/\(s).log").filter { $0.contains("role_change") || $0.contains("peer_") || $0.contains("event=started")
+            || ($0.contains("failed") && !$0.contains("dial_failed")) || $0.contains("writes_pending") }
+    }
+    print("post-mortem: site events\n" + events.sorted().suffix(80).joined(separator: "\n"))
+    if let haproxyLog {
+        let interesting = lines(haproxyLog).filter { !$0.contains(" 200 ") && !$0.contains(" 201 ") && !$0.hasPrefix("Server ") }
+        print("post-mortem: haproxy\n" + interesting.suffix(80).joined(separator: "\n"))
+    }
+}
+
 /// One machine-readable line per drill, to track the figures over time.
 func drillLine(_ name: String, _ w: Workload, faultAt: Date, _ extra: [String: Any] = [:]) {
     var o: [String: Any] = ["drill": name, "acknowledged": w.acknowledged.count, "failed_visibly": w.failures.count,
                             "outcome_unknown": w.unknownOutcomes.count, "writes_resumed_after_s": w.firstAck(after: faultAt) ?? -1,
-                            "write_pause_max_s": w.longestPause(from: faultAt.addingTimeInterval(-1), to: Date())]
+                            "write_pause_max_s": w.longestPause(from: faultAt.addingTimeInterval(-1), to: w.stoppedAt ?? Date())]
     o.merge(extra) { _, new in new }
     if let data = try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]) { print(String(decoding: data, as: UTF8.self)) }
 }
@@ -105,6 +123,7 @@ struct FireDrillTests {
         let report = try await FireDrill.run(c, rounds: 2, secondsPerRound: 5, writers: 6, through: ["haproxy-write": lb.writeURL],
                                              readsThrough: ["haproxy-read": lb.readURL])
         print(report.json)
+        if !report.passed || report.rounds.contains(where: { $0.longestPause >= 3 }) { postMortem(c, haproxyLog: lb.logPath) }
         #expect(report.passed, "\(report.text)")
         for r in report.rounds { #expect(r.longestPause < 3, "write pause \(r.longestPause) s with the default lease (target: under 3 s)") }
         #expect(report.acknowledged > 50)

@@ -121,7 +121,7 @@ struct WireTests {
 @Suite("Transport", .serialized)
 struct TransportTests {
     @Test("three sites connect pairwise over mutual TLS and exchange the core's messages; a restarted site reconnects")
-    func meshAndReconnect() throws {
+    func meshAndReconnect() async throws {
         final class Inbox: @unchecked Sendable {
             let lock = NSLock()
             var got: [SiteID: [Message]] = [:]
@@ -143,24 +143,24 @@ struct TransportTests {
         }
         var transports = try ids.map(make)
         for t in transports { try t.start() }
-        func waitConnected(_ ts: [Transport]) {
-            for _ in 0..<200 where !ts.allSatisfy({ $0.connectedPeers.count == 2 }) { usleep(20_000) }
+        func waitConnected(_ ts: [Transport]) async throws {
+            for _ in 0..<200 where !ts.allSatisfy({ $0.connectedPeers.count == 2 }) { try await Task.sleep(nanoseconds: 20_000_000) }
         }
-        waitConnected(transports)
+        try await waitConnected(transports)
         #expect(transports.allSatisfy { $0.connectedPeers.count == 2 }, "\(transports.map(\.connectedPeers))")
         for m in sampleMessages() {
             transports[0].send(Message(from: "a", to: "b", term: m.term, body: m.body))
             transports[2].send(Message(from: "c", to: "a", term: m.term, body: m.body))
         }
-        for _ in 0..<200 where inbox.count("b") < 10 || inbox.count("a") < 10 { usleep(10_000) }
+        for _ in 0..<200 where inbox.count("b") < 10 || inbox.count("a") < 10 { try await Task.sleep(nanoseconds: 10_000_000) }
         #expect(inbox.count("b") == 10 && inbox.count("a") == 10)
         #expect(transports[0].metrics.compressionRatio > 2)
         // c restarts: the others reconnect to it.
         transports[2].stop()
-        usleep(100_000)
+        try await Task.sleep(nanoseconds: 100_000_000)
         transports[2] = try make("c")
         try transports[2].start()
-        waitConnected(transports)
+        try await waitConnected(transports)
         #expect(transports[2].connectedPeers == ["a", "b"])
         // A peer that vanishes while a large stream is being written to it fails that
         // connection only (no SIGPIPE taking the whole process down).
@@ -169,12 +169,14 @@ struct TransportTests {
             transports[0].send(Message(from: "a", to: "c", term: big.term, body: big.body))
             if i == 500 { transports[2].stop() }
         }
-        for _ in 0..<200 where transports[0].connectedPeers.contains("c") { usleep(10_000) }
+        for _ in 0..<200 where transports[0].connectedPeers.contains("c") { try await Task.sleep(nanoseconds: 10_000_000) }
         #expect(!transports[0].connectedPeers.contains("c"))
         for t in transports { t.stop() }
     }
 }
 
+/// (Async, sleeping with Task.sleep: a test that blocks a thread of the cooperative pool
+/// would starve the in-process HTTP servers of the suites running beside it.)
 @Suite("Connection set-up", .serialized)
 struct ConnectionSetUpTests {
     func pair(backoff: UInt64) throws -> (make: (SiteID) throws -> Transport, ports: [SiteID: UInt16]) {
@@ -193,7 +195,7 @@ struct ConnectionSetUpTests {
     }
 
     @Test("a restarted site reaches a peer at once, whichever id sorts first, although the peer's reconnection back-off is 3 s")
-    func restartedSiteDialsAtOnce() throws {
+    func restartedSiteDialsAtOnce() async throws {
         let (make, _) = try pair(backoff: 3_000_000_000)
         for restarted: SiteID in ["b", "a"] {
             let survivor = try make(restarted == "a" ? "b" : "a")
@@ -201,15 +203,15 @@ struct ConnectionSetUpTests {
             try survivor.start()
             try again.start()
             defer { survivor.stop(); again.stop() }
-            for _ in 0..<300 where survivor.connectedPeers.isEmpty || again.connectedPeers.isEmpty { usleep(10_000) }
+            for _ in 0..<300 where survivor.connectedPeers.isEmpty || again.connectedPeers.isEmpty { try await Task.sleep(nanoseconds: 10_000_000) }
             #expect(!survivor.connectedPeers.isEmpty)
             // The restarted site goes away; the survivor's next dial fails and it waits 1.5–3 s.
             again.stop()
-            usleep(300_000)
+            try await Task.sleep(nanoseconds: 300_000_000)
             again = try make(restarted)
             let start = Date()
             try again.start()
-            for _ in 0..<400 where survivor.connectedPeers.isEmpty || again.connectedPeers.isEmpty { usleep(5_000) }
+            for _ in 0..<400 where survivor.connectedPeers.isEmpty || again.connectedPeers.isEmpty { try await Task.sleep(nanoseconds: 5_000_000) }
             let took = Date().timeIntervalSince(start)
             #expect(!survivor.connectedPeers.isEmpty && !again.connectedPeers.isEmpty)
             #expect(took < 1, "the restarted site \(restarted) waited \(took) s for a connection to its peer")
@@ -217,25 +219,25 @@ struct ConnectionSetUpTests {
     }
 
     @Test("two sites dialing each other at once settle on one connection, the same on both sides, and keep it")
-    func crossingDialsSettle() throws {
+    func crossingDialsSettle() async throws {
         let (make, _) = try pair(backoff: 20_000_000)
         let a = try make("a"), b = try make("b")
         try a.start()
         try b.start()
         defer { a.stop(); b.stop() }
         for round in 0..<10 {
-            for _ in 0..<300 where a.dialedHere("b") == nil || b.dialedHere("a") == nil { usleep(5_000) }
+            for _ in 0..<300 where a.dialedHere("b") == nil || b.dialedHere("a") == nil { try await Task.sleep(nanoseconds: 5_000_000) }
             // Both sides lose the connection at once and both dial again 10–20 ms later:
             // the dials cross.
             a.disconnect("b")
             b.disconnect("a")
-            usleep(100_000)
+            try await Task.sleep(nanoseconds: 100_000_000)
             // Past the window (300 ms here) in which crossing dials are settled.
-            usleep(400_000)
+            try await Task.sleep(nanoseconds: 400_000_000)
             let aDialed = a.dialedHere("b"), bDialed = b.dialedHere("a")
             #expect(aDialed != nil && bDialed != nil && aDialed != bDialed,
                     "round \(round): each side must hold the one connection between them (a dialed: \(String(describing: aDialed)), b dialed: \(String(describing: bDialed)))")
-            usleep(200_000)
+            try await Task.sleep(nanoseconds: 200_000_000)
             #expect(a.dialedHere("b") == aDialed && b.dialedHere("a") == bDialed, "round \(round): the connection kept changing")
         }
         // The dials did cross (else this test proved nothing about settling them).
@@ -246,7 +248,7 @@ struct ConnectionSetUpTests {
 @Suite("Certificate rotation", .serialized)
 struct RotationTests {
     @Test("re-reading the TLS files keeps open connections and gives new ones the new certificate")
-    func reload() throws {
+    func reload() async throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         let dir = NSTemporaryDirectory() + "tandem-rotate-\(UUID().uuidString)"
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -279,14 +281,14 @@ struct RotationTests {
             a.stop()
             b.stop()
         }
-        for _ in 0..<200 where a.peerCertificates["b"] == nil { usleep(10_000) }
+        for _ in 0..<200 where a.peerCertificates["b"] == nil { try await Task.sleep(nanoseconds: 10_000_000) }
         let before = try #require(a.peerCertificates["b"])
         try makeCerts(["b"])  // a new key and certificate for b, same CA
         try b.reloadTLS()
-        usleep(100_000)
+        try await Task.sleep(nanoseconds: 100_000_000)
         #expect(a.peerCertificates["b"] == before, "the open connection stays up with the old certificate")
         a.disconnect("b")
-        for _ in 0..<300 where a.peerCertificates["b"] == nil || a.peerCertificates["b"] == before { usleep(10_000) }
+        for _ in 0..<300 where a.peerCertificates["b"] == nil || a.peerCertificates["b"] == before { try await Task.sleep(nanoseconds: 10_000_000) }
         let after = try #require(a.peerCertificates["b"])
         #expect(after != before, "the new connection uses the new certificate")
         #expect(after == (try ctx("b")).certificateFingerprint)
@@ -296,12 +298,12 @@ struct RotationTests {
                                                                    certificateAuthority: "\(dir)/ca.pem"),
                                      intervalNanoseconds: 50_000_000)
         defer { watcher.stop() }
-        usleep(120_000)
+        try await Task.sleep(nanoseconds: 120_000_000)
         try makeCerts(["b"])
         let third = try #require((try ctx("b")).certificateFingerprint)
-        usleep(300_000)
+        try await Task.sleep(nanoseconds: 300_000_000)
         a.disconnect("b")
-        for _ in 0..<300 where a.peerCertificates["b"] != third { usleep(10_000) }
+        for _ in 0..<300 where a.peerCertificates["b"] != third { try await Task.sleep(nanoseconds: 10_000_000) }
         #expect(a.peerCertificates["b"] == third)
     }
 }
