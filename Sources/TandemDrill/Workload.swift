@@ -75,10 +75,12 @@ public final class Workload: @unchecked Sendable {
     }
 
     public func stop() async {
-        lock.withLock { running = false }
+        lock.withLock {
+            running = false
+            stopped = Date()
+        }
         for t in tasks { await t.value }
         tasks = []
-        lock.withLock { stopped = Date() }
     }
 
     /// When the clients stopped (nil while running): the end of any pause measured.

@@ -162,8 +162,8 @@ public final class DataAPI: Sendable {
     }
 
     /// Runs a call that needs the primary: here if this site is primary, otherwise on the
-    /// primary over the peer link; while there is none it follows as live, waits up to the
-    /// deadline (PROTOCOL L6).
+    /// primary over the peer link; while there is none it heard within a lease, waits up
+    /// to the deadline (PROTOCOL L6).
     func viaPrimary(_ route: Route, _ call: ForwardedCall, scope: Scope) async throws(APIError) -> ForwardedAnswer {
         let start = SiteRuntime.now
         let deadline = start + UInt64(settings.waitForPrimaryMilliseconds) * 1_000_000
@@ -176,7 +176,7 @@ public final class DataAPI: Sendable {
                 do { return try await local(route, call) } catch {
                     guard error.status == 421 else { throw error }
                 }
-            } else if let p = s.primary, p != settings.site, s.followsLivePrimary {
+            } else if let p = s.primary, p != settings.site, runtime.heardWithinLease(p) {
                 // (A primary silent for a lease is not sent the call: it would hang there
                 // and end as "outcome unknown"; waiting here for the next one is cleaner.)
                 var forwarded = call

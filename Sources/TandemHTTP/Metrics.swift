@@ -93,7 +93,7 @@ public final class SiteMetrics: Sendable {
         }
         Counter(label: "tandem_replicated_bytes_total", dimensions: [("form", "raw")], factory: factory).increment(by: dRaw)
         Counter(label: "tandem_replicated_bytes_total", dimensions: [("form", "compressed")], factory: factory).increment(by: dSent)
-        for reason in HandshakeFailure.allCases {
+        for reason in HandshakeFailure.allCases where reason != .crossedDial {
             Counter(label: "tandem_tls_handshake_failures_total", dimensions: [("reason", reason.rawValue)], factory: factory)
                 .increment(by: dFail[reason] ?? 0)
         }

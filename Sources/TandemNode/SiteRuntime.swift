@@ -395,6 +395,14 @@ public final class SiteRuntime: @unchecked Sendable {
 
     /// Sends an API call to `peer` (the primary) over the peer TLS link and waits for its
     /// answer until the call's deadline.
+    /// Whether `peer` was heard within a lease, on its connection's thread (so a busy
+    /// loop here does not make a live primary look gone): the test before forwarding.
+    public func heardWithinLease(_ peer: SiteID) -> Bool {
+        guard let t = transport.lastReceived(from: peer) else { return false }
+        let now = monotonicNanoseconds()  // the transport's clock (CLOCK_MONOTONIC)
+        return now - min(t, now) < UInt64(settings.config.timing.leaseDuration)
+    }
+
     public func forward(_ call: ForwardedCall, to peer: SiteID) async -> Result<ForwardedAnswer, ForwardError> {
         guard transport.connectedPeers.contains(peer) else { return .failure(.notConnected(peer)) }
         return await withCheckedContinuation { c in

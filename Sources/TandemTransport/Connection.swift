@@ -80,6 +80,7 @@ public final class PeerConnection: @unchecked Sendable {
     private var queue: [[UInt8]] = []
     private var queuedBytes = 0
     private var isClosed = false
+    private var lastReceived: UInt64 = 0
     private let maxQueuedBytes: Int
     private let wakeRead: Int32
     private let wakeWrite: Int32
@@ -96,9 +97,12 @@ public final class PeerConnection: @unchecked Sendable {
 
     /// Connects the TLS handshake and the application handshake, as the client (the site
     /// dialing) or the server. Throws with the reason on any refusal.
+    /// `admit` (server side): asked, once the dialer's hello checked out and before this
+    /// side answers with its own, whether to take the connection; false refuses it with
+    /// `crossedDial`, so the dialer never counts it as up.
     public static func establish(fd: Int32, context: TLSContext, isServer: Bool, expectedPeer: SiteID?,
                           expect: HandshakeExpectations, metrics: TransportMetrics,
-                          maxQueuedBytes: Int) throws(TransportError) -> PeerConnection {
+                          maxQueuedBytes: Int, admit: (SiteID) -> Bool = { _ in true }) throws(TransportError) -> PeerConnection {
         let deadline = monotonicNanoseconds() + expect.timeoutNanoseconds
         let stream = try TLSStream(context: context, fd: fd, isServer: isServer, expectedPeer: expectedPeer)
         do throws(TransportError) {
@@ -111,6 +115,9 @@ public final class PeerConnection: @unchecked Sendable {
                 guard stream.peerCertificateNames(remote.siteID) else {
                     throw TransportError(.wrongSiteName, "the certificate presented does not name site \(remote.siteID)")
                 }
+                guard admit(remote.siteID) else {
+                    throw TransportError(.crossedDial, "\(remote.siteID) dialed while this site was dialing it; the lower site id's connection is kept")
+                }
                 try stream.writeAll(WireEncoder.hello(expect.hello), deadline: deadline)
             } else {
                 try stream.writeAll(WireEncoder.hello(expect.hello), deadline: deadline)
@@ -121,7 +128,7 @@ public final class PeerConnection: @unchecked Sendable {
             return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compress: compress,
                                       dialedHere: !isServer, metrics: metrics, maxQueuedBytes: maxQueuedBytes)
         } catch {
-            metrics.handshakeFailed(error.reason)
+            if error.reason != .crossedDial { metrics.handshakeFailed(error.reason) }
             stream.close()
             throw error
         }
@@ -239,6 +246,8 @@ public final class PeerConnection: @unchecked Sendable {
     }
 
     public var isOpen: Bool { lock.withLock { !isClosed } }
+    /// When bytes last arrived from the peer (monotonic nanoseconds; 0: never).
+    public var lastReceivedAt: UInt64 { lock.withLock { lastReceived } }
     /// Bytes waiting to be written to this peer.
     public var queued: Int { lock.withLock { queuedBytes } }
 
@@ -285,6 +294,8 @@ public final class PeerConnection: @unchecked Sendable {
                 case let .done(n):
                     // Something arrived: a write that waited for a read may go on.
                     sslLock.withLock { wantReadForWrite = false }
+                    let now = monotonicNanoseconds()
+                    lock.withLock { lastReceived = now }
                     readBuffer.withUnsafeBytes { decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
                     do {
                         while let frame = try decoder.next() {

@@ -38,6 +38,9 @@ public enum HandshakeFailure: String, Sendable, CaseIterable {
     case protocolVersionTooOld = "tls_version_refused"
     case timeout = "timeout"
     case closed = "closed"
+    /// Not a failure: the peer dialed while this site was dialing it (or had just
+    /// connected to it); the connection the lower site id dials is the one kept.
+    case crossedDial = "crossed_dial"
     case other = "other"
 }
 

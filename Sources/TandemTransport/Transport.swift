@@ -26,13 +26,14 @@ public struct TransportSettings: Sendable {
     public var handshakeTimeoutNanoseconds: UInt64 = 5_000_000_000
     /// Reconnection back-off: doubles from the minimum to the maximum, with jitter.
     public var reconnectMinNanoseconds: UInt64 = 50_000_000
-    /// Capped at 2 s: a healed link is back within about that, and a failed dial costs
-    /// a refused SYN (or one handshake) every 1–2 s.
+    /// Capped at 2 s: a peer that comes back is dialed again within about that, and a
+    /// failed dial costs a refused SYN (or one handshake) every 1–2 s.
     public var reconnectMaxNanoseconds: UInt64 = 2_000_000_000
-    /// Two connections to one peer made within this window (both sides dialed at once)
-    /// are settled by keeping the one the lower site id dialed; an older connection is
-    /// replaced by a newer one whoever dialed (the old one may be half-open: the peer
-    /// restarted, and its dial is the proof).
+    /// A dial from a peer with a higher id is refused while this site dials that peer or
+    /// within this long after its own dial connected (both sides dialed at once: the
+    /// lower id's connection is kept); later, a newer connection replaces an older one
+    /// whoever dialed (the old one may be half-open: the peer restarted, and its dial is
+    /// the proof). Also the age under which a connection that closed counts as dying young.
     public var duplicateWindowNanoseconds: UInt64 = 1_000_000_000
     public var limits = WireLimits()
 
@@ -53,8 +54,10 @@ public struct TransportSettings: Sendable {
 
 /// One long-lived, mutually authenticated TLS connection per pair of sites. Both sites
 /// dial while they have no connection to the other (a restarted site reaches its peers at
-/// once, instead of waiting out the survivor's reconnection back-off); when both dials
-/// succeed together, both sides keep the one the lower site id dialed. Turns the core's
+/// once, instead of waiting out the survivor's reconnection back-off); when both dial at
+/// once, the site with the lower id refuses the other's dial during the handshake
+/// (`admit`), so both keep the one it dialed and nothing is sent on a connection that is
+/// then dropped. Turns the core's
 /// messages into frames and frames back into messages; it never interprets them.
 ///
 /// Thread safety: state is guarded by `lock`; each connection has its own I/O thread.
@@ -71,6 +74,10 @@ public final class Transport: @unchecked Sendable {
     private var listenFD: Int32 = -1
     private var handshakesInProgress = 0
     private var crossedDials = 0
+    /// Peers this site is dialing now, and peers whose dial to this site is being accepted
+    /// (the settlement of crossing dials, see `admit`).
+    private var dialing: Set<SiteID> = []
+    private var accepting: [SiteID: Int] = [:]
     // Set before `start` (thread start orders these writes before any read).
     private var onMessage: @Sendable (Message) -> Void
     private var onSnapshotFrame: (@Sendable (SiteID, SnapshotFrame) -> Void)?
@@ -177,11 +184,17 @@ public final class Transport: @unchecked Sendable {
         lock.withLock { connections.compactMapValues { $0.isOpen ? $0.peerCertificate : nil } }
     }
 
-    /// Closes the connection to `peer` (it is re-established by the dialing side).
+    /// Closes the connection to `peer` (both sides then dial again).
     public func disconnect(_ peer: SiteID) { lock.withLock { connections[peer] }?.close() }
 
-    /// Connections closed at once because they crossed one the lower site id dialed.
+    /// Dials from a peer with a higher id refused because this site was dialing it too.
     public var crossedDialsClosed: Int { lock.withLock { crossedDials } }
+
+    /// When bytes last arrived from `peer` on an open connection (monotonic nanoseconds),
+    /// measured on the connection's own thread: it does not depend on the site's loop.
+    public func lastReceived(from peer: SiteID) -> UInt64? {
+        lock.withLock { connections[peer] }.flatMap { $0.isOpen ? $0.lastReceivedAt : nil }
+    }
 
     /// Whether this site dialed its open connection to `peer` (nil when not connected).
     public func dialedHere(_ peer: SiteID) -> Bool? {
@@ -192,22 +205,36 @@ public final class Transport: @unchecked Sendable {
 
     // MARK: Connections
 
-    /// Whether `c` was dialed by the site whose id sorts first (the one both sides keep
-    /// when two connections cross).
-    private func dialedByLowerID(_ c: PeerConnection) -> Bool {
-        c.dialedHere == (settings.site < c.peer)
+    /// Server side, once a dialer's hello checked out: whether to take its connection.
+    /// Crossing dials are settled here, before either side counts the connection as up
+    /// (so nothing is ever sent on a connection that is then dropped): a site refuses a
+    /// peer with a higher id while it is dialing that peer itself, or has just connected
+    /// to it (within `duplicateWindowNanoseconds`); the peer with the higher id accepts,
+    /// and a site does not dial a peer whose dial it is accepting. Taken connections are
+    /// counted in `accepting` until adopted or failed.
+    private func admit(_ peer: SiteID) -> Bool {
+        lock.withLock {
+            if stopped { return false }
+            if settings.site < peer {
+                let justConnected = connections[peer].map {
+                    $0.isOpen && $0.dialedHere && monotonicNanoseconds() < $0.establishedAt + settings.duplicateWindowNanoseconds
+                } ?? false
+                if dialing.contains(peer) || justConnected {
+                    crossedDials += 1
+                    return false
+                }
+            }
+            accepting[peer, default: 0] += 1
+            return true
+        }
     }
 
+    /// A newer connection replaces an older one (which may be half-open: its peer
+    /// restarted, and the new dial proves it).
     private func adopt(_ c: PeerConnection) {
         let (old, refused): (PeerConnection?, Bool) = lock.withLock {
             if stopped { return (nil, true) }
             let o = connections[c.peer]
-            if let o, o.isOpen, !dialedByLowerID(c), dialedByLowerID(o),
-               c.establishedAt < o.establishedAt + settings.duplicateWindowNanoseconds {
-                // Both sides dialed at once: the peer keeps the same one (see the type's doc).
-                crossedDials += 1
-                return (nil, true)
-            }
             connections[c.peer] = c
             return (o, false)
         }
@@ -288,13 +315,28 @@ public final class Transport: @unchecked Sendable {
             }
             let t = Thread { [self] in
                 defer { lock.withLock { handshakesInProgress -= 1 } }
+                var admittedPeer: SiteID?
                 do throws(TransportError) {
                     let c = try PeerConnection.establish(fd: client, context: ctx, isServer: true, expectedPeer: nil,
                                                          expect: settings.expectations, metrics: metrics,
-                                                         maxQueuedBytes: settings.maxQueuedBytesPerPeer)
+                                                         maxQueuedBytes: settings.maxQueuedBytesPerPeer,
+                                                         admit: { peer in
+                                                             let ok = admit(peer)
+                                                             if ok { admittedPeer = peer }
+                                                             return ok
+                                                         })
                     adopt(c)
+                } catch where error.reason == .crossedDial {
+                    // Expected when both sides dial at once; the other connection stays.
                 } catch {
                     log("event=handshake_refused side=server reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+                }
+                if let admittedPeer {
+                    lock.withLock {
+                        accepting[admittedPeer, default: 1] -= 1
+                        if accepting[admittedPeer] == 0 { accepting[admittedPeer] = nil }
+                    }
+                    dialWake.broadcast()
                 }
             }
             t.start()
@@ -307,24 +349,59 @@ public final class Transport: @unchecked Sendable {
         var failedDials = 0
         var lastLogged = ""
         var lastLoggedAt: UInt64 = 0
+        var lastEstablished: UInt64?
         while !lock.withLock({ stopped }) {
-            if let c = lock.withLock({ connections[peer] }), c.isOpen {
-                // Woken when a connection closes: the dial starts at once.
+            // Dial only with no open connection and no dial from the peer being accepted;
+            // the check and the mark are one step under the lock that `admit` takes.
+            let (go, open): (Bool, PeerConnection?) = lock.withLock {
+                if let c = connections[peer], c.isOpen { return (false, c) }
+                return (accepting[peer] == nil, nil)
+            }
+            if !go {
+                if let open, monotonicNanoseconds() >= open.establishedAt + settings.duplicateWindowNanoseconds {
+                    // A connection that lasted: the next failure starts the back-off afresh.
+                    backoff = settings.reconnectMinNanoseconds
+                    failedDials = 0
+                    lastLogged = ""
+                }
+                // Woken when a connection closes or an accept ends: the dial starts at once.
                 dialWake.lock()
                 _ = dialWake.wait(until: Date(timeIntervalSinceNow: 0.05))
                 dialWake.unlock()
                 continue
             }
+            if let e = lastEstablished, monotonicNanoseconds() < e + settings.duplicateWindowNanoseconds {
+                // The last connection died young (a peer that accepts, then drops): back
+                // off rather than redial at once, again and again.
+                lastEstablished = nil
+                let jitter = backoff / 2 + rng.next() % max(1, backoff / 2)
+                usleep(UInt32(min(jitter / 1000, UInt64(UInt32.max))))
+                backoff = min(settings.reconnectMaxNanoseconds, backoff * 2)
+                continue
+            }
             do throws(TransportError) {
                 let fd = try Self.connect(to: endpoint, timeoutNanoseconds: settings.handshakeTimeoutNanoseconds)
+                // Counted as dialing (for `admit`) only once the TCP connection is up, so a
+                // dial still waiting for a SYN to a host that is down does not make this
+                // site refuse that host's own dial when it comes back; and dropped if the
+                // peer's dial was taken meanwhile.
+                let proceed: Bool = lock.withLock {
+                    if let c = connections[peer], c.isOpen { return false }
+                    if accepting[peer] != nil { return false }
+                    dialing.insert(peer)
+                    return true
+                }
+                guard proceed else {
+                    Glibc.close(fd)
+                    continue
+                }
+                defer { lock.withLock { _ = dialing.remove(peer) } }
                 let ctx = lock.withLock { context }
                 let c = try PeerConnection.establish(fd: fd, context: ctx, isServer: false, expectedPeer: peer,
                                                      expect: settings.expectations, metrics: metrics,
                                                      maxQueuedBytes: settings.maxQueuedBytesPerPeer)
                 adopt(c)
-                backoff = settings.reconnectMinNanoseconds
-                failedDials = 0
-                lastLogged = ""
+                lastEstablished = c.establishedAt
             } catch {
                 // Logged when the reason changes, else every 30 s (with the count), so a
                 // peer down for hours does not flood the log.
