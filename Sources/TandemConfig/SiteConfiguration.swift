@@ -129,6 +129,20 @@ struct ConfigReader {
         return s
     }
 
+    /// A site id: it names the site in its certificate (a DNS name) and orders the pair's
+    /// connections (docs/WIRE.md), so a DNS label: lowercase letters, digits and hyphens.
+    func siteName(_ t: TOMLTable, _ path: String, _ key: String) throws(ConfigFileError) -> String {
+        let name = try string(t, path, key)
+        let ok = name.utf8.count <= 63 && name.first != "-" && name.last != "-"
+            && name.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || ("0"..."9").contains($0) || $0 == "-" }
+        guard ok else {
+            let (_, line, _) = raw(t, path, key)
+            throw fail(path.isEmpty ? key : "\(path).\(key)", line,
+                       "a site id made of lowercase letters, digits and inner hyphens (a DNS label, at most 63 characters), found \"\(name)\"")
+        }
+        return name
+    }
+
     /// A string that may be absent (in the file and in the environment).
     func optionalString(_ t: TOMLTable, _ path: String, _ key: String) throws(ConfigFileError) -> String? {
         guard raw(t, path, key).0 != nil else { return nil }
@@ -184,7 +198,7 @@ struct ConfigReader {
                                      "timing", "tls", "api", "logging", "hooks", "storage", "sites"])
         let cidText = try string(top, "", "cluster_id")
         guard let cid = ClusterID(cidText) else { throw fail("cluster_id", top.line(of: "cluster_id"), "a UUID, found \"\(cidText)\"") }
-        let siteID = SiteID(try string(top, "", "site_id"))
+        let siteID = SiteID(try siteName(top, "", "site_id"))
         let dataDirectory = try string(top, "", "data_directory")
 
         let listen = try table(top, "listen")
@@ -251,7 +265,7 @@ struct ConfigReader {
             let roleText = try string(s, path, "role", default: "voter")
             guard let role = SiteRole(rawValue: roleText) else { throw fail("\(path).role", s.line(of: "role"), "\"voter\" or \"witness\", found \"\(roleText)\"") }
             sites.append(SiteConfiguration.Site(
-                id: SiteID(try string(s, path, "id")), domain: FailureDomain(try string(s, path, "domain")), role: role,
+                id: SiteID(try siteName(s, path, "id")), domain: FailureDomain(try string(s, path, "domain")), role: role,
                 peerAddress: try address(try string(s, path, "peer_address"), "\(path).peer_address", s.line(of: "peer_address")),
                 httpAddress: try address(try string(s, path, "http_address"), "\(path).http_address", s.line(of: "http_address"))))
         }

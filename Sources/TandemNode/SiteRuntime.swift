@@ -393,8 +393,6 @@ public final class SiteRuntime: @unchecked Sendable {
         forwardLock.withLock { forwardHandler = handler }
     }
 
-    /// Sends an API call to `peer` (the primary) over the peer TLS link and waits for its
-    /// answer until the call's deadline.
     /// Whether `peer` was heard within a lease, on its connection's thread (so a busy
     /// loop here does not make a live primary look gone): the test before forwarding.
     public func heardWithinLease(_ peer: SiteID) -> Bool {
@@ -403,6 +401,8 @@ public final class SiteRuntime: @unchecked Sendable {
         return now - min(t, now) < UInt64(settings.config.timing.leaseDuration)
     }
 
+    /// Sends an API call to `peer` (the primary) over the peer TLS link and waits for its
+    /// answer until the call's deadline.
     public func forward(_ call: ForwardedCall, to peer: SiteID) async -> Result<ForwardedAnswer, ForwardError> {
         guard transport.connectedPeers.contains(peer) else { return .failure(.notConnected(peer)) }
         return await withCheckedContinuation { c in

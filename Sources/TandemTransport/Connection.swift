@@ -116,6 +116,8 @@ public final class PeerConnection: @unchecked Sendable {
                     throw TransportError(.wrongSiteName, "the certificate presented does not name site \(remote.siteID)")
                 }
                 guard admit(remote.siteID) else {
+                    // A goodbye instead of a hello: the dialer learns it was a crossing, not a failure.
+                    try? stream.writeAll(WireEncoder.frame(.goodbye, []), deadline: min(deadline, monotonicNanoseconds() + 200_000_000))
                     throw TransportError(.crossedDial, "\(remote.siteID) dialed while this site was dialing it; the lower site id's connection is kept")
                 }
                 try stream.writeAll(WireEncoder.hello(expect.hello), deadline: deadline)
@@ -136,6 +138,9 @@ public final class PeerConnection: @unchecked Sendable {
 
     private static func readHello(_ stream: TLSStream, _ decoder: inout FrameDecoder, deadline: UInt64) throws(TransportError) -> Hello {
         let frame = try stream.readFrame(&decoder, deadline: deadline)
+        if frame.type == .goodbye {
+            throw TransportError(.crossedDial, "the peer is dialing this site too; the connection the lower site id dials is kept")
+        }
         guard frame.type == .hello else { throw TransportError(.other, "expected a hello frame, got \(frame.type)") }
         do { return try FrameDecoder.hello(frame.body) } catch {
             throw TransportError(error.reason.hasPrefix("not a Tandem") ? .other : .other, error.reason)
@@ -172,6 +177,8 @@ public final class PeerConnection: @unchecked Sendable {
         self.compress = compress
         self.dialedHere = dialedHere
         establishedAt = monotonicNanoseconds()
+        // The peer's hello just arrived.
+        lastReceived = establishedAt
         self.metrics = metrics
         self.maxQueuedBytes = maxQueuedBytes
         wakeRead = fds[0]

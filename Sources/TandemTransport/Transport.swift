@@ -402,6 +402,9 @@ public final class Transport: @unchecked Sendable {
                                                      maxQueuedBytes: settings.maxQueuedBytesPerPeer)
                 adopt(c)
                 lastEstablished = c.establishedAt
+            } catch where error.reason == .crossedDial {
+                // The peer is dialing this site and keeps its connection: not a failure.
+                usleep(UInt32(settings.reconnectMinNanoseconds / 1000))
             } catch {
                 // Logged when the reason changes, else every 30 s (with the count), so a
                 // peer down for hours does not flood the log.

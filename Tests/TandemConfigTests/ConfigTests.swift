@@ -126,6 +126,8 @@ struct SiteConfigurationTests {
     @Test("each kind of bad file names the file, the key, the line and what was expected", arguments: [
         ("lease_ms = 2_000", "lease_ms = 2_000\nbogus = 1", "timing.bogus", 13, "one of the known keys"),
         ("site_id = \"sbg\"", "site_id = \"lyon\"", "site_id", 3, "one of the [[sites]] ids"),
+        ("id = \"gra\"", "id = \"Gravelines 1\"", "sites[1].id", 27, "lowercase letters, digits and inner hyphens"),
+        ("site_id = \"sbg\"", "site_id = \"sbg-\"", "site_id", 3, "a DNS label"),
         ("lease_ms = 2_000", "lease_ms = \"long\"", "timing.lease_ms", 12, "an integer"),
         ("lease_ms = 2_000", "lease_ms = 800", "timing.heartbeat_ms", nil, "at most a third"),
         ("commit_policy = \"majority-two-domains\"", "commit_policy = \"eventual\"", "commit_policy", 5, "\"majority\""),

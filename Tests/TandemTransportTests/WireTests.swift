@@ -179,7 +179,15 @@ struct TransportTests {
 /// would starve the in-process HTTP servers of the suites running beside it.)
 @Suite("Connection set-up", .serialized)
 struct ConnectionSetUpTests {
-    func pair(backoff: UInt64) throws -> (make: (SiteID) throws -> Transport, ports: [SiteID: UInt16]) {
+    /// Log lines of the transports a test made.
+    final class Lines: @unchecked Sendable {
+        private let lock = NSLock()
+        private var lines: [String] = []
+        func add(_ s: String) { lock.withLock { lines.append(s) } }
+        func matching(_ needle: String) -> [String] { lock.withLock { lines.filter { $0.contains(needle) } } }
+    }
+
+    func pair(backoff: UInt64, logs: Lines = Lines()) throws -> (make: (SiteID) throws -> Transport, ports: [SiteID: UInt16]) {
         var ports: [SiteID: UInt16] = [:]
         for id: SiteID in ["a", "b"] { ports[id] = try Transport.freeLoopbackPort() }
         let fixed = ports
@@ -190,7 +198,7 @@ struct ConnectionSetUpTests {
             settings.reconnectMinNanoseconds = backoff
             settings.reconnectMaxNanoseconds = backoff
             settings.duplicateWindowNanoseconds = 300_000_000
-            return Transport(settings: settings, context: try context(id.name)) { _ in }
+            return Transport(settings: settings, context: try context(id.name), log: { logs.add("\(id): \($0)") }) { _ in }
         }, ports)
     }
 
@@ -220,7 +228,8 @@ struct ConnectionSetUpTests {
 
     @Test("two sites dialing each other at once settle on one connection, the same on both sides, and keep it")
     func crossingDialsSettle() async throws {
-        let (make, _) = try pair(backoff: 20_000_000)
+        let logs = Lines()
+        let (make, _) = try pair(backoff: 20_000_000, logs: logs)
         let a = try make("a"), b = try make("b")
         try a.start()
         try b.start()
@@ -248,6 +257,12 @@ struct ConnectionSetUpTests {
         // only the lower id refuses.
         #expect(a.crossedDialsClosed > 0)
         #expect(b.crossedDialsClosed == 0)
+        // A crossing is not a handshake failure on either side (the refused dialer got a
+        // goodbye in place of the hello). (`closed` may appear: a dialer whose TCP connect
+        // returns after it took the peer's dial drops that socket before TLS.)
+        let failures = a.metrics.handshakeFailures.merging(b.metrics.handshakeFailures, uniquingKeysWith: +).filter { $0.key != .closed }
+        #expect(failures.isEmpty, "\(failures)")
+        #expect(logs.matching("dial_failed").isEmpty, "a crossing was taken for a failed dial: \(logs.matching("dial_failed").prefix(3))")
     }
 }
 
