@@ -57,8 +57,8 @@ public struct TransportSettings: Sendable {
 /// once, instead of waiting out the survivor's reconnection back-off); when both dial at
 /// once, the site with the lower id refuses the other's dial during the handshake
 /// (`admit`), so both keep the one it dialed and nothing is sent on a connection that is
-/// then dropped. Turns the core's
-/// messages into frames and frames back into messages; it never interprets them.
+/// then dropped. Turns the core's messages into frames and frames back into messages; it
+/// never interprets them.
 ///
 /// Thread safety: state is guarded by `lock`; each connection has its own I/O thread.
 public final class Transport: @unchecked Sendable {
