@@ -141,7 +141,7 @@ public final class Transport: @unchecked Sendable {
     /// Returns whether the message was queued.
     @discardableResult
     public func send(_ m: Message) -> Bool {
-        guard let c = lock.withLock({ connections[m.to] }), c.isOpen else {
+        guard let c = openConnection(to: m.to) else {
             metrics.droppedMessage()
             return false
         }
@@ -158,14 +158,14 @@ public final class Transport: @unchecked Sendable {
     /// Sends a snapshot-transfer frame; false if not connected or the queue is full.
     @discardableResult
     public func send(_ frame: SnapshotFrame, to peer: SiteID) -> Bool {
-        guard let c = lock.withLock({ connections[peer] }), c.isOpen else { return false }
+        guard let c = openConnection(to: peer) else { return false }
         return c.send(frame.encode())
     }
 
     /// Sends a forwarded API call or its answer; false if not connected or the queue is full.
     @discardableResult
     public func send(_ frame: ForwardFrame, to peer: SiteID) -> Bool {
-        guard let c = lock.withLock({ connections[peer] }), c.isOpen else { return false }
+        guard let c = openConnection(to: peer) else { return false }
         return c.send(frame.encode())
     }
 
@@ -193,17 +193,30 @@ public final class Transport: @unchecked Sendable {
     /// When bytes last arrived from `peer` on an open connection (monotonic nanoseconds),
     /// measured on the connection's own thread: it does not depend on the site's loop.
     public func lastReceived(from peer: SiteID) -> UInt64? {
-        lock.withLock { connections[peer] }.flatMap { $0.isOpen ? $0.lastReceivedAt : nil }
+        openConnection(to: peer)?.lastReceivedAt
     }
 
     /// Whether this site dialed its open connection to `peer` (nil when not connected).
     public func dialedHere(_ peer: SiteID) -> Bool? {
-        lock.withLock { connections[peer] }.flatMap { $0.isOpen ? $0.dialedHere : nil }
+        openConnection(to: peer)?.dialedHere
     }
 
     public var connectedPeers: [SiteID] { lock.withLock { connections.filter { $0.value.isOpen }.map(\.key).sorted() } }
 
     // MARK: Connections
+
+    private func openConnection(to peer: SiteID) -> PeerConnection? { lock.withLock { openLocked(peer) } }
+
+    /// The open connection to `peer`, if any. Caller holds `lock`.
+    private func openLocked(_ peer: SiteID) -> PeerConnection? {
+        connections[peer].flatMap { $0.isOpen ? $0 : nil }
+    }
+
+    /// Whether this site may dial `peer`: no open connection to it, and no dial from it
+    /// being accepted. Caller holds `lock`.
+    private func mayDialLocked(_ peer: SiteID) -> Bool {
+        openLocked(peer) == nil && accepting[peer] == nil
+    }
 
     /// Server side, once a dialer's hello checked out: whether to take its connection.
     /// Crossing dials are settled here, before either side counts the connection as up
@@ -216,8 +229,8 @@ public final class Transport: @unchecked Sendable {
         lock.withLock {
             if stopped { return false }
             if settings.site < peer {
-                let justConnected = connections[peer].map {
-                    $0.isOpen && $0.dialedHere && monotonicNanoseconds() < $0.establishedAt + settings.duplicateWindowNanoseconds
+                let justConnected = openLocked(peer).map {
+                    $0.dialedHere && monotonicNanoseconds() < $0.establishedAt + settings.duplicateWindowNanoseconds
                 } ?? false
                 if dialing.contains(peer) || justConnected {
                     crossedDials += 1
@@ -350,13 +363,14 @@ public final class Transport: @unchecked Sendable {
         var lastLogged = ""
         var lastLoggedAt: UInt64 = 0
         var lastEstablished: UInt64?
+        // Jittered exponential back-off.
+        func backOff() {
+            let jitter = backoff / 2 + rng.next() % max(1, backoff / 2)
+            usleep(UInt32(min(jitter / 1000, UInt64(UInt32.max))))
+            backoff = min(settings.reconnectMaxNanoseconds, backoff * 2)
+        }
         while !lock.withLock({ stopped }) {
-            // Dial only with no open connection and no dial from the peer being accepted;
-            // the check and the mark are one step under the lock that `admit` takes.
-            let (go, open): (Bool, PeerConnection?) = lock.withLock {
-                if let c = connections[peer], c.isOpen { return (false, c) }
-                return (accepting[peer] == nil, nil)
-            }
+            let (go, open) = lock.withLock { (mayDialLocked(peer), openLocked(peer)) }
             if !go {
                 if let open, monotonicNanoseconds() >= open.establishedAt + settings.duplicateWindowNanoseconds {
                     // A connection that lasted: the next failure starts the back-off afresh.
@@ -374,9 +388,7 @@ public final class Transport: @unchecked Sendable {
                 // The last connection died young (a peer that accepts, then drops): back
                 // off rather than redial at once, again and again.
                 lastEstablished = nil
-                let jitter = backoff / 2 + rng.next() % max(1, backoff / 2)
-                usleep(UInt32(min(jitter / 1000, UInt64(UInt32.max))))
-                backoff = min(settings.reconnectMaxNanoseconds, backoff * 2)
+                backOff()
                 continue
             }
             do throws(TransportError) {
@@ -384,10 +396,10 @@ public final class Transport: @unchecked Sendable {
                 // Counted as dialing (for `admit`) only once the TCP connection is up, so a
                 // dial still waiting for a SYN to a host that is down does not make this
                 // site refuse that host's own dial when it comes back; and dropped if the
-                // peer's dial was taken meanwhile.
+                // peer's dial was taken meanwhile. The check and the mark are one step under
+                // the lock that `admit` takes.
                 let proceed: Bool = lock.withLock {
-                    if let c = connections[peer], c.isOpen { return false }
-                    if accepting[peer] != nil { return false }
+                    guard mayDialLocked(peer) else { return false }
                     dialing.insert(peer)
                     return true
                 }
@@ -415,10 +427,7 @@ public final class Transport: @unchecked Sendable {
                     lastLogged = error.detail
                     lastLoggedAt = now
                 }
-                // Jittered exponential back-off.
-                let jitter = backoff / 2 + rng.next() % max(1, backoff / 2)
-                usleep(UInt32(min(jitter / 1000, UInt64(UInt32.max))))
-                backoff = min(settings.reconnectMaxNanoseconds, backoff * 2)
+                backOff()
             }
         }
     }

@@ -61,11 +61,11 @@ func follows(_ c: LocalCluster, _ site: String, _ primary: String?) async -> Boo
 /// events, and HAProxy's server state changes and requests that did not succeed.
 func postMortem(_ c: LocalCluster, haproxyLog: String? = nil) {
     func lines(_ path: String) -> [String] {
-        (FileManager.default.contents(atPath: path).map { String(decoding: $0, as: UTF8.self) } ?? "").split(separator: "\n").map(String.init)
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
     }
     var events: [String] = []
     for s in c.options.sites {
-        events += lines(c.dir + "/\(s).log").filter { $0.contains("role_change") || $0.contains("peer_") || $0.contains("event=started")
+        events += lines(c.logPath(s)).filter { $0.contains("role_change") || $0.contains("peer_") || $0.contains("event=started")
             || ($0.contains("failed") && !$0.contains("dial_failed")) || $0.contains("writes_pending") }
     }
     print("post-mortem: site events\n" + events.sorted().suffix(80).joined(separator: "\n"))
