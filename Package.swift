@@ -109,7 +109,7 @@ let package = Package(
         .testTarget(name: "TandemWALTests", dependencies: ["TandemWAL"], swiftSettings: strict),
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: strict),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
-        .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport"], swiftSettings: strict),
+        .testTarget(name: "TandemTransportTests", dependencies: ["TandemTransport", "TandemDrill"], swiftSettings: strict),
         .testTarget(name: "TandemConfigTests", dependencies: ["TandemConfig"], swiftSettings: strict),
         .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
         .testTarget(name: "TandemDrillTests", dependencies: ["TandemDrill", "TandemConfig"], swiftSettings: strict),

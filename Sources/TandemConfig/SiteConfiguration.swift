@@ -24,6 +24,9 @@ public struct SiteConfiguration: Sendable {
     public var sites: [Site]
     public var commitPolicy: CommitPolicy
     public var timing: Timing
+    /// A peer connection on which nothing arrived for this long is closed and dialed
+    /// again (pings keep an idle one alive): how soon a silently cut-off peer is noticed.
+    public var peerTimeoutMilliseconds: Int
     public var tlsCertificate: String
     public var tlsPrivateKey: String
     public var tlsCA: String
@@ -218,7 +221,8 @@ struct ConfigReader {
         }
 
         let t = try table(top, "timing")
-        try check(t, "timing", allowed: ["lease_ms", "heartbeat_ms", "drift_bound", "election_jitter_ms", "transfer_timeout_ms"])
+        try check(t, "timing", allowed: ["lease_ms", "heartbeat_ms", "drift_bound", "election_jitter_ms", "transfer_timeout_ms", "peer_timeout_ms"])
+        let peerTimeout = Int(try integer(t, "timing", "peer_timeout_ms", default: 3000, min: 300, max: 600_000))
         var timing = Timing()
         timing.leaseDuration = .milliseconds(Double(try integer(t, "timing", "lease_ms", default: Int64(TimingDefaults.leaseMilliseconds), min: 10, max: 600_000)))
         timing.heartbeatInterval = .milliseconds(Double(try integer(t, "timing", "heartbeat_ms", default: Int64(TimingDefaults.heartbeatMilliseconds), min: 1, max: 600_000)))
@@ -275,7 +279,7 @@ struct ConfigReader {
         }
         let config = SiteConfiguration(
             clusterID: cid, siteID: siteID, dataDirectory: dataDirectory, listenPeer: listenPeer, listenHTTP: listenHTTP, sites: sites,
-            commitPolicy: policy, timing: timing,
+            commitPolicy: policy, timing: timing, peerTimeoutMilliseconds: peerTimeout,
             tlsCertificate: try string(tls, "tls", "certificate"), tlsPrivateKey: try string(tls, "tls", "private_key"),
             tlsCA: try string(tls, "tls", "ca"), allowTLS12: try bool(tls, "tls", "allow_tls12", default: false),
             reloadTLSOnChange: try bool(tls, "tls", "reload_on_change", default: false),

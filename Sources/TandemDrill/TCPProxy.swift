@@ -3,13 +3,16 @@ import Glibc
 
 /// A TCP proxy between two sites, for partition drills where network namespaces are not
 /// available: traffic flows while it is open; `cut()` closes every connection through it
-/// and refuses new ones until `heal()`. One thread per direction per connection.
+/// and refuses new ones until `heal()`; `hold()` is a silent partition: connections stay
+/// open (and new ones are accepted) but no byte passes until `heal()`, as when a link
+/// drops packets without a reset. One thread per direction per connection.
 public final class TCPProxy: @unchecked Sendable {
     public let listenPort: UInt16
     public let targetPort: UInt16
     private let lock = NSLock()
     // Guarded by `lock`.
     private var isCut = false
+    private var isHeld = false
     private var stopped = false
     private var delayMicroseconds: UInt32 = 0
     private var open: [Int32] = []
@@ -42,10 +45,14 @@ public final class TCPProxy: @unchecked Sendable {
         }
     }
 
-    /// Heals a cut and removes any delay.
+    /// Stops every byte in both directions without closing anything (a silent partition).
+    public func hold() { lock.withLock { isHeld = true } }
+
+    /// Heals a cut or a hold and removes any delay: held bytes flow on.
     public func heal() {
         lock.withLock {
             isCut = false
+            isHeld = false
             delayMicroseconds = 0
         }
     }
@@ -97,6 +104,9 @@ public final class TCPProxy: @unchecked Sendable {
                         if n <= 0 { break }
                         let pause = lock.withLock { delayMicroseconds }
                         if pause > 0 { usleep(pause) }
+                        // Held: this chunk waits (and nothing more is read) until healed or cut.
+                        while lock.withLock({ isHeld && !isCut && !stopped }) { usleep(10_000) }
+                        if lock.withLock({ isCut || stopped }) { break copy }
                         var off = 0
                         while off < n {
                             // MSG_NOSIGNAL: the other side closing mid-copy (a cut, a killed site)

@@ -49,6 +49,10 @@ public struct HandshakeExpectations: Sendable {
     public var limits = WireLimits()
     /// The protocol version announced (tests announce others to check the refusal).
     public var protocolVersion = Wire.protocolVersion
+    /// Nothing received from the peer for this long closes the connection (0: never; also
+    /// never when the peer does not announce keepalive). A ping goes out after a sixth of
+    /// it without anything sent, so a live peer is heard several times per period.
+    public var peerTimeoutNanoseconds: UInt64 = 3_000_000_000
 
     public init(clusterID: ClusterID, localSite: SiteID, knownSites: Set<SiteID>, compress: Bool = true) {
         self.clusterID = clusterID
@@ -57,7 +61,10 @@ public struct HandshakeExpectations: Sendable {
         self.compress = compress
     }
 
-    var hello: Hello { Hello(version: protocolVersion, clusterID: clusterID, siteID: localSite, features: compress ? Wire.featureLZ4 : 0) }
+    var hello: Hello {
+        Hello(version: protocolVersion, clusterID: clusterID, siteID: localSite,
+              features: (compress ? Wire.featureLZ4 : 0) | (peerTimeoutNanoseconds > 0 ? Wire.featureKeepalive : 0))
+    }
 }
 
 /// An established, authenticated connection to one peer. One I/O thread reads frames
@@ -74,6 +81,9 @@ public final class PeerConnection: @unchecked Sendable {
     public let dialedHere: Bool
     /// When the handshake completed (monotonic nanoseconds).
     public let establishedAt: UInt64
+    /// Silence from the peer after which the connection is closed (0: keepalive not
+    /// negotiated, the connection lives until TCP or the peer ends it).
+    public let peerTimeoutNanoseconds: UInt64
     let stream: TLSStream
     private let lock = NSLock()
     // Guarded by `lock`.
@@ -81,6 +91,9 @@ public final class PeerConnection: @unchecked Sendable {
     private var queuedBytes = 0
     private var isClosed = false
     private var lastReceived: UInt64 = 0
+    /// When bytes last went out (guarded by `sslLock`): a ping is due after a sixth of the
+    /// peer timeout without any.
+    private var lastSent: UInt64 = 0
     private let maxQueuedBytes: Int
     private let wakeRead: Int32
     private let wakeWrite: Int32
@@ -127,7 +140,9 @@ public final class PeerConnection: @unchecked Sendable {
                 try check(remote, expect: expect, expectedPeer: expectedPeer)
             }
             let compress = expect.compress && remote.features & Wire.featureLZ4 != 0
+            let keepalive = expect.peerTimeoutNanoseconds > 0 && remote.features & Wire.featureKeepalive != 0
             return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compress: compress,
+                                      peerTimeoutNanoseconds: keepalive ? expect.peerTimeoutNanoseconds : 0,
                                       dialedHere: !isServer, metrics: metrics, maxQueuedBytes: maxQueuedBytes)
         } catch {
             if error.reason != .crossedDial { metrics.handshakeFailed(error.reason) }
@@ -162,8 +177,8 @@ public final class PeerConnection: @unchecked Sendable {
         }
     }
 
-    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, dialedHere: Bool,
-                 metrics: TransportMetrics, maxQueuedBytes: Int) throws(TransportError) {
+    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, peerTimeoutNanoseconds: UInt64,
+                 dialedHere: Bool, metrics: TransportMetrics, maxQueuedBytes: Int) throws(TransportError) {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw TransportError(.other, "pipe: \(String(cString: strerror(errno)))") }
         for f in fds {
@@ -176,9 +191,11 @@ public final class PeerConnection: @unchecked Sendable {
         self.decoder = decoder
         self.compress = compress
         self.dialedHere = dialedHere
+        self.peerTimeoutNanoseconds = peerTimeoutNanoseconds
         establishedAt = monotonicNanoseconds()
-        // The peer's hello just arrived.
+        // The peer's hello just arrived, and this side's went out.
         lastReceived = establishedAt
+        lastSent = establishedAt
         self.metrics = metrics
         self.maxQueuedBytes = maxQueuedBytes
         wakeRead = fds[0]
@@ -220,6 +237,7 @@ public final class PeerConnection: @unchecked Sendable {
                 switch r {
                 case let .done(n):
                     offset += n
+                    lastSent = monotonicNanoseconds()
                     if offset >= current.count { return true }
                 case let .wouldBlock(readable):
                     if readable { wantReadForWrite = true }
@@ -261,9 +279,21 @@ public final class PeerConnection: @unchecked Sendable {
     private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
         var readBuffer = [UInt8](repeating: 0, count: 64 << 10)
         var wantWriteForRead = false
+        let pingEvery = peerTimeoutNanoseconds / 6
+        let pollMilliseconds = peerTimeoutNanoseconds > 0 ? Int32(max(1, min(1000, pingEvery / 1_000_000))) : 1000
         while true {
             if lock.withLock({ isClosed }) { return "closed locally" }
             if let why = sslLock.withLock({ directFailure }) { return why }
+            if peerTimeoutNanoseconds > 0 {
+                // Nothing going out for a while: a ping, so the peer hears this side.
+                let now = monotonicNanoseconds()
+                sslLock.withLock {
+                    guard offset >= current.count, now - min(now, lastSent) >= pingEvery,
+                          lock.withLock({ queue.isEmpty }) else { return }
+                    current = WireEncoder.frame(.ping, [])
+                    offset = 0
+                }
+            }
             // Write queued frames as long as the socket takes them.
             let writeFailure: String? = sslLock.withLock {
                 while !wantReadForWrite {
@@ -280,7 +310,9 @@ public final class PeerConnection: @unchecked Sendable {
                     }
                     let r = current.withUnsafeBytes { stream.write(UnsafeRawBufferPointer(rebasing: $0[offset...])) }
                     switch r {
-                    case let .done(n): offset += n
+                    case let .done(n):
+                        offset += n
+                        lastSent = monotonicNanoseconds()
                     case let .wouldBlock(readable):
                         if readable { wantReadForWrite = true }
                         return nil
@@ -307,6 +339,7 @@ public final class PeerConnection: @unchecked Sendable {
                     do {
                         while let frame = try decoder.next() {
                             if frame.type == .goodbye { return "the peer said goodbye" }
+                            if frame.type == .ping { continue }  // its arrival already counted as hearing the peer
                             metrics.received()
                             onFrame(frame.type, frame.body)
                         }
@@ -321,13 +354,22 @@ public final class PeerConnection: @unchecked Sendable {
                 }
             }
             if readProgress { continue }  // more to read: go round before sleeping
+            // Checked after reading what was there: a process resumed after a pause must
+            // not take its own silence for the peer's.
+            if peerTimeoutNanoseconds > 0 {
+                let now = monotonicNanoseconds()
+                let silent = now - min(now, lock.withLock { lastReceived })
+                if silent >= peerTimeoutNanoseconds {
+                    return "nothing heard from \(peer) for \(silent / 1_000_000) ms (peer timeout \(peerTimeoutNanoseconds / 1_000_000) ms)"
+                }
+            }
             let (pendingWrite, waitsForRead) = sslLock.withLock { (offset < current.count, wantReadForWrite) }
             // POLLOUT only when a write can make progress (not while it waits for a read),
             // or a read waits for the socket to drain.
             let wantOut = (pendingWrite && !waitsForRead) || wantWriteForRead
             var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | (wantOut ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
-            _ = poll(&fds, 2, 1000)
+            _ = poll(&fds, 2, pollMilliseconds)
             if fds[1].revents != 0 {
                 var sink = [UInt8](repeating: 0, count: 256)
                 while Glibc.read(wakeRead, &sink, sink.count) > 0 {}

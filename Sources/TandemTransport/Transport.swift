@@ -35,6 +35,12 @@ public struct TransportSettings: Sendable {
     /// whoever dialed (the old one may be half-open: the peer restarted, and its dial is
     /// the proof). Also the age under which a connection that closed counts as dying young.
     public var duplicateWindowNanoseconds: UInt64 = 1_000_000_000
+    /// A connection on which nothing arrived for this long is closed and dialed again
+    /// (0: never). Both sides ping after a sixth of it with nothing else to send, so only
+    /// a peer that is cut off silently (a partition that drops packets, a paused process)
+    /// reaches it; TCP alone would hold such a connection for many minutes and the peer
+    /// would rejoin only at TCP's next retransmission after the network healed.
+    public var peerTimeoutNanoseconds: UInt64 = 3_000_000_000
     public var limits = WireLimits()
 
     public init(site: SiteID, clusterID: ClusterID, listen: PeerEndpoint, peers: [SiteID: PeerEndpoint]) {
@@ -47,6 +53,7 @@ public struct TransportSettings: Sendable {
     var expectations: HandshakeExpectations {
         var e = HandshakeExpectations(clusterID: clusterID, localSite: site, knownSites: Set(peers.keys), compress: compress)
         e.timeoutNanoseconds = handshakeTimeoutNanoseconds
+        e.peerTimeoutNanoseconds = peerTimeoutNanoseconds
         e.limits = limits
         return e
     }

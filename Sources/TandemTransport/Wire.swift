@@ -15,6 +15,10 @@ public enum Wire {
     public static let protocolVersion: UInt16 = 1
     /// Feature bits negotiated in the hello: both sides must set a bit for it to be used.
     public static let featureLZ4: UInt32 = 1 << 0
+    /// Keepalive: each side sends a ping when it has sent nothing for a while, and closes
+    /// a connection on which nothing arrived for the peer timeout (a silent partition, a
+    /// paused process: TCP alone would keep such a connection for many minutes).
+    public static let featureKeepalive: UInt32 = 1 << 1
 
     public enum FrameType: UInt8, Sendable {
         case hello = 1
@@ -22,6 +26,8 @@ public enum Wire {
         case goodbye = 3
         case snapshot = 4
         case forward = 5
+        /// Empty body; sent only when both sides announced `featureKeepalive`.
+        case ping = 6
     }
 
     /// Largest snapshot chunk sent in one frame.

@@ -17,7 +17,7 @@ public func fuzzFrames(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
             switch frame.type {
             case .hello: _ = try FrameDecoder.hello(frame.body)
             case .message: _ = try decoder.message(frame.body)
-            case .goodbye: break
+            case .goodbye, .ping: break
             case .snapshot: _ = try SnapshotFrame.decode(frame.body)
             case .forward: _ = try ForwardFrame.decode(frame.body)
             }

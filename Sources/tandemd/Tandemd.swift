@@ -143,7 +143,8 @@ struct Tandemd: AsyncParsableCommand {
         }
         var peers: [SiteID: PeerEndpoint] = [:]
         for s in c.sites where s.id != c.siteID { peers[s.id] = endpoint(s.peerAddress) }
-        let transport = TransportSettings(site: c.siteID, clusterID: c.clusterID, listen: endpoint(c.listenPeer), peers: peers)
+        var transport = TransportSettings(site: c.siteID, clusterID: c.clusterID, listen: endpoint(c.listenPeer), peers: peers)
+        transport.peerTimeoutNanoseconds = UInt64(c.peerTimeoutMilliseconds) * 1_000_000
         var settings = NodeSettings(config: c.cluster, site: c.siteID, clusterID: c.clusterID, dataDirectory: c.dataDirectory, transport: transport)
         settings.log = { log.emit($0) }
         settings.walOptions.fsyncObserver = { metrics.fsynced(nanoseconds: $0) }

@@ -107,6 +107,7 @@ struct SiteConfigurationTests {
         #expect(c.commitPolicy == .majorityTwoDomains)
         #expect(c.timing.leaseDuration == .seconds(2) && c.timing.heartbeatInterval == .milliseconds(300))
         #expect(c.timing.electionJitter == .milliseconds(200))
+        #expect(c.peerTimeoutMilliseconds == 3000)
         // Without a lease in the file: 1.5 s, the default the cluster benchmark measures.
         let bare = try SiteConfiguration.parse(sample.replacingOccurrences(of: "lease_ms = 2_000\n", with: ""), file: "sbg.toml")
         #expect(bare.timing.leaseDuration == .milliseconds(1500))
@@ -130,6 +131,7 @@ struct SiteConfigurationTests {
         ("site_id = \"sbg\"", "site_id = \"sbg-\"", "site_id", 3, "a DNS label"),
         ("lease_ms = 2_000", "lease_ms = \"long\"", "timing.lease_ms", 12, "an integer"),
         ("lease_ms = 2_000", "lease_ms = 800", "timing.heartbeat_ms", nil, "at most a third"),
+        ("lease_ms = 2_000", "lease_ms = 2_000\npeer_timeout_ms = 50", "timing.peer_timeout_ms", 13, "between 300"),
         ("commit_policy = \"majority-two-domains\"", "commit_policy = \"eventual\"", "commit_policy", 5, "\"majority\""),
         ("peer = \"10.0.1.10:7401\"   # TLS between sites", "peer = \"10.0.1.10\"", "listen.peer", 8, "host:port"),
         ("role = \"witness\"", "role = \"observer\"", "sites[2].role", 35, "\"voter\" or \"witness\""),

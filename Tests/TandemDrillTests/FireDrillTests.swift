@@ -208,15 +208,20 @@ struct FireDrillTests {
                                             json: ["sql": "SELECT count(*) FROM patients", "consistency": "local"])
             #expect(stale.status == 200 && stale.headers["tandem-stale"] == "true", "the cut-off site serves local reads marked stale")
         }
-        try await sleep(1)
+        // Cut for longer than the peer timeout (3 s): in the namespaces, where the link drops
+        // packets without a reset, the sites then drop their connections themselves.
+        try await sleep(max(1, 4 - Date().timeIntervalSince(cutAt)))
         c.heal()
-        try await sleep(3)
-        await w.stop()
-        #expect((w.firstAck(after: cutAt) ?? 99) < 5, "writes resumed within 5 s")
+        let healedAt = Date()
         // It rejoins as a replica once its links are back (reconnection has a jittered back-off).
         let rejoined = try await eventually(seconds: 15) { await follows(c, old, next) }
+        let rejoinedAfter = Date().timeIntervalSince(healedAt)
         #expect(rejoined, "within 15 s of healing the old primary follows \(next ?? "?")")
-        drillLine(namespaces ? "partitioned_primary_netns" : "partitioned_primary", w, faultAt: cutAt, ["new_primary": next ?? ""])
+        try await sleep(max(0, 3 - rejoinedAfter))
+        await w.stop()
+        #expect((w.firstAck(after: cutAt) ?? 99) < 5, "writes resumed within 5 s")
+        drillLine(namespaces ? "partitioned_primary_netns" : "partitioned_primary", w, faultAt: cutAt,
+                  ["new_primary": next ?? "", "rejoined_after_heal_s": rejoinedAfter])
         try await expectKept(c, w, "partitioned primary")
     }
 

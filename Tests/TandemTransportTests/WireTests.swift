@@ -3,6 +3,7 @@ import Testing
 import TandemCore
 import TandemModel
 @testable import TandemTransport
+import TandemDrill
 
 func sampleMessages() -> [Message] {
     let text = Array(String(repeating: "{\"practitioner\":\"RPPS-100\",\"mode\":\"video\",\"status\":\"booked\"}", count: 20).utf8)
@@ -182,9 +183,15 @@ struct ConnectionSetUpTests {
     /// Log lines of the transports a test made.
     final class Lines: @unchecked Sendable {
         private let lock = NSLock()
-        private var lines: [String] = []
-        func add(_ s: String) { lock.withLock { lines.append(s) } }
-        func matching(_ needle: String) -> [String] { lock.withLock { lines.filter { $0.contains(needle) } } }
+        private var lines: [(Date, String)] = []
+        func add(_ s: String) { lock.withLock { lines.append((Date(), s)) } }
+        func matching(_ needle: String) -> [String] { lock.withLock { lines.filter { $0.1.contains(needle) }.map(\.1) } }
+        /// When the transports logged each line containing `needle` after `after`: taken
+        /// on the transport's own threads, so a test whose sleeps resume late (other suites
+        /// keeping the cooperative pool busy) still measures the transport, not itself.
+        func times(_ needle: String, after: Date) -> [Date] {
+            lock.withLock { lines.filter { $0.0 >= after && $0.1.contains(needle) }.map(\.0) }
+        }
     }
 
     func pair(backoff: UInt64, logs: Lines = Lines()) throws -> (make: (SiteID) throws -> Transport, ports: [SiteID: UInt16]) {
@@ -268,6 +275,85 @@ struct ConnectionSetUpTests {
         #expect(failures.isEmpty, "\(failures)")
         let failedInRounds = logs.matching("dial_failed").dropFirst(failedBefore)
         #expect(failedInRounds.isEmpty, "a crossing was taken for a failed dial: \(failedInRounds.prefix(3))")
+    }
+}
+
+/// (Async, sleeping with Task.sleep, as the suite above.)
+@Suite("Keepalive", .serialized)
+struct KeepaliveTests {
+    /// Sites a and b, each reaching the other through a proxy that can hold every byte
+    /// (a silent partition: no reset, no close), with a 1 s peer timeout.
+    func pairThroughProxies(peerTimeout: UInt64, logs: ConnectionSetUpTests.Lines) throws -> (a: Transport, b: Transport, proxies: [TCPProxy]) {
+        var ports: [SiteID: UInt16] = [:], front: [SiteID: TCPProxy] = [:]
+        for id: SiteID in ["a", "b"] {
+            ports[id] = try Transport.freeLoopbackPort()
+            front[id] = try TCPProxy(listenPort: try Transport.freeLoopbackPort(), targetPort: ports[id]!)
+        }
+        func make(_ id: SiteID) throws -> Transport {
+            let other: SiteID = id == "a" ? "b" : "a"
+            var settings = TransportSettings(site: id, clusterID: clusterA, listen: PeerEndpoint(host: "127.0.0.1", port: ports[id]!),
+                                             peers: [other: PeerEndpoint(host: "127.0.0.1", port: front[other]!.listenPort)])
+            settings.reconnectMinNanoseconds = 20_000_000
+            settings.reconnectMaxNanoseconds = 200_000_000
+            settings.handshakeTimeoutNanoseconds = 1_000_000_000
+            settings.peerTimeoutNanoseconds = peerTimeout
+            return Transport(settings: settings, context: try context(id.name), log: { logs.add("\(id): \($0)") }) { _ in }
+        }
+        return (try make("a"), try make("b"), [front["a"]!, front["b"]!])
+    }
+
+    func connected(_ ts: [Transport]) -> Bool { ts.allSatisfy { !$0.connectedPeers.isEmpty } }
+
+    @Test("an idle connection is kept by pings; a peer cut off silently is dropped within the peer timeout and reached again soon after the network heals")
+    func silentPartition() async throws {
+        let logs = ConnectionSetUpTests.Lines()
+        let (a, b, proxies) = try pairThroughProxies(peerTimeout: 1_000_000_000, logs: logs)
+        defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
+        try a.start()
+        try b.start()
+        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
+        try #require(connected([a, b]))
+        // Idle for three peer timeouts: nothing but pings crosses, and the connection stays.
+        try await Task.sleep(nanoseconds: 3_000_000_000)
+        #expect(connected([a, b]) && logs.matching("peer_disconnected").isEmpty,
+                "an idle connection was dropped: \(logs.matching("peer_disconnected").prefix(2))")
+        // A silent partition: both sides notice within the timeout (1 s) plus a ping period.
+        for p in proxies { p.hold() }
+        let heldAt = Date()
+        for _ in 0..<800 where connected([a, b]) || !a.connectedPeers.isEmpty || !b.connectedPeers.isEmpty {
+            try await Task.sleep(nanoseconds: 5_000_000)
+        }
+        #expect(a.connectedPeers.isEmpty && b.connectedPeers.isEmpty, "a silently cut-off peer still counts as connected")
+        let noticed = logs.times("nothing heard from", after: heldAt)
+        #expect(noticed.count >= 2, "\(logs.matching("peer_disconnected").prefix(2))")
+        let noticedAfter = (noticed.max() ?? .distantFuture).timeIntervalSince(heldAt)
+        #expect(noticedAfter < 2.5, "took \(noticedAfter) s to notice a silent partition with a 1 s peer timeout")
+        // Healed: connected again within the dial back-off and one handshake, not at TCP's
+        // next retransmission.
+        try await Task.sleep(nanoseconds: 500_000_000)
+        for p in proxies { p.heal() }
+        let healedAt = Date()
+        for _ in 0..<1600 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
+        #expect(connected([a, b]), "not reconnected after the network healed")
+        let back = (logs.times("peer_connected", after: healedAt).min() ?? .distantFuture).timeIntervalSince(healedAt)
+        #expect(back < 2.5, "took \(back) s to reconnect after the network healed")
+        print("keepalive: silent partition noticed after \(noticedAfter) s (peer timeout 1 s), reconnected \(back) s after healing")
+    }
+
+    @Test("without keepalive (peer timeout 0) a silent partition goes unnoticed: the connection still counts as up")
+    func withoutKeepalive() async throws {
+        let logs = ConnectionSetUpTests.Lines()
+        let (a, b, proxies) = try pairThroughProxies(peerTimeout: 0, logs: logs)
+        defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
+        try a.start()
+        try b.start()
+        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
+        try #require(connected([a, b]))
+        for p in proxies { p.hold() }
+        try await Task.sleep(nanoseconds: 2_500_000_000)
+        // What the test above catches: without pings and a timeout nothing closes it.
+        #expect(connected([a, b]))
+        #expect(logs.matching("nothing heard from").isEmpty)
     }
 }
 
