@@ -101,12 +101,12 @@ public final class TCPProxy: @unchecked Sendable {
                     var buffer = [UInt8](repeating: 0, count: 64 << 10)
                     copy: while true {
                         let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, $0.count) }
-                        if n <= 0 { break }
+                        // Held: this chunk, or the end of the stream, waits (and nothing
+                        // more is read) until healed or cut.
+                        while lock.withLock({ isHeld && !isCut && !stopped }) { usleep(10_000) }
+                        if n <= 0 || lock.withLock({ isCut || stopped }) { break copy }
                         let pause = lock.withLock { delayMicroseconds }
                         if pause > 0 { usleep(pause) }
-                        // Held: this chunk waits (and nothing more is read) until healed or cut.
-                        while lock.withLock({ isHeld && !isCut && !stopped }) { usleep(10_000) }
-                        if lock.withLock({ isCut || stopped }) { break copy }
                         var off = 0
                         while off < n {
                             // MSG_NOSIGNAL: the other side closing mid-copy (a cut, a killed site)

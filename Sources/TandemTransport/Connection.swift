@@ -50,8 +50,9 @@ public struct HandshakeExpectations: Sendable {
     /// The protocol version announced (tests announce others to check the refusal).
     public var protocolVersion = Wire.protocolVersion
     /// Nothing received from the peer for this long closes the connection (0: never; also
-    /// never when the peer does not announce keepalive). A ping goes out after a sixth of
-    /// it without anything sent, so a live peer is heard several times per period.
+    /// never when the peer does not announce keepalive; at least 300 ms otherwise). Both
+    /// sides announce theirs: a ping goes out after a sixth of the shorter without anything
+    /// sent, and the longer closes, so a live peer is heard several times per period.
     public var peerTimeoutNanoseconds: UInt64 = 3_000_000_000
 
     public init(clusterID: ClusterID, localSite: SiteID, knownSites: Set<SiteID>, compress: Bool = true) {
@@ -61,9 +62,16 @@ public struct HandshakeExpectations: Sendable {
         self.compress = compress
     }
 
+    /// The peer timeout this side announces, in milliseconds (0: no keepalive).
+    var peerTimeoutMilliseconds: UInt32 {
+        guard peerTimeoutNanoseconds > 0 else { return 0 }
+        return UInt32(clamping: max(UInt64(Wire.minimumPeerTimeoutMilliseconds), peerTimeoutNanoseconds / 1_000_000))
+    }
+
     var hello: Hello {
         Hello(version: protocolVersion, clusterID: clusterID, siteID: localSite,
-              features: (compress ? Wire.featureLZ4 : 0) | (peerTimeoutNanoseconds > 0 ? Wire.featureKeepalive : 0))
+              features: (compress ? Wire.featureLZ4 : 0) | (peerTimeoutMilliseconds > 0 ? Wire.featureKeepalive : 0),
+              peerTimeoutMilliseconds: peerTimeoutMilliseconds)
     }
 }
 
@@ -82,8 +90,11 @@ public final class PeerConnection: @unchecked Sendable {
     /// When the handshake completed (monotonic nanoseconds).
     public let establishedAt: UInt64
     /// Silence from the peer after which the connection is closed (0: keepalive not
-    /// negotiated, the connection lives until TCP or the peer ends it).
+    /// negotiated, the connection lives until TCP or the peer ends it): the longer of the
+    /// two sides' timeouts.
     public let peerTimeoutNanoseconds: UInt64
+    /// Nothing written for this long sends a ping: a sixth of the shorter timeout.
+    let pingAfterNanoseconds: UInt64
     let stream: TLSStream
     private let lock = NSLock()
     // Guarded by `lock`.
@@ -91,6 +102,9 @@ public final class PeerConnection: @unchecked Sendable {
     private var queuedBytes = 0
     private var isClosed = false
     private var lastReceived: UInt64 = 0
+    /// When the last frame other than a ping arrived: what the site itself sent, not just
+    /// its I/O thread (a primary whose loop is stuck still pings).
+    private var lastFrame: UInt64 = 0
     /// When bytes last went out (guarded by `sslLock`): a ping is due after a sixth of the
     /// peer timeout without any.
     private var lastSent: UInt64 = 0
@@ -140,9 +154,11 @@ public final class PeerConnection: @unchecked Sendable {
                 try check(remote, expect: expect, expectedPeer: expectedPeer)
             }
             let compress = expect.compress && remote.features & Wire.featureLZ4 != 0
-            let keepalive = expect.peerTimeoutNanoseconds > 0 && remote.features & Wire.featureKeepalive != 0
+            let mine = UInt64(expect.peerTimeoutMilliseconds), theirs = UInt64(remote.peerTimeoutMilliseconds)
+            let keepalive = mine > 0 && theirs > 0
             return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compress: compress,
-                                      peerTimeoutNanoseconds: keepalive ? expect.peerTimeoutNanoseconds : 0,
+                                      peerTimeoutNanoseconds: keepalive ? max(mine, theirs) * 1_000_000 : 0,
+                                      pingAfterNanoseconds: keepalive ? min(mine, theirs) * 1_000_000 / 6 : 0,
                                       dialedHere: !isServer, metrics: metrics, maxQueuedBytes: maxQueuedBytes)
         } catch {
             if error.reason != .crossedDial { metrics.handshakeFailed(error.reason) }
@@ -178,7 +194,7 @@ public final class PeerConnection: @unchecked Sendable {
     }
 
     private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, peerTimeoutNanoseconds: UInt64,
-                 dialedHere: Bool, metrics: TransportMetrics, maxQueuedBytes: Int) throws(TransportError) {
+                 pingAfterNanoseconds: UInt64, dialedHere: Bool, metrics: TransportMetrics, maxQueuedBytes: Int) throws(TransportError) {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw TransportError(.other, "pipe: \(String(cString: strerror(errno)))") }
         for f in fds {
@@ -192,9 +208,11 @@ public final class PeerConnection: @unchecked Sendable {
         self.compress = compress
         self.dialedHere = dialedHere
         self.peerTimeoutNanoseconds = peerTimeoutNanoseconds
+        self.pingAfterNanoseconds = pingAfterNanoseconds
         establishedAt = monotonicNanoseconds()
         // The peer's hello just arrived, and this side's went out.
         lastReceived = establishedAt
+        lastFrame = establishedAt
         lastSent = establishedAt
         self.metrics = metrics
         self.maxQueuedBytes = maxQueuedBytes
@@ -273,14 +291,15 @@ public final class PeerConnection: @unchecked Sendable {
     public var isOpen: Bool { lock.withLock { !isClosed } }
     /// When bytes last arrived from the peer (monotonic nanoseconds; 0: never).
     public var lastReceivedAt: UInt64 { lock.withLock { lastReceived } }
+    /// When the peer last sent a frame of its own (a message, snapshot or forwarded call;
+    /// the hello at first), pings not counted: "the site was heard", not just its socket.
+    public var lastFrameAt: UInt64 { lock.withLock { lastFrame } }
     /// Bytes waiting to be written to this peer.
     public var queued: Int { lock.withLock { queuedBytes } }
 
     private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
         var readBuffer = [UInt8](repeating: 0, count: 64 << 10)
         var wantWriteForRead = false
-        let pingEvery = peerTimeoutNanoseconds / 6
-        let pollMilliseconds = peerTimeoutNanoseconds > 0 ? Int32(max(1, min(1000, pingEvery / 1_000_000))) : 1000
         while true {
             if lock.withLock({ isClosed }) { return "closed locally" }
             if let why = sslLock.withLock({ directFailure }) { return why }
@@ -288,7 +307,7 @@ public final class PeerConnection: @unchecked Sendable {
                 // Nothing going out for a while: a ping, so the peer hears this side.
                 let now = monotonicNanoseconds()
                 sslLock.withLock {
-                    guard offset >= current.count, now - min(now, lastSent) >= pingEvery,
+                    guard offset >= current.count, now - min(now, lastSent) >= pingAfterNanoseconds,
                           lock.withLock({ queue.isEmpty }) else { return }
                     current = WireEncoder.frame(.ping, [])
                     offset = 0
@@ -339,7 +358,12 @@ public final class PeerConnection: @unchecked Sendable {
                     do {
                         while let frame = try decoder.next() {
                             if frame.type == .goodbye { return "the peer said goodbye" }
-                            if frame.type == .ping { continue }  // its arrival already counted as hearing the peer
+                            if frame.type == .ping {
+                                // Its bytes already counted as hearing the peer's socket.
+                                guard frame.body.isEmpty else { return "malformed frame from \(peer): a ping with a body" }
+                                continue
+                            }
+                            lock.withLock { lastFrame = now }
                             metrics.received()
                             onFrame(frame.type, frame.body)
                         }
@@ -356,12 +380,23 @@ public final class PeerConnection: @unchecked Sendable {
             if readProgress { continue }  // more to read: go round before sleeping
             // Checked after reading what was there: a process resumed after a pause must
             // not take its own silence for the peer's.
+            var waitMilliseconds: Int32 = 1000
             if peerTimeoutNanoseconds > 0 {
                 let now = monotonicNanoseconds()
-                let silent = now - min(now, lock.withLock { lastReceived })
-                if silent >= peerTimeoutNanoseconds {
-                    return "nothing heard from \(peer) for \(silent / 1_000_000) ms (peer timeout \(peerTimeoutNanoseconds / 1_000_000) ms)"
+                let heard = lock.withLock { lastReceived }
+                if now - min(now, heard) >= peerTimeoutNanoseconds {
+                    // One last look without waiting: this thread may itself have been
+                    // paused between its read and now.
+                    var probe = pollfd(fd: stream.fd, events: Int16(POLLIN), revents: 0)
+                    if poll(&probe, 1, 0) > 0 { continue }
+                    // A fixed text (it keys a metric); the numbers are the settings.
+                    return "nothing heard from \(peer) for the peer timeout (\(peerTimeoutNanoseconds / 1_000_000) ms)"
                 }
+                // Sleep until the next ping or the timeout falls due, rounded up.
+                let sent = sslLock.withLock { lastSent }
+                let due = min(sent + pingAfterNanoseconds, heard + peerTimeoutNanoseconds)
+                waitMilliseconds = Int32(clamping: min(1000, (due - min(due, now) + 999_999) / 1_000_000))
+                waitMilliseconds = max(1, waitMilliseconds)
             }
             let (pendingWrite, waitsForRead) = sslLock.withLock { (offset < current.count, wantReadForWrite) }
             // POLLOUT only when a write can make progress (not while it waits for a read),
@@ -369,7 +404,7 @@ public final class PeerConnection: @unchecked Sendable {
             let wantOut = (pendingWrite && !waitsForRead) || wantWriteForRead
             var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | (wantOut ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
-            _ = poll(&fds, 2, pollMilliseconds)
+            _ = poll(&fds, 2, waitMilliseconds)
             if fds[1].revents != 0 {
                 var sink = [UInt8](repeating: 0, count: 256)
                 while Glibc.read(wakeRead, &sink, sink.count) > 0 {}

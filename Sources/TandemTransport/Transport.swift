@@ -197,10 +197,12 @@ public final class Transport: @unchecked Sendable {
     /// Dials from a peer with a higher id refused because this site was dialing it too.
     public var crossedDialsClosed: Int { lock.withLock { crossedDials } }
 
-    /// When bytes last arrived from `peer` on an open connection (monotonic nanoseconds),
-    /// measured on the connection's own thread: it does not depend on the site's loop.
+    /// When `peer` last sent a frame of its own (not a keepalive ping) on an open
+    /// connection (monotonic nanoseconds), measured on the connection's own thread: it
+    /// does not depend on this site's loop, and a peer whose loop is stuck while its I/O
+    /// threads still ping is not heard.
     public func lastReceived(from peer: SiteID) -> UInt64? {
-        openConnection(to: peer)?.lastReceivedAt
+        openConnection(to: peer)?.lastFrameAt
     }
 
     /// Whether this site dialed its open connection to `peer` (nil when not connected).

@@ -7,6 +7,7 @@ import TandemModel
 ///
 ///     frame   = length u32 (bytes after this field) | type u8 | body
 ///     hello   = magic "TNDM" | version u16 | cluster id (16) | site id (u16 len + UTF-8) | features u32
+///               | peer timeout ms u32 (only with the keepalive feature bit)
 ///     message = from, to (u16 len + UTF-8) | term u64 | kind u8 | kind-specific fields
 ///     records = count u32 | encoding u8 (0 plain, 1 LZ4) | raw length u32 | [stored length u32] | bytes
 ///               where the raw bytes are, per record: term u64 | lsn u64 | kind u8 | payload (u32 len + bytes)
@@ -19,6 +20,8 @@ public enum Wire {
     /// a connection on which nothing arrived for the peer timeout (a silent partition, a
     /// paused process: TCP alone would keep such a connection for many minutes).
     public static let featureKeepalive: UInt32 = 1 << 1
+    /// Shortest peer timeout a site may announce or use.
+    public static let minimumPeerTimeoutMilliseconds: UInt32 = 300
 
     public enum FrameType: UInt8, Sendable {
         case hello = 1
@@ -43,11 +46,17 @@ public struct Hello: Hashable, Sendable {
     public var clusterID: ClusterID
     public var siteID: SiteID
     public var features: UInt32
+    /// With `featureKeepalive`: the sender's peer timeout. The pair pings after a sixth of
+    /// the shorter and closes after the longer of the two, so sites configured apart
+    /// (during a rolling change) do not drop each other's connections.
+    public var peerTimeoutMilliseconds: UInt32
 
-    public init(version: UInt16 = Wire.protocolVersion, clusterID: ClusterID, siteID: SiteID, features: UInt32) {
+    public init(version: UInt16 = Wire.protocolVersion, clusterID: ClusterID, siteID: SiteID, features: UInt32,
+                peerTimeoutMilliseconds: UInt32 = 0) {
         self.version = version
         self.clusterID = clusterID
         self.siteID = siteID
+        self.peerTimeoutMilliseconds = features & Wire.featureKeepalive != 0 ? peerTimeoutMilliseconds : 0
         self.features = features
     }
 }
@@ -251,6 +260,7 @@ public struct WireEncoder: Sendable {
         w.raw(h.clusterID.bytes)
         shortString(h.siteID.name, &w)
         w.u32(h.features)
+        if h.features & Wire.featureKeepalive != 0 { w.u32(h.peerTimeoutMilliseconds) }
         return frame(.hello, w.bytes)
     }
 
@@ -415,8 +425,15 @@ public struct FrameDecoder: Sendable {
             guard let cid = ClusterID(bytes: try r.raw(16, "cluster id")) else { throw WireError("bad cluster id") }
             let site = try shortString(&r, "site id")
             let features = try r.u32("features")
+            var timeout: UInt32 = 0
+            if features & Wire.featureKeepalive != 0 {
+                timeout = try r.u32("peer timeout")
+                guard timeout >= Wire.minimumPeerTimeoutMilliseconds else {
+                    throw WireError("peer timeout of \(timeout) ms is below the minimum of \(Wire.minimumPeerTimeoutMilliseconds) ms")
+                }
+            }
             guard r.isAtEnd else { throw WireError("\(r.remaining) trailing bytes in hello") }
-            return Hello(version: version, clusterID: cid, siteID: SiteID(site), features: features)
+            return Hello(version: version, clusterID: cid, siteID: SiteID(site), features: features, peerTimeoutMilliseconds: timeout)
         } catch let e as WireError {
             throw e
         } catch {

@@ -106,16 +106,22 @@ struct WireTests {
         #expect(refused > 100)
     }
 
-    @Test("the hello round-trips and refuses a foreign magic")
+    @Test("the hello round-trips (with and without keepalive's peer timeout) and refuses a foreign magic or a peer timeout under 300 ms")
     func hello() throws {
-        let h = Hello(clusterID: ClusterID.random(), siteID: "witness", features: Wire.featureLZ4)
+        for h in [Hello(clusterID: ClusterID.random(), siteID: "witness", features: Wire.featureLZ4),
+                  Hello(clusterID: ClusterID.random(), siteID: "sbg", features: Wire.featureLZ4 | Wire.featureKeepalive, peerTimeoutMilliseconds: 3000)] {
+            var d = FrameDecoder()
+            d.feed(WireEncoder.hello(h))
+            let f = try #require(try d.next())
+            #expect(try FrameDecoder.hello(f.body) == h)
+            var bad = f.body
+            bad[0] = UInt8(ascii: "X")
+            #expect(throws: WireError.self) { _ = try FrameDecoder.hello(bad) }
+        }
         var d = FrameDecoder()
-        d.feed(WireEncoder.hello(h))
+        d.feed(WireEncoder.hello(Hello(clusterID: ClusterID.random(), siteID: "sbg", features: Wire.featureKeepalive, peerTimeoutMilliseconds: 20)))
         let f = try #require(try d.next())
-        #expect(try FrameDecoder.hello(f.body) == h)
-        var bad = f.body
-        bad[0] = UInt8(ascii: "X")
-        #expect(throws: WireError.self) { _ = try FrameDecoder.hello(bad) }
+        #expect(throws: WireError.self) { _ = try FrameDecoder.hello(f.body) }
     }
 }
 
@@ -283,7 +289,8 @@ struct ConnectionSetUpTests {
 struct KeepaliveTests {
     /// Sites a and b, each reaching the other through a proxy that can hold every byte
     /// (a silent partition: no reset, no close), with a 1 s peer timeout.
-    func pairThroughProxies(peerTimeout: UInt64, logs: ConnectionSetUpTests.Lines) throws -> (a: Transport, b: Transport, proxies: [TCPProxy]) {
+    func pairThroughProxies(peerTimeout: UInt64, peerTimeoutOfB: UInt64? = nil,
+                            logs: ConnectionSetUpTests.Lines) throws -> (a: Transport, b: Transport, proxies: [TCPProxy]) {
         var ports: [SiteID: UInt16] = [:], front: [SiteID: TCPProxy] = [:]
         for id: SiteID in ["a", "b"] {
             ports[id] = try Transport.freeLoopbackPort()
@@ -296,7 +303,7 @@ struct KeepaliveTests {
             settings.reconnectMinNanoseconds = 20_000_000
             settings.reconnectMaxNanoseconds = 200_000_000
             settings.handshakeTimeoutNanoseconds = 1_000_000_000
-            settings.peerTimeoutNanoseconds = peerTimeout
+            settings.peerTimeoutNanoseconds = id == "b" ? peerTimeoutOfB ?? peerTimeout : peerTimeout
             return Transport(settings: settings, context: try context(id.name), log: { logs.add("\(id): \($0)") }) { _ in }
         }
         return (try make("a"), try make("b"), [front["a"]!, front["b"]!])
@@ -314,9 +321,13 @@ struct KeepaliveTests {
         for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
         try #require(connected([a, b]))
         // Idle for three peer timeouts: nothing but pings crosses, and the connection stays.
+        let heardBefore = a.lastReceived(from: "b")
         try await Task.sleep(nanoseconds: 3_000_000_000)
         #expect(connected([a, b]) && logs.matching("peer_disconnected").isEmpty,
                 "an idle connection was dropped: \(logs.matching("peer_disconnected").prefix(2))")
+        // Pings keep the connection, but they are not the site speaking (what gates
+        // forwarding a call to a primary).
+        #expect(heardBefore != nil && a.lastReceived(from: "b") == heardBefore)
         // A silent partition: both sides notice within the timeout (1 s) plus a ping period.
         for p in proxies { p.hold() }
         let heldAt = Date()
@@ -325,7 +336,9 @@ struct KeepaliveTests {
         }
         #expect(a.connectedPeers.isEmpty && b.connectedPeers.isEmpty, "a silently cut-off peer still counts as connected")
         let noticed = logs.times("nothing heard from", after: heldAt)
-        #expect(noticed.count >= 2, "\(logs.matching("peer_disconnected").prefix(2))")
+        #expect(!logs.matching("a: event=peer_disconnected peer=b reason=\"nothing heard").isEmpty
+                && !logs.matching("b: event=peer_disconnected peer=a reason=\"nothing heard").isEmpty,
+                "each side closes its end: \(logs.matching("peer_disconnected").prefix(2))")
         let noticedAfter = (noticed.max() ?? .distantFuture).timeIntervalSince(heldAt)
         #expect(noticedAfter < 2.5, "took \(noticedAfter) s to notice a silent partition with a 1 s peer timeout")
         // Healed: connected again within the dial back-off and one handshake, not at TCP's
@@ -338,6 +351,23 @@ struct KeepaliveTests {
         let back = (logs.times("peer_connected", after: healedAt).min() ?? .distantFuture).timeIntervalSince(healedAt)
         #expect(back < 2.5, "took \(back) s to reconnect after the network healed")
         print("keepalive: silent partition noticed after \(noticedAfter) s (peer timeout 1 s), reconnected \(back) s after healing")
+    }
+
+    @Test("sites whose peer timeouts differ (300 ms and 2 s), or where one has none, keep an idle connection",
+          arguments: [(UInt64(300_000_000), UInt64(2_000_000_000)), (UInt64(0), UInt64(1_000_000_000))])
+    func differentTimeouts(a timeoutA: UInt64, b timeoutB: UInt64) async throws {
+        let logs = ConnectionSetUpTests.Lines()
+        let (a, b, proxies) = try pairThroughProxies(peerTimeout: timeoutA, peerTimeoutOfB: timeoutB, logs: logs)
+        defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
+        try a.start()
+        try b.start()
+        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
+        try #require(connected([a, b]))
+        // Each side pinging at a sixth of its own timeout would have the 300 ms side drop
+        // the connection over and over: pings come at a sixth of the shorter, the longer closes.
+        try await Task.sleep(nanoseconds: 2_500_000_000)
+        #expect(connected([a, b]) && logs.matching("peer_disconnected").isEmpty,
+                "an idle connection was dropped: \(logs.matching("peer_disconnected").prefix(2))")
     }
 
     @Test("without keepalive (peer timeout 0) a silent partition goes unnoticed: the connection still counts as up")
