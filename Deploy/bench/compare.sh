@@ -2,7 +2,8 @@
 # Tandem side by side with what users would pick instead, on this machine, in one run:
 #   - etcd (Debian's etcd-server): three members on loopback; puts of 256-byte values at
 #     1, 16 and 64 clients (through its JSON gateway, driven by the same client as Tandem:
-#     tandem-bench http), and the time to a successful put after kill -9 of the leader;
+#     tandem-bench http), and the time to a successful put after kill -9 of the leader
+#     (each acknowledged put looked for afterwards, as Tandem's acknowledged writes are);
 #   - PostgreSQL 15 with one synchronous standby (synchronous_commit = on, then
 #     remote_apply): single-row inserts of 256 bytes at 1, 16 and 64 clients with pgbench.
 # Everything listens on loopback only and is stopped at the end, also on failure.
@@ -72,19 +73,28 @@ if command -v etcd >/dev/null 2>&1; then
   lead=$(leader)
   body="{\"key\":\"$(printf bench | base64)\",\"value\":\"$value\"}"
   "$bin/tandem-bench" http --system etcd --url "http://$lead/v3/kv/put" --body "$body" --seconds "$seconds" --samples "$samples" | tee -a "$results"
-  # Failover: kill -9 of the leader, until a put succeeds on a survivor.
+  # Failover: kill -9 of the leader, until a put succeeds on a survivor. Every put that
+  # succeeded (one on the leader before each kill, the first after it) has a key of its
+  # own and is looked for at the end, as Tandem's acknowledged writes are.
   times=()
-  for _ in $(seq 1 "$failovers"); do
+  : > "$work/etcd-acked"
+  put() { # put KEY PORT: 0 when etcd acknowledged it
+    curl -fs -m 1 -X POST -d "{\"key\":\"$(printf '%s' "$1" | base64 -w0)\",\"value\":\"$value\"}" \
+      "http://127.0.0.1:$2/v3/kv/put" >/dev/null 2>&1 && echo "$1" >> "$work/etcd-acked"
+  }
+  for round in $(seq 1 "$failovers"); do
     lead=$(leader)
     port=${lead##*:}
     i=$(( (port - 32379) / 10 ))
+    put "acked-$round-before" "$port" || true
     t0=$(date +%s.%N)
     kill -9 "${epid[$i]}"
-    ok=0
+    ok=0 k=0
     while [ $ok -eq 0 ]; do
       for j in 1 2 3; do
         [ "$j" = "$i" ] && continue
-        if curl -fs -m 1 -X POST -d "$body" "http://127.0.0.1:$((32379 + j * 10))/v3/kv/put" >/dev/null 2>&1; then ok=1; break; fi
+        k=$((k + 1))
+        if put "acked-$round-after-$k" "$((32379 + j * 10))"; then ok=1; break; fi
       done
     done
     t1=$(date +%s.%N)
@@ -92,11 +102,15 @@ if command -v etcd >/dev/null 2>&1; then
     epid[$i]=$(start_etcd "$i" existing); pids+=("${epid[$i]}")
     sleep 2
   done
-  python3 - "${times[@]}" <<'PY' | tee -a "$results"
+  ETCDCTL_API=3 etcdctl --endpoints "$endpoints" get acked- --prefix --keys-only > "$work/etcd-present"
+  python3 - "$work/etcd-acked" "$work/etcd-present" "${times[@]}" <<'PY' | tee -a "$results"
 import json, sys
-t = sorted(float(x) for x in sys.argv[1:])
+acked = [l.strip() for l in open(sys.argv[1]) if l.strip()]
+present = {l.strip() for l in open(sys.argv[2]) if l.strip()}
+t = sorted(float(x) for x in sys.argv[3:])
 p = lambda q: t[min(len(t) - 1, int(len(t) * q))]
-print(json.dumps({"bench": "peer", "system": "etcd", "figure": "failover", "rounds": len(t), "p50_s": round(p(0.5), 3), "p99_s": round(p(0.99), 3)}))
+print(json.dumps({"bench": "peer", "system": "etcd", "figure": "failover", "rounds": len(t), "p50_s": round(p(0.5), 3), "p99_s": round(p(0.99), 3),
+                  "acknowledged_writes": len(acked), "lost_acknowledged": sum(1 for k in acked if k not in present)}))
 PY
 else
   echo "compare: etcd is not installed (run with --install); skipped" >&2
@@ -184,4 +198,7 @@ for c in (1, 16, 64):
          lambda r, c=c: r["figure"] == "throughput" and r.get("clients") == c)
 t = tandem("failover")
 line("failover p50 s (kill -9)", t, "p50_s", True, lambda r: r["figure"] == "failover")
+lost = [f"{r.get('system', 'tandem')}: {r['lost_acknowledged']} of {r['acknowledged_writes']}" for r in rows
+        if r.get("figure") == "failover" and "lost_acknowledged" in r]
+print("acknowledged writes lost across the failovers: " + ", ".join(lost))
 PY

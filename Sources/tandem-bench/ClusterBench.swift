@@ -51,13 +51,17 @@ struct ClusterBench: AsyncParsableCommand {
                                 json: ["statements": [["sql": "CREATE TABLE bench (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]]])
         let value = String(repeating: "x", count: 256)
         let counter = Counter()
+        // Every write a client was told succeeded, checked on every site after the failovers.
+        let acked = AcknowledgedIDs()
         let url = Dictionary(uniqueKeysWithValues: c.options.sites.map { ($0, c.url($0)) })
         let token = c.token
         @Sendable func write256(_ client: KeepAliveClient, _ site: String) -> Bool {
             let id = counter.next()
             let a = try? client.call("POST", (url[site] ?? "") + "/v1/execute", token: token,
                                      json: ["statements": [["sql": "INSERT INTO bench (id, v) VALUES (?, ?)", "params": [id, value]]]])
-            return a?.status == 200
+            guard a?.status == 200 else { return false }
+            acked.add(id)
+            return true
         }
         // Memory at rest.
         let idle = c.options.sites.map { ($0, rssMiB(c.pid($0))) }
@@ -189,9 +193,22 @@ struct ClusterBench: AsyncParsableCommand {
             try await Task.sleep(nanoseconds: 1_500_000_000)
         }
         times.sort()
+        // No acknowledged write lost: once the sites stand at one LSN with one state hash,
+        // each holds every id it was told was written (those of the latency, throughput
+        // and failover figures above).
+        let (converged, _) = try await DrillCheck.converged(c, sites: c.options.sites, seconds: 60)
+        var lost = 0
+        let ids = acked.all
+        for site in c.options.sites {
+            let have = try await benchIDs(c, site)
+            lost += ids.filter { !have.contains($0) }.count
+        }
         emit(["bench": "cluster", "figure": "failover", "rounds": times.count, "p50_s": round3(percentile(times, 0.5)),
-              "p99_s": round3(percentile(times, 0.99)), "lease_ms": options.leaseMilliseconds])
+              "p99_s": round3(percentile(times, 0.99)), "lease_ms": options.leaseMilliseconds,
+              "acknowledged_writes": ids.count, "lost_acknowledged": lost, "converged": converged])
+        note("failover: \(ids.count) acknowledged writes checked on every site after \(times.count) kills: \(lost) missing, sites \(converged ? "converged" : "did NOT converge")")
         c.stopAll()
+        guard lost == 0 && converged else { throw DrillError("acknowledged writes lost (\(lost)) or sites apart after the failovers") }
 
         // The snapshot path: a site down while the database grew by `mib` MiB, on a cluster
         // that keeps no log beyond its snapshots, so the site must take a snapshot (created
@@ -225,6 +242,31 @@ struct ClusterBench: AsyncParsableCommand {
 }
 
 /// A shared counter for load generators.
+/// The ids of the writes acknowledged to the benchmark's clients.
+final class AcknowledgedIDs: @unchecked Sendable {
+    private let lock = NSLock()
+    private var ids: [Int] = []
+    func add(_ id: Int) { lock.withLock { ids.append(id) } }
+    var all: [Int] { lock.withLock { ids } }
+}
+
+/// Every id in a site's bench table, read locally a page at a time (results are bounded).
+func benchIDs(_ c: LocalCluster, _ site: String) async throws -> Set<Int> {
+    var have: Set<Int> = []
+    var after = -1
+    while true {
+        let a = try await HTTP.call("POST", c.url(site) + "/v1/query", token: c.token, json: [
+            "sql": "SELECT id FROM bench WHERE id > ? ORDER BY id LIMIT 5000", "params": [after], "consistency": "local"])
+        guard a.status == 200, let rows = a.json["rows"] as? [[Any]] else {
+            throw DrillError("\(site) did not answer the check: \(a.status) \(String(decoding: a.body, as: UTF8.self))")
+        }
+        let page = rows.compactMap { $0.first as? Int }
+        have.formUnion(page)
+        guard page.count == 5000, let last = page.last else { return have }
+        after = last
+    }
+}
+
 final class Counter: @unchecked Sendable {
     private let lock = NSLock()
     private var n = 0
