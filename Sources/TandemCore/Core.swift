@@ -74,6 +74,9 @@ public struct Core: Sendable {
         case grantVotesDuringLease
         /// Commit records as soon as they are appended, without a quorum.
         case commitWithoutQuorum
+        /// Vote at once after a restart on an empty disk, instead of abstaining until a
+        /// primary is heard (E10: the site may already have voted in the current term).
+        case ignoreAbstention
     }
     private let flaw: TestingFlaw?
 
@@ -109,7 +112,7 @@ public struct Core: Sendable {
     public init(id: SiteID, config: ClusterConfig, hardState: HardState, log: LogView, commitLSN: LSN = .zero,
                 now: Instant, entropy: UInt64, flaw: TestingFlaw? = nil, abstaining: Bool = false) throws(ConfigError) {
         self.flaw = flaw
-        self.abstaining = abstaining
+        self.abstaining = flaw == .ignoreAbstention ? false : abstaining
         try config.validate()
         guard let me = config.site(id) else { throw .invalid("site_id", "one of the configured sites, got \(id)") }
         self.id = id

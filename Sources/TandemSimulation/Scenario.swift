@@ -73,6 +73,8 @@ public struct Scenario: Sendable {
         case crash(site: String)
         case crashDomain(domain: String)
         case restart(site: String)
+        /// The site dies with its disk; a later `restart` rebuilds it empty (`--rejoin`).
+        case loseDisk(site: String)
         case restartDomain(domain: String)
         /// Cuts every link between the two groups (both ways unless `oneWay`).
         case partition(groups: [[String]], oneWay: Bool)
@@ -299,6 +301,7 @@ private struct Reader {
         case "crash": a = .crash(site: try site())
         case "crash_domain": a = .crashDomain(domain: try domain())
         case "restart": a = .restart(site: try site())
+        case "lose_disk": a = .loseDisk(site: try site())
         case "restart_domain": a = .restartDomain(domain: try domain())
         case "partition":
             guard let groups = o["groups"] as? [[String]], groups.count == 2, groups.allSatisfy({ $0.allSatisfy(ids.contains) }) else {

@@ -84,10 +84,16 @@ final class SimulatedSite {
     var fsyncFails = false
     var diskFull = false
 
+    /// The disk was lost and the site rebuilt empty (`tandemd --rejoin`): it abstains from
+    /// elections until it hears a primary, and stays so across crashes until its vote in
+    /// that primary's term is durable.
+    var rejoining = false
+
     // State machine (the store's twin): survives crashes, as the database does.
+    static let emptyStateHash: UInt64 = 0xCBF2_9CE4_8422_2325
     var appliedLSN: LSN = .zero
     var appliedTerm: Term = .zero
-    var stateHash: UInt64 = 0xCBF2_9CE4_8422_2325
+    var stateHash: UInt64 = emptyStateHash
     var snapshot: (lsn: LSN, term: Term, hash: UInt64)?
     var snapshotInFlight = false
 
@@ -189,5 +195,19 @@ final class SimulatedSite {
         snapshotInFlight = false
         epoch += 1
         return (persistedHard, recordsKept)
+    }
+
+    /// The disk is gone (a fire, a dead array): the process dies and the site is left with
+    /// nothing, neither its log, nor its term and vote, nor its database.
+    func loseDisk() {
+        _ = crash()
+        disk = SimLog()
+        log = SimLog()
+        diskHardState = HardState()
+        appliedLSN = .zero
+        appliedTerm = .zero
+        stateHash = Self.emptyStateHash
+        snapshot = nil
+        rejoining = true
     }
 }

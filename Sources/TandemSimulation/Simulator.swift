@@ -212,7 +212,7 @@ struct World {
                 view = LogView(after: s.disk.firstLSN.previous, term: s.disk.previousTerm)
             }
             s.core = try Core(id: id, config: config, hardState: s.diskHardState, log: view, commitLSN: s.appliedLSN,
-                              now: local, entropy: rng.next(), flaw: flaw)
+                              now: local, entropy: rng.next(), flaw: flaw, abstaining: s.rejoining)
             if let core = s.core { s.remember(core) }
         } catch {
             checker.fail(now, "config", "\(error)")
@@ -350,6 +350,8 @@ struct World {
             if let h = p.hardState {
                 s.diskHardState = h
                 checker.persistedTerm(now, site: s.id, term: h.term)
+                // Its vote in the term of the primary it heard is durable: it may vote again.
+                if s.rejoining, s.core?.abstaining == false, h.votedFor != nil { s.rejoining = false }
             }
             if let t = p.truncateAfter { s.disk.truncate(after: t) }
             s.disk.append(p.append)
@@ -511,6 +513,14 @@ struct World {
         case let .crashDomain(domain):
             for id in order where sites[id]?.descriptor.domain.name == domain { if let s = sites[id] { crash(s) } }
             label = "fire: campus \(domain) lost"
+        case let .loseDisk(site):
+            if let s = sites[SiteID(site)] {
+                if s.up { crash(s) }
+                s.loseDisk()
+                checker.diskLost(site: s.id)
+                lane(s.id, "disk lost")
+            }
+            label = "\(site) loses its disk"
         case let .restart(site):
             if let s = sites[SiteID(site)] { restart(s) }
             label = "restart \(site)"

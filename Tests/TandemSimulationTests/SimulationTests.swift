@@ -21,7 +21,7 @@ struct SimulationTests {
     func scenariosParse() throws {
         #expect(scenarioFiles.count >= 10)
         for name in ["strasbourg-fire", "two-datacenters-and-witness", "primary-in-minority-partition", "flapping-inter-datacenter-link",
-                     "clock-drift", "rolling-restart", "slow-disk", "switchover-under-load", "long-outage-then-rejoin"] {
+                     "clock-drift", "rolling-restart", "slow-disk", "switchover-under-load", "long-outage-then-rejoin", "lost-disk-rebuild"] {
             #expect(scenarioFiles.contains { $0.hasSuffix("/\(name).json") }, "\(name) is missing")
         }
         for f in scenarioFiles { _ = try Scenario.load(path: f) }
@@ -93,6 +93,18 @@ struct SimulationTests {
             break
         }
         #expect(caught)
+    }
+
+    @Test("a site rebuilt on an empty disk abstains until it hears a primary: a core that votes at once lets a stale site win and lose acknowledged writes, and the checkers catch it")
+    func catchesVoteAfterLostDisk() throws {
+        let scenario = try Scenario.load(path: try #require(scenarioFiles.first { $0.hasSuffix("lost-disk-rebuild.json") }))
+        var caught = 0
+        for seed in 1...10 as ClosedRange<UInt64> {
+            #expect(Simulator(scenario: scenario, seed: seed).run().passed, "the correct core passes seed \(seed)")
+            let r = Simulator(scenario: scenario, seed: seed, flaw: .ignoreAbstention).run()
+            if !r.passed && r.writesLost > 0 { caught += 1 }
+        }
+        #expect(caught > 0, "a core that votes right after losing its disk went unnoticed for 10 seeds")
     }
 
     @Test("a bad scenario file names the file, the key and what was expected", arguments: [
