@@ -8,7 +8,6 @@ public final class TransportMetrics: @unchecked Sendable {
     // All fields guarded by `lock`.
     private let lock = NSLock()
     private var failures: [HandshakeFailure: Int] = [:]
-    private var closes: [String: Int] = [:]
     private var wire = WireStatistics()
     private var sentFrames = 0
     private var receivedFrames = 0
@@ -17,7 +16,6 @@ public final class TransportMetrics: @unchecked Sendable {
     public init() {}
 
     func handshakeFailed(_ reason: HandshakeFailure) { lock.withLock { failures[reason, default: 0] += 1 } }
-    func closed(_ reason: String) { lock.withLock { closes[reason, default: 0] += 1 } }
     func sent(_ stats: WireStatistics) {
         lock.withLock {
             sentFrames += 1
@@ -234,7 +232,6 @@ public final class PeerConnection: @unchecked Sendable {
                 lock.withLock { isClosed = true }
                 stream.close()
             }
-            metrics.closed(reason)
             onClose(reason)
         }
         thread.name = "tandem-peer-\(peer)"
@@ -389,7 +386,6 @@ public final class PeerConnection: @unchecked Sendable {
                     // paused between its read and now.
                     var probe = pollfd(fd: stream.fd, events: Int16(POLLIN), revents: 0)
                     if poll(&probe, 1, 0) > 0 { continue }
-                    // A fixed text (it keys a metric); the numbers are the settings.
                     return "nothing heard from \(peer) for the peer timeout (\(peerTimeoutNanoseconds / 1_000_000) ms)"
                 }
                 // Sleep until the next ping or the timeout falls due, rounded up.
