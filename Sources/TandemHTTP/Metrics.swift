@@ -24,7 +24,7 @@ public final class SiteMetrics: Sendable {
     let primaryWaitTimer: CoreMetrics.Timer
     /// Transport totals already counted (the transport keeps running totals; counters
     /// here advance by the difference at each scrape).
-    private let seen = Mutex<(raw: Int, sent: Int, failures: [HandshakeFailure: Int])>((0, 0, [:]))
+    private let seen = Mutex<(raw: Int, sent: Int, failures: [HandshakeFailure: Int], timeouts: [SiteID: Int])>((0, 0, [:], [:]))
 
     public init() {
         registry = PrometheusCollectorRegistry()
@@ -65,7 +65,9 @@ public final class SiteMetrics: Sendable {
     }
 
     /// The Prometheus text for a scrape: the gauges are read from the site now.
-    public func render(status s: SiteStatus, transport: TransportMetrics, now: UInt64, leaseLeftNanoseconds: UInt64) -> [UInt8] {
+    /// `peers`: the configured peers (a per-peer counter starts at 0 for each).
+    public func render(status s: SiteStatus, transport: TransportMetrics, now: UInt64, leaseLeftNanoseconds: UInt64,
+                       peers: [SiteID] = []) -> [UInt8] {
         func gauge(_ label: String, _ value: Double, _ dims: [(String, String)] = []) {
             Gauge(label: label, dimensions: dims, factory: factory).record(value)
         }
@@ -84,11 +86,14 @@ public final class SiteMetrics: Sendable {
         }
         let bytes = transport.recordBytes
         let failures = transport.handshakeFailures
-        let (dRaw, dSent, dFail) = seen.withLock { seen -> (Int, Int, [HandshakeFailure: Int]) in
+        let timeouts = transport.peerTimeouts
+        let (dRaw, dSent, dFail, dTimeouts) = seen.withLock { seen -> (Int, Int, [HandshakeFailure: Int], [SiteID: Int]) in
             var d: [HandshakeFailure: Int] = [:]
             for (k, v) in failures where v > seen.failures[k, default: 0] { d[k] = v - seen.failures[k, default: 0] }
-            let out = (max(0, bytes.recordBytesRaw - seen.raw), max(0, bytes.recordBytesSent - seen.sent), d)
-            seen = (bytes.recordBytesRaw, bytes.recordBytesSent, failures)
+            var t: [SiteID: Int] = [:]
+            for (k, v) in timeouts where v > seen.timeouts[k, default: 0] { t[k] = v - seen.timeouts[k, default: 0] }
+            let out = (max(0, bytes.recordBytesRaw - seen.raw), max(0, bytes.recordBytesSent - seen.sent), d, t)
+            seen = (bytes.recordBytesRaw, bytes.recordBytesSent, failures, timeouts)
             return out
         }
         Counter(label: "tandem_replicated_bytes_total", dimensions: [("form", "raw")], factory: factory).increment(by: dRaw)
@@ -96,6 +101,10 @@ public final class SiteMetrics: Sendable {
         for reason in HandshakeFailure.allCases where reason != .crossedDial {
             Counter(label: "tandem_tls_handshake_failures_total", dimensions: [("reason", reason.rawValue)], factory: factory)
                 .increment(by: dFail[reason] ?? 0)
+        }
+        for peer in Set(peers).union(timeouts.keys) {
+            Counter(label: "tandem_peer_timeouts_total", dimensions: [("peer", peer.name)], factory: factory)
+                .increment(by: dTimeouts[peer] ?? 0)
         }
         gauge("tandem_compression_ratio", transport.compressionRatio)
         return registry.emitToBuffer()

@@ -146,7 +146,8 @@ public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThresh
     if let metrics {
         router.get("metrics") { _, _ in
             let s = runtime.status
-            let text = metrics.render(status: s, transport: runtime.transport.metrics, now: SiteRuntime.now, leaseLeftNanoseconds: s.leaseLeftNanoseconds)
+            let text = metrics.render(status: s, transport: runtime.transport.metrics, now: SiteRuntime.now, leaseLeftNanoseconds: s.leaseLeftNanoseconds,
+                                      peers: sites.map(\.id).filter { $0 != site })
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
             return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))

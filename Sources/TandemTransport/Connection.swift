@@ -12,6 +12,7 @@ public final class TransportMetrics: @unchecked Sendable {
     private var sentFrames = 0
     private var receivedFrames = 0
     private var dropped = 0
+    private var silent: [SiteID: Int] = [:]
 
     public init() {}
 
@@ -25,6 +26,7 @@ public final class TransportMetrics: @unchecked Sendable {
     }
     func received() { lock.withLock { receivedFrames += 1 } }
     func droppedMessage() { lock.withLock { dropped += 1 } }
+    func peerTimedOut(_ peer: SiteID) { lock.withLock { silent[peer, default: 0] += 1 } }
 
     public var handshakeFailures: [HandshakeFailure: Int] { lock.withLock { failures } }
     public var compressionRatio: Double { lock.withLock { wire.compressionRatio } }
@@ -35,6 +37,9 @@ public final class TransportMetrics: @unchecked Sendable {
     /// Messages dropped because a peer's queue was full or it was not connected (the
     /// protocol resends what matters).
     public var messagesDropped: Int { lock.withLock { dropped } }
+    /// Connections closed because nothing arrived for the peer timeout, by peer (a link
+    /// that drops packets, a paused or hung peer): keyed by configured peers only.
+    public var peerTimeouts: [SiteID: Int] { lock.withLock { silent } }
 }
 
 /// What both sides check in the application handshake.
@@ -386,6 +391,7 @@ public final class PeerConnection: @unchecked Sendable {
                     // paused between its read and now.
                     var probe = pollfd(fd: stream.fd, events: Int16(POLLIN), revents: 0)
                     if poll(&probe, 1, 0) > 0 { continue }
+                    metrics.peerTimedOut(peer)
                     return "nothing heard from \(peer) for the peer timeout (\(peerTimeoutNanoseconds / 1_000_000) ms)"
                 }
                 // Sleep until the next ping or the timeout falls due, rounded up.

@@ -312,6 +312,7 @@ struct DataAPITests {
         let text = String(decoding: metrics.body, as: UTF8.self)
         #expect(text.contains("tandem_degraded 1"))
         #expect(text.contains("tandem_term "))
+        #expect(text.contains("tandem_peer_timeouts_total{peer="))
     }
 }
 

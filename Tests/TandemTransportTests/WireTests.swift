@@ -340,6 +340,8 @@ struct KeepaliveTests {
                 && !logs.matching("b: event=peer_disconnected peer=a reason=\"nothing heard").isEmpty,
                 "each side closes its end: \(logs.matching("peer_disconnected").prefix(2))")
         let noticedAfter = (noticed.max() ?? .distantFuture).timeIntervalSince(heldAt)
+        // Counted for /metrics (tandem_peer_timeouts_total), once per side.
+        #expect(a.metrics.peerTimeouts == ["b": 1] && b.metrics.peerTimeouts == ["a": 1])
         #expect(noticedAfter < 2.5, "took \(noticedAfter) s to notice a silent partition with a 1 s peer timeout")
         // Healed: connected again within the dial back-off and one handshake, not at TCP's
         // next retransmission.
