@@ -120,10 +120,10 @@ struct Checker {
         }
     }
 
-    /// Terms never go backwards across restarts.
     /// A site's disk was replaced by an empty one: its terms start again from zero.
     mutating func diskLost(site: SiteID) { durableTerms[site] = nil }
 
+    /// Terms never go backwards across restarts.
     mutating func persistedTerm(_ t: VirtualTime, site: SiteID, term: Term) {
         if let before = durableTerms[site], term < before {
             fail(t, "terms-monotonic", "\(site) persisted term \(term) after term \(before)")
