@@ -311,15 +311,20 @@ struct KeepaliveTests {
 
     func connected(_ ts: [Transport]) -> Bool { ts.allSatisfy { !$0.connectedPeers.isEmpty } }
 
+    /// Starts both and waits (up to 2 s) until each counts the other as connected.
+    func startConnected(_ a: Transport, _ b: Transport) async throws {
+        try a.start()
+        try b.start()
+        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
+        try #require(connected([a, b]))
+    }
+
     @Test("an idle connection is kept by pings; a peer cut off silently is dropped within the peer timeout and reached again soon after the network heals")
     func silentPartition() async throws {
         let logs = ConnectionSetUpTests.Lines()
         let (a, b, proxies) = try pairThroughProxies(peerTimeout: 1_000_000_000, logs: logs)
         defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
-        try a.start()
-        try b.start()
-        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
-        try #require(connected([a, b]))
+        try await startConnected(a, b)
         // Idle for three peer timeouts: nothing but pings crosses, and the connection stays.
         let heardBefore = a.lastReceived(from: "b")
         try await Task.sleep(nanoseconds: 3_000_000_000)
@@ -361,10 +366,7 @@ struct KeepaliveTests {
         let logs = ConnectionSetUpTests.Lines()
         let (a, b, proxies) = try pairThroughProxies(peerTimeout: timeoutA, peerTimeoutOfB: timeoutB, logs: logs)
         defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
-        try a.start()
-        try b.start()
-        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
-        try #require(connected([a, b]))
+        try await startConnected(a, b)
         // Each side pinging at a sixth of its own timeout would have the 300 ms side drop
         // the connection over and over: pings come at a sixth of the shorter, the longer closes.
         try await Task.sleep(nanoseconds: 2_500_000_000)
@@ -377,10 +379,7 @@ struct KeepaliveTests {
         let logs = ConnectionSetUpTests.Lines()
         let (a, b, proxies) = try pairThroughProxies(peerTimeout: 0, logs: logs)
         defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
-        try a.start()
-        try b.start()
-        for _ in 0..<400 where !connected([a, b]) { try await Task.sleep(nanoseconds: 5_000_000) }
-        try #require(connected([a, b]))
+        try await startConnected(a, b)
         for p in proxies { p.hold() }
         try await Task.sleep(nanoseconds: 2_500_000_000)
         // What the test above catches: without pings and a timeout nothing closes it.
