@@ -23,8 +23,10 @@ public final class RoleHooks: @unchecked Sendable {
         self.timeoutMilliseconds = timeoutMilliseconds
         self.site = site
         self.log = log
-        let t = Thread { [self] in run() }
-        t.name = "tandem-hooks"
+        let t = Thread { [self] in
+            nameCurrentThread("role-hooks")
+            run()
+        }
         t.start()
     }
 

@@ -326,8 +326,10 @@ public final class SiteRuntime: @unchecked Sendable {
     public func start() throws {
         try transport.start()
         cond.withLock { running = true }
-        let t = Thread { [self] in loop() }
-        t.name = "tandem-site-\(settings.site)"
+        let t = Thread { [self] in
+            nameCurrentThread("site-\(settings.site)")
+            loop()
+        }
         t.start()
     }
 
@@ -961,6 +963,7 @@ public final class SiteRuntime: @unchecked Sendable {
         let path = storage.snapshotPath
         snapshotStarted = Self.clock()
         Thread { [weak self] in
+            nameCurrentThread("snapshot-take")
             let result = Result { try SiteStorage.writeSnapshot(source, to: path) }
             self?.enqueue(.snapshotTaken(result.mapError { SnapshotFailure(message: "\($0)") }))
         }.start()
@@ -1096,6 +1099,7 @@ public final class SiteRuntime: @unchecked Sendable {
         let pause = settings.snapshotChunkPauseMicroseconds
         let chunkBytes = max(1, min(settings.snapshotChunkBytes, Wire.snapshotChunkBytes))
         Thread { [weak self] in
+            nameCurrentThread("snapshot-send")
             defer { self?.enqueue(.snapshotSent(peer)) }
             var at = Int(offset)
             while at < size {

@@ -231,6 +231,7 @@ public final class PeerConnection: @unchecked Sendable {
     /// Starts the I/O thread. `onFrame` gets each frame received; `onClose` runs once.
     public func start(onFrame: @escaping @Sendable (Wire.FrameType, [UInt8]) -> Void, onClose: @escaping @Sendable (String) -> Void) {
         let thread = Thread { [self] in
+            nameCurrentThread("peer-\(peer)")
             let reason = ioLoop(onFrame: onFrame)
             // A sender writing directly holds sslLock and checks isClosed before it writes.
             sslLock.withLock {
@@ -239,7 +240,6 @@ public final class PeerConnection: @unchecked Sendable {
             }
             onClose(reason)
         }
-        thread.name = "tandem-peer-\(peer)"
         thread.start()
     }
 

@@ -47,8 +47,10 @@ public final class HTTPSTerminator: @unchecked Sendable {
         signal(SIGPIPE, SIG_IGN)
         let fd = try Transport.listen(on: listen)
         lock.withLock { listenFD = fd }
-        let t = Thread { [self] in acceptLoop(fd) }
-        t.name = "tandem-https-accept"
+        let t = Thread { [self] in
+            nameCurrentThread("https-accept")
+            acceptLoop(fd)
+        }
         t.start()
     }
 
@@ -86,6 +88,7 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 continue
             }
             let t = Thread { [self] in
+                nameCurrentThread("https-client")
                 defer { lock.withLock { active -= 1 } }
                 serve(client, ctx)
             }

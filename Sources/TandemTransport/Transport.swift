@@ -116,12 +116,16 @@ public final class Transport: @unchecked Sendable {
         signal(SIGPIPE, SIG_IGN)
         let fd = try Self.listen(on: settings.listen)
         lock.withLock { listenFD = fd }
-        let acceptor = Thread { [self] in acceptLoop(fd) }
-        acceptor.name = "tandem-accept"
+        let acceptor = Thread { [self] in
+            nameCurrentThread("peer-accept")
+            acceptLoop(fd)
+        }
         acceptor.start()
         for (peer, endpoint) in settings.peers {
-            let dialer = Thread { [self] in dialLoop(peer, endpoint) }
-            dialer.name = "tandem-dial-\(peer)"
+            let dialer = Thread { [self] in
+                nameCurrentThread("dial-\(peer)")
+                dialLoop(peer, endpoint)
+            }
             dialer.start()
         }
     }
@@ -336,6 +340,7 @@ public final class Transport: @unchecked Sendable {
                 continue
             }
             let t = Thread { [self] in
+                nameCurrentThread("peer-handshake")
                 defer { lock.withLock { handshakesInProgress -= 1 } }
                 var admittedPeer: SiteID?
                 do throws(TransportError) {
@@ -548,6 +553,7 @@ public final class TLSFileWatcher: @unchecked Sendable {
             paths.map { (try? FileManager.default.attributesOfItem(atPath: $0))?[.modificationDate] as? Date }
         }
         let thread = Thread { [self] in
+            nameCurrentThread("tls-watch")
             var last = stamps()
             while !lock.withLock({ stopped }) {
                 usleep(UInt32(min(intervalNanoseconds / 1000, UInt64(UInt32.max))))
@@ -561,7 +567,6 @@ public final class TLSFileWatcher: @unchecked Sendable {
                 }
             }
         }
-        thread.name = "tandem-tls-watch"
         thread.start()
     }
 

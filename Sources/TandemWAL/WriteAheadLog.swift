@@ -126,8 +126,10 @@ public final class WriteAheadLog: @unchecked Sendable {
         queuedNextLSN = last.lastLSN.next
         queuedLastTerm = last.lastTerm
         self.termRuns = termRuns
-        let thread = Thread { [self] in self.writerLoop() }
-        thread.name = "tandem-wal-writer"
+        let thread = Thread { [self] in
+            nameCurrentThread("wal-writer")
+            self.writerLoop()
+        }
         writer = thread
         thread.start()
         prepareSpare()
@@ -146,6 +148,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         let path = directory + "/" + Self.spareName
         let size = options.segmentSize
         let thread = Thread { [self] in
+            nameCurrentThread("wal-prealloc")
             var ready: FileDescriptor?
             do {
                 let fd = try FileDescriptor(path: path, flags: O_RDWR | O_CREAT | O_TRUNC)
@@ -161,7 +164,6 @@ public final class WriteAheadLog: @unchecked Sendable {
             preparingSpare = false
             spareLock.unlock()
         }
-        thread.name = "tandem-wal-prealloc"
         thread.start()
     }
 
