@@ -19,10 +19,29 @@ struct ClusterBench: AsyncParsableCommand {
     @Option(help: "The Deploy directory (make-certs.sh).") var deploy = "Deploy"
     @Option(name: .customLong("snapshot-mib"), help: "Database sizes in MiB for the snapshot path (create, transfer, install), comma-separated.")
     var snapshotMiB = "100,1024"
+    @Option(help: "Which figures to measure, comma-separated (latency, throughput, mix, reads, documents, catchup, failover, snapshot, five), or all. The floor is always measured.")
+    var figures = "all"
+
+    /// The figure groups `--figures` may name.
+    static let figureNames: Set<String> = ["latency", "throughput", "mix", "reads", "documents", "catchup", "failover", "snapshot", "five"]
+
+    func validate() throws {
+        let unknown = Set(selected).subtracting(Self.figureNames)
+        guard unknown.isEmpty else {
+            throw ValidationError("unknown figure(s) \(unknown.sorted().joined(separator: ", ")); choose from \(Self.figureNames.sorted().joined(separator: ", ")) or all")
+        }
+    }
+
+    private var selected: [String] {
+        figures == "all" ? Array(Self.figureNames) : figures.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+    }
 
     func run() async throws {
         let bin = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
         let quick = common.quick
+        let want = Set(selected)
+        /// The cases of a figure, or none when `--figures` leaves it out.
+        func pick<T>(_ figure: String, _ cases: [T]) -> [T] { want.contains(figure) ? cases : [] }
         let secs = quick ? 0.5 : seconds
         let dir = try common.scratch("cluster")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -68,7 +87,7 @@ struct ClusterBench: AsyncParsableCommand {
         emit(["bench": "cluster", "figure": "memory_idle", "rss_mib": Dictionary(uniqueKeysWithValues: idle.map { ($0.0, $0.1) })])
 
         // Commit latency, one client, on the primary and through a replica (forwarded).
-        for (name, site) in [("primary", primary), ("replica", replica)] {
+        for (name, site) in pick("latency", [("primary", primary), ("replica", replica)]) {
             let lat = await latencies(quick ? 50 : 1000) { client, _ in write256(client, site) }
             let p50 = percentile(lat, 0.5), p99 = percentile(lat, 0.99)
             emit(["bench": "cluster", "figure": "commit_latency", "through": name, "clients": 1, "value_bytes": 256,
@@ -79,18 +98,24 @@ struct ClusterBench: AsyncParsableCommand {
         // Throughput at 1, 16 and 64 clients, 256-byte writes, with the clients' CPU share
         // and the primary's fdatasyncs per write (group commit).
         var loadedRSS: [String: Double] = [:]
-        for clients in [1, 16, 64] {
+        for clients in pick("throughput", [1, 16, 64]) {
             let fsyncsBefore = try await fsyncCount(c, primary)
+            let sitesCPUBefore = c.options.sites.map { processCPUSeconds(pid: c.pid($0)) }
             let (n, wall, cpu) = await driveThreads(clients: clients, seconds: secs) { _, client in write256(client, primary) } sample: {
                 if clients == 64 { for s in c.options.sites { loadedRSS[s] = max(loadedRSS[s] ?? 0, rssMiB(c.pid(s))) } }
             }
             let fsyncs = try await fsyncCount(c, primary) - fsyncsBefore
+            // What a write costs the three sites together, in CPU: the figure batching lowers.
+            let siteCPU = zip(c.options.sites, sitesCPUBefore).map { processCPUSeconds(pid: c.pid($0.0)) - $0.1 }
+            let cpuPerWrite = n > 0 ? siteCPU.reduce(0, +) / Double(n) : 0
+            let perSite = Dictionary(uniqueKeysWithValues: zip(c.options.sites, siteCPU).map { ($0.0 == primary ? "primary:" + $0.0 : $0.0, round3(n > 0 ? $0.1 / Double(n) * 1e3 : 0)) })
             let perFsync = fsyncs > 0 ? Double(n) / Double(fsyncs) : 0
             emit(["bench": "cluster", "figure": "throughput", "workload": "write_256b", "clients": clients, "writes_per_second": Int(Double(n) / wall),
                   "client_cpu_share": round3(cpu), "writes_per_fdatasync": round3(perFsync),
-                  "group_commit_efficiency": round3(min(1, perFsync / Double(clients)))])
-            note(String(format: "throughput, %d clients: %.0f writes/s (clients used %.0f%% of a core; %.1f writes per fdatasync)",
-                        clients, Double(n) / wall, cpu * 100, perFsync))
+                  "group_commit_efficiency": round3(min(1, perFsync / Double(clients))),
+                  "sites_cpu_ms_per_write": round3(cpuPerWrite * 1e3), "cpu_ms_per_write_by_site": perSite])
+            note(String(format: "throughput, %d clients: %.0f writes/s (clients used %.0f%% of a core; %.1f writes per fdatasync; the sites spent %.2f ms of CPU per write)",
+                        clients, Double(n) / wall, cpu * 100, perFsync, cpuPerWrite * 1e3))
         }
         emit(["bench": "cluster", "figure": "memory_under_64_clients", "rss_mib": loadedRSS])
 
@@ -125,7 +150,7 @@ struct ClusterBench: AsyncParsableCommand {
                                          headers: [("Tandem-Patient", "BENCH-U-\(k)"), ("Content-Type", "application/pdf")]))?.status == 201
             }
         }
-        for clients in [16, 64] {
+        for clients in pick("mix", [16, 64]) {
             let (n, wall, cpu) = await driveThreads(clients: clients, seconds: secs) { i, client in mixed(i, client) }
             emit(["bench": "cluster", "figure": "throughput", "workload": "telehealth_mix", "clients": clients,
                   "operations_per_second": Int(Double(n) / wall), "client_cpu_share": round3(cpu)])
@@ -133,7 +158,7 @@ struct ClusterBench: AsyncParsableCommand {
         }
 
         // Linearizable reads on the primary and through a replica (forwarded to the primary).
-        for (name, site) in [("primary", primary), ("replica", replica)] {
+        for (name, site) in pick("reads", [("primary", primary), ("replica", replica)]) {
             let base = url[site] ?? ""
             @Sendable func read(_ client: KeepAliveClient, _ i: Int) -> Bool {
                 (try? client.call("POST", base + "/v1/query", token: token,
@@ -147,7 +172,7 @@ struct ClusterBench: AsyncParsableCommand {
         }
 
         // Documents of growing size.
-        for size in [1 << 10, 1 << 20, 10 << 20] {
+        for size in pick("documents", [1 << 10, 1 << 20, 10 << 20]) {
             var doc = [UInt8](repeating: 0, count: size)
             var g = SeededRandom(seed: UInt64(size))
             for j in stride(from: 0, to: size, by: 8) { doc[j] = UInt8(truncatingIfNeeded: g.next()) }
@@ -162,7 +187,7 @@ struct ClusterBench: AsyncParsableCommand {
         }
 
         // Catch-up: a site down while the others write, then back.
-        do {
+        if want.contains("catchup") {
             let lagging = c.options.sites.first { $0 != primary } ?? primary
             let mib = quick ? 16 : catchUpMiB
             let (took, caughtUp) = try await catchUp(c, primary: primary, lagging: lagging, mib: mib, seed: 99, label: "CATCHUP")
@@ -173,7 +198,7 @@ struct ClusterBench: AsyncParsableCommand {
 
         // Failover: kill -9 of the primary, until a write succeeds again.
         var times: [Double] = []
-        for round in 0..<(quick ? 2 : failovers) {
+        for round in 0..<(want.contains("failover") ? (quick ? 2 : failovers) : 0) {
             guard let p = await c.waitForPrimary(seconds: 30) else { break }
             let survivors = c.options.sites.filter { $0 != p }
             let t = monotonicNanoseconds()
@@ -213,7 +238,7 @@ struct ClusterBench: AsyncParsableCommand {
         // The snapshot path: a site down while the database grew by `mib` MiB, on a cluster
         // that keeps no log beyond its snapshots, so the site must take a snapshot (created
         // on the primary, sent in chunks over TLS, installed), then the log after it.
-        let sizes = quick ? [8] : snapshotMiB.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        let sizes = !want.contains("snapshot") ? [] : quick ? [8] : snapshotMiB.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         for mib in sizes {
             var small = options
             small.storage = "segment_bytes = 1048576\nsnapshot_every_records = 8\nretain_log_bytes = 0\nretain_log_hours = 0"
@@ -221,6 +246,7 @@ struct ClusterBench: AsyncParsableCommand {
         }
 
         // How cost grows with the cluster: commit latency with five sites against three.
+        guard want.contains("five") else { return }
         var five = options
         five.sites = ["s1", "s2", "s3", "s4", "s5"]
         let c5 = try LocalCluster(options: five, binDirectory: bin, deployDirectory: deploy, dir: dir + "/five")
@@ -278,6 +304,17 @@ func processCPUSeconds() -> Double {
     var u = rusage()
     getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &u)
     return Double(u.ru_utime.tv_sec) + Double(u.ru_utime.tv_usec) / 1e6 + Double(u.ru_stime.tv_sec) + Double(u.ru_stime.tv_usec) / 1e6
+}
+
+/// CPU time (user and system) a process has used so far, in seconds (from /proc), 0 when
+/// it cannot be read.
+func processCPUSeconds(pid: Int32?) -> Double {
+    guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = text.lastIndex(of: ")") else { return 0 }
+    // After "(comm)": state is field 3, utime and stime are fields 14 and 15.
+    let fields = text[text.index(after: close)...].split(separator: " ")
+    guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+    return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
 }
 
 /// Resident memory of a process, MiB (from /proc).
