@@ -174,6 +174,15 @@ public struct Core: Sendable {
     /// Proposes a record of `kind` at the next LSN in this primary's term. The record is
     /// in the returned Ready's `append`; it commits when the commit policy is met.
     public mutating func propose(kind: RecordKind, payload: [UInt8], at time: Instant) throws(ProposalError) -> (LSN, Ready) {
+        let (first, ready) = try propose([(kind, payload)], at: time)
+        return (first, ready)
+    }
+
+    /// Proposes several records at consecutive LSNs from the returned one, all or none
+    /// (each refusal reason holds for the whole group). They travel in one Ready: one
+    /// append to the log, and one message per peer where they fit, instead of one of each
+    /// per record; the caller groups the writes that arrived together.
+    public mutating func propose(_ records: [(kind: RecordKind, payload: [UInt8])], at time: Instant) throws(ProposalError) -> (LSN, Ready) {
         now = max(now, time)
         guard role == .primary else { throw .notPrimary(knownPrimary: primaryID) }
         guard transfer == nil else { throw .switchoverInProgress }
@@ -181,13 +190,16 @@ public struct Core: Sendable {
         // replaced stops accepting writes before its lease can have expired anywhere.
         guard now < leaseUntil else { throw .noLease }
         let uncommitted = Int(log.lastLSN.rawValue - commitLSN.rawValue)
-        guard uncommitted < config.limits.maxUncommittedRecords else { throw .tooManyUncommitted(limit: config.limits.maxUncommittedRecords) }
+        guard uncommitted + records.count <= config.limits.maxUncommittedRecords else {
+            throw .tooManyUncommitted(limit: config.limits.maxUncommittedRecords)
+        }
         if case let .async(maxLag) = config.commitPolicy, config.sites.count > 1 {
             let lag = log.lastLSN.rawValue - replicaQuorumMatch().rawValue
             guard lag < maxLag else { throw .replicasTooFarBehind(lagRecords: lag, limit: maxLag) }
         }
-        let lsn = appendLocal(kind: kind, payload: payload)
-        return (lsn, takeReady())
+        let first = log.lastLSN.next
+        for r in records { _ = appendLocal(kind: r.kind, payload: r.payload) }
+        return (first, takeReady())
     }
 
     /// The next LSN a proposal would get (the state store executes at it first).

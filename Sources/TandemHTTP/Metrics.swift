@@ -22,6 +22,7 @@ public final class SiteMetrics: Sendable {
     let fsyncTimer: CoreMetrics.Timer
     let commitTimer: CoreMetrics.Timer
     let primaryWaitTimer: CoreMetrics.Timer
+    let writesPerProposal: CoreMetrics.Recorder
     /// Transport totals already counted (the transport keeps running totals; counters
     /// here advance by the difference at each scrape).
     private let seen = Mutex<(raw: Int, sent: Int, failures: [HandshakeFailure: Int], timeouts: [SiteID: Int])>((0, 0, [:], [:]))
@@ -33,6 +34,7 @@ public final class SiteMetrics: Sendable {
                               .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250),
                               .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10)]
         f.defaultDurationHistogramBuckets = ms
+        f.valueHistogramBuckets["tandem_writes_per_proposal"] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
         factory = f
         electionsWon = Counter(label: "tandem_elections_won_total", dimensions: [], factory: f)
         stepDowns = Counter(label: "tandem_step_downs_total", dimensions: [], factory: f)
@@ -43,7 +45,11 @@ public final class SiteMetrics: Sendable {
         fsyncTimer = Timer(label: "tandem_fsync_seconds", dimensions: [], factory: f)
         commitTimer = Timer(label: "tandem_commit_seconds", dimensions: [], factory: f)
         primaryWaitTimer = Timer(label: "tandem_wait_for_primary_seconds", dimensions: [], factory: f)
+        writesPerProposal = Recorder(label: "tandem_writes_per_proposal", dimensions: [], aggregate: true, factory: f)
     }
+
+    /// For the runtime's `onProposal`: how many writes the primary proposed as one group.
+    public func proposed(writes: Int) { writesPerProposal.record(writes) }
 
     func forwardedIn() { forwardedInCounter.increment() }
     func forwardedOut() { forwardedOutCounter.increment() }

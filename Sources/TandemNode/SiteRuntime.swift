@@ -36,6 +36,9 @@ public struct NodeSettings: Sendable {
     public var maxWaitingReads = 10_000
     /// Forwarded API calls served at once for other sites, at most (beyond: 503).
     public var maxForwardedInFlight = 1_024
+    /// Called (on the loop thread: return quickly) with the number of writes in each
+    /// group proposed together (how well writes that arrive together are batched).
+    public var onProposal: @Sendable (Int) -> Void = { _ in }
 
     public init(config: ClusterConfig, site: SiteID, clusterID: ClusterID, dataDirectory: String, transport: TransportSettings) {
         self.config = config
@@ -518,9 +521,23 @@ public final class SiteRuntime: @unchecked Sendable {
                 return b
             }
             guard let batch else { break }
-            for (i, input) in batch.enumerated() {
+            var i = 0
+            while i < batch.count {
+                // Writes that arrived together are executed one after the other and proposed
+                // as one group: one log append and one message per peer for all of them.
+                var writes: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)] = []
+                while i < batch.count, case let .write(w, resume) = batch[i], writes.count < Self.maxWritesPerProposal {
+                    writes.append((w, resume))
+                    i += 1
+                }
+                if !writes.isEmpty {
+                    inputsWaiting = batch.count - i
+                    write(writes)
+                    continue
+                }
                 inputsWaiting = batch.count - 1 - i
-                handle(input)
+                handle(batch[i])
+                i += 1
             }
             inputsWaiting = 0
             if Self.clock() >= nextTick {
@@ -585,7 +602,7 @@ public final class SiteRuntime: @unchecked Sendable {
             }
             if let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
             drainStorageQueue()
-        case let .write(batch, resume): write(batch, resume)
+        case let .write(batch, resume): write([(batch, resume)])
         case let .snapshotFrame(peer, frame): snapshotFrame(peer, frame)
         case let .snapshotSent(peer): sendingSnapshot.remove(peer)
         case let .retryAppend(id, records): appendToLog(id, records)
@@ -907,27 +924,42 @@ public final class SiteRuntime: @unchecked Sendable {
 
     // MARK: Writes
 
-    private func write(_ batch: WriteBatch, _ resume: @escaping @Sendable (Result<Execution, WriteError>) -> Void) {
+    /// At most this many writes are proposed as one group (a bound on one Ready's size;
+    /// the core splits what goes to a peer by `max_message_bytes` anyway).
+    static let maxWritesPerProposal = 256
+
+    /// Executes `writes` in order at consecutive LSNs and proposes the records of those that
+    /// succeeded as one group. A write whose statements fail is answered at once and takes
+    /// no LSN; a refused proposal undoes the whole group in the store.
+    private func write(_ writes: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)]) {
         guard core.isAcceptingProposals, core.role == .primary, primaryCatchUp == nil else {
-            resume(.failure(.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)))
+            let error = WriteError.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)
+            for (_, resume) in writes { resume(.failure(error)) }
             return
         }
-        let lsn = core.nextLSN
+        let first = core.nextLSN
         let term = core.hardState.term
-        let execution: Execution
-        do { execution = try storage.store.execute(batch, lsn: lsn, term: term) } catch {
-            resume(.failure(.store(error)))
-            return
+        var executed: [(Execution, @Sendable (Result<Execution, WriteError>) -> Void)] = []
+        for (batch, resume) in writes {
+            let lsn = LSN(first.rawValue + UInt64(executed.count))
+            do { executed.append((try storage.store.execute(batch, lsn: lsn, term: term), resume)) } catch {
+                resume(.failure(.store(error)))
+            }
         }
+        guard !executed.isEmpty else { return }
         do {
-            let (proposed, ready) = try core.propose(kind: execution.record.kind, payload: execution.record.payload, at: Self.clock())
-            precondition(proposed == lsn, "the core numbered the record differently from the store")
-            waiters[lsn] = (term, resume, execution)
-            notePosition(lsn)
+            let (proposed, ready) = try core.propose(executed.map { ($0.0.record.kind, $0.0.record.payload) }, at: Self.clock())
+            precondition(proposed == first, "the core numbered the records differently from the store")
+            settings.onProposal(executed.count)
+            for (k, (execution, resume)) in executed.enumerated() {
+                let lsn = LSN(first.rawValue + UInt64(k))
+                waiters[lsn] = (term, resume, execution)
+                notePosition(lsn)
+            }
             perform(ready)
         } catch {
-            try? storage.store.rollback(to: lsn.previous)
-            resume(.failure(.refused(error)))
+            try? storage.store.rollback(to: first.previous)
+            for (_, resume) in executed { resume(.failure(.refused(error))) }
         }
     }
 
@@ -941,12 +973,12 @@ public final class SiteRuntime: @unchecked Sendable {
         let site = settings.site
         let log = settings.log
         for m in settings.schemaMigrations where m.schemaVersion > storage.store.schemaVersion {
-            write(m) { result in
+            write([(m, { @Sendable result in
                 switch result {
                 case let .success(e): log("event=schema_migrated site=\(site) version=\(m.schemaVersion) lsn=\(e.record.lsn)")
                 case let .failure(e): log("event=schema_migration_failed site=\(site) version=\(m.schemaVersion) error=\"\(e)\"")
                 }
-            }
+            })])
         }
     }
 

@@ -148,6 +148,7 @@ struct Tandemd: AsyncParsableCommand {
         var settings = NodeSettings(config: c.cluster, site: c.siteID, clusterID: c.clusterID, dataDirectory: c.dataDirectory, transport: transport)
         settings.log = { log.emit($0) }
         settings.walOptions.fsyncObserver = { metrics.fsynced(nanoseconds: $0) }
+        settings.onProposal = { metrics.proposed(writes: $0) }
         settings.schemaMigrations = TelehealthSchema.migrations
         settings.walOptions.segmentSize = c.segmentBytes
         settings.snapshotEveryRecords = c.snapshotEveryRecords

@@ -51,6 +51,42 @@ struct CoreTests {
         for id in c.cores.keys { #expect(c.committed[id] == lsn, "\(id) applies through \(lsn)") }
     }
 
+    @Test("writes proposed as a group travel as one append per peer and one log append, and commit together")
+    func groupProposal() throws {
+        var c = try Cluster(["a", "b", "c"])
+        c.run(milliseconds: 3000)
+        let p = try #require(c.primaries.first)
+        var core = try #require(c.cores[p])
+        let before = core.log.lastLSN
+        let (first, ready) = try core.propose((1...5).map { (RecordKind.changeset, Array("booking \($0)".utf8)) }, at: c.now)
+        c.cores[p] = core
+        #expect(first == before.next)
+        #expect(ready.append.map(\.lsn) == (1...5).map { LSN(before.rawValue + UInt64($0)) }, "one durable append for the group")
+        let appends = ready.messages.compactMap { m -> (SiteID, [LogRecord])? in
+            if case let .append(a) = m.body, !a.records.isEmpty { return (m.to, a.records) } else { return nil }
+        }
+        #expect(appends.count == 2, "one message per peer, not one per write")
+        for (_, records) in appends { #expect(records.count == 5) }
+        c.perform(p, ready)
+        c.deliverAll()
+        #expect(c.cores[p]?.commitLSN == LSN(before.rawValue + 5))
+    }
+
+    @Test("a group that would pass the uncommitted limit is refused whole, and nothing of it is logged")
+    func groupProposalLimit() throws {
+        var small = try Cluster(["a", "b", "c"], maxUncommitted: 4)
+        small.run(milliseconds: 3000)
+        let q = try #require(small.primaries.first)
+        var primary = try #require(small.cores[q])
+        let last = primary.log.lastLSN
+        #expect(throws: ProposalError.tooManyUncommitted(limit: 4)) {
+            _ = try primary.propose((1...5).map { (RecordKind.changeset, Array("w\($0)".utf8)) }, at: small.now)
+        }
+        #expect(primary.log.lastLSN == last, "no record of the refused group was appended")
+        let (_, ready) = try primary.propose((1...4).map { (RecordKind.changeset, Array("w\($0)".utf8)) }, at: small.now)
+        #expect(ready.append.count == 4, "a group within the limit is taken")
+    }
+
     @Test("no election happens before the lease a restart assumes has run out")
     func restartWaitsOutLease() throws {
         var c = try Cluster(["a", "b", "c"])

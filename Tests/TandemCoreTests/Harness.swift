@@ -14,11 +14,12 @@ struct Cluster {
     var committed: [SiteID: LSN] = [:]
     var roleChanges: [(SiteID, RoleChange)] = []
 
-    init(_ ids: [String], policy: CommitPolicy = .majority, domains: [String]? = nil, witness: String? = nil) throws {
+    init(_ ids: [String], policy: CommitPolicy = .majority, domains: [String]? = nil, witness: String? = nil, maxUncommitted: Int? = nil) throws {
         let sites = ids.enumerated().map { i, id in
             SiteDescriptor(id: SiteID(id), domain: FailureDomain(domains?[i] ?? "dc-\(id)"), role: id == witness ? .witness : .voter)
         }
-        let config = ClusterConfig(sites: sites, commitPolicy: policy)
+        var config = ClusterConfig(sites: sites, commitPolicy: policy)
+        if let maxUncommitted { config.limits.maxUncommittedRecords = maxUncommitted }
         for s in sites {
             cores[s.id] = try Core(id: s.id, config: config, hardState: HardState(), log: LogView(), now: now, entropy: entropy)
         }

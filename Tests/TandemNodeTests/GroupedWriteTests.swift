@@ -1,0 +1,79 @@
+import Foundation
+import Glibc
+import Testing
+import TandemCore
+import TandemModel
+import TandemStore
+@testable import TandemNode
+
+/// Counts the group sizes a runtime reports through `onProposal`.
+final class ProposalSizes: @unchecked Sendable {
+    let lock = NSLock()
+    var sizes: [Int] = []
+    func add(_ n: Int) { lock.withLock { sizes.append(n) } }
+    var all: [Int] { lock.withLock { sizes } }
+}
+
+@Suite("Writes proposed in groups", .serialized)
+struct GroupedWriteTests {
+    @Test("concurrent writes are proposed in groups; a write that fails inside a group takes no LSN and leaves the others whole")
+    func groupsWithFailures() async throws {
+        let c = try TestCluster()
+        defer { c.cleanup() }
+        let sizes = ProposalSizes()
+        c.configure = { $0.onProposal = { sizes.add($0) } }
+        for id in c.ids { try c.start(id) }
+        let p = try #require(c.primary())
+        _ = try await p.write(WriteBatch([SQLStatement("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")]))
+        _ = try await p.write(WriteBatch([SQLStatement("INSERT INTO kv (k, v) VALUES (-1, 'taken')")]))
+
+        // 64 writers, 1,200 writes; every fifth reuses key -1 and must fail on the primary key.
+        let next = Counter(0)
+        let outcomes = try await withThrowingTaskGroup(of: [(Int, Result<LSN, WriteError>)].self) { group in
+            for _ in 0..<64 {
+                group.addTask {
+                    var mine: [(Int, Result<LSN, WriteError>)] = []
+                    while true {
+                        let k = next.take()
+                        if k >= 1_200 { return mine }
+                        let key = k % 5 == 0 ? -1 : k
+                        do throws(WriteError) {
+                            let e = try await p.write(WriteBatch([SQLStatement("INSERT INTO kv (k, v) VALUES (?, ?)",
+                                                                               [.integer(Int64(key)), .text("visit-\(k)")])]))
+                            mine.append((k, .success(e.record.lsn)))
+                        } catch {
+                            mine.append((k, .failure(error)))
+                        }
+                    }
+                }
+            }
+            var all: [(Int, Result<LSN, WriteError>)] = []
+            for try await part in group { all += part }
+            return all
+        }
+        #expect(outcomes.count == 1_200)
+        var lsns: [LSN] = []
+        for (k, outcome) in outcomes {
+            switch outcome {
+            case let .success(lsn):
+                #expect(k % 5 != 0, "write \(k) reused key -1 and must have failed")
+                lsns.append(lsn)
+            case let .failure(error):
+                #expect(k % 5 == 0, "write \(k) failed: \(error)")
+                if case .store(.sqlite) = error {} else { Issue.record("write \(k) failed with \(error), not SQLite's constraint error") }
+            }
+        }
+        #expect(lsns.count == 960)
+        #expect(Set(lsns).count == lsns.count, "every acknowledged write has an LSN of its own")
+        let grouped = sizes.all.filter { $0 > 1 }
+        #expect(!grouped.isEmpty, "with 64 writers some writes were proposed together (sizes: \(sizes.all.prefix(40)))")
+
+        #expect(c.waitConverged(timeout: 20))
+        let rows = try await p.read(ReadRequest(statement: SQLStatement("SELECT count(*), sum(k) FROM kv"), consistency: .linearizable, deadline: SiteRuntime.now + 10_000_000_000))
+        let expectedSum = (0..<1_200).filter { $0 % 5 != 0 }.reduce(0, +) - 1
+        #expect(rows.rows.first == [.integer(961), .integer(Int64(expectedSum))], "each successful write once, no failed one")
+        let hashes = try c.stopAllAndHash()
+        #expect(Set(hashes.values.map(\.0)).count == 1, "every site holds the same state")
+        #expect(Set(hashes.values.map(\.1)).count == 1)
+    }
+}
