@@ -3,7 +3,7 @@ import TandemStore
 
 /// A JSON document as read from a request, kept exact (integers stay integers) so that
 /// requests can be checked strictly: unknown fields and wrong types are named in the error.
-enum JSONValue: Decodable, Sendable, Equatable {
+enum JSONValue: Sendable, Equatable {
     case null
     case bool(Bool)
     case integer(Int64)
@@ -11,20 +11,6 @@ enum JSONValue: Decodable, Sendable, Equatable {
     case string(String)
     case array([JSONValue])
     case object([String: JSONValue])
-
-    init(from decoder: any Decoder) throws {
-        if let c = try? decoder.singleValueContainer() {
-            // The commonest kinds first: each failed attempt costs a thrown error.
-            if c.decodeNil() { self = .null; return }
-            if let s = try? c.decode(String.self) { self = .string(s); return }
-            if let i = try? c.decode(Int64.self) { self = .integer(i); return }
-            if let d = try? c.decode(Double.self) { self = .number(d); return }
-            if let b = try? c.decode(Bool.self) { self = .bool(b); return }
-            if let a = try? c.decode([JSONValue].self) { self = .array(a); return }
-            if let o = try? c.decode([String: JSONValue].self) { self = .object(o); return }
-        }
-        throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a JSON value"))
-    }
 
     var typeName: String {
         switch self {
@@ -38,11 +24,13 @@ enum JSONValue: Decodable, Sendable, Equatable {
         }
     }
 
-    /// Parses a request body; the error says what is wrong with it.
+    /// Parses a request body (RFC 8259, strictly: one value, no trailing text, no duplicate
+    /// keys, at most `JSONReader.maxDepth` levels); the error says what is wrong and where.
     static func parse(_ bytes: [UInt8]) throws(APIError) -> JSONValue {
         guard !bytes.isEmpty else { throw APIError.badRequest("malformed_json", "the request needs a JSON body") }
-        do { return try JSONDecoder().decode(JSONValue.self, from: Data(bytes)) } catch {
-            throw APIError.badRequest("malformed_json", "the body is not valid JSON")
+        var reader = JSONReader(bytes)
+        do { return try reader.document() } catch {
+            throw APIError.badRequest("malformed_json", "the body is not valid JSON: \(error.reason) at byte \(error.offset)")
         }
     }
 }
