@@ -278,9 +278,7 @@ public final class StateStore: @unchecked Sendable {
         var tail: UnsafePointer<CChar>?
         let rc = s.sql.withCString { sqlite3_prepare_v2(db.handle, $0, -1, &stmt, &tail).also { _ in
             // One statement per entry: anything after the first must be blank or comments.
-            if let tail, String(cString: tail).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty == false {
-                authorizer.extraText = true
-            }
+            if let tail, !Self.isBlank(tail) { authorizer.extraText = true }
         } }
         guard rc == SQLITE_OK else {
             if let denial = authorizer.denial { throw .refused(denial, statement: index) }
@@ -323,6 +321,22 @@ public final class StateStore: @unchecked Sendable {
             throw .sqlite(e, statement: index)
         } catch {
             throw .io("\(error)")
+        }
+    }
+
+    /// Whether the text after a prepared statement is empty or whitespace. ASCII is checked
+    /// byte by byte (Foundation's trimming, run for every statement, cost more than
+    /// SQLite's parse); other text goes through Foundation's Unicode whitespace rules.
+    static func isBlank(_ tail: UnsafePointer<CChar>) -> Bool {
+        var p = tail
+        while true {
+            switch UInt8(bitPattern: p.pointee) {
+            case 0: return true
+            case 0x20, 0x09, 0x0A, 0x0B, 0x0C, 0x0D: p += 1
+            case 0x80...:
+                return String(cString: p).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
+            default: return false
+            }
         }
     }
 

@@ -91,6 +91,19 @@ struct StateStoreTests {
         #expect(try store.query(SQLStatement("SELECT applied_lsn FROM tandem_meta")).rows == [[.integer(Int64(lsn.rawValue))]])
     }
 
+    @Test("text after a statement may only be whitespace (ASCII or Unicode); anything else is a second statement")
+    func trailingText() throws {
+        for (text, blank) in [("", true), (" \n\t\r", true), ("\u{00A0}\u{2003}", true), (" ;", false), (" x", false), ("\u{00A0}x", false)] {
+            #expect(text.withCString { StateStore.isBlank($0) } == blank, "\(text.debugDescription)")
+        }
+        let dir = TempDir(); defer { dir.cleanup() }
+        let store = try telehealthStore(dir.sub("p"))
+        _ = try seedPeople(store)
+        _ = try store.execute(WriteBatch([SQLStatement("INSERT INTO patients (reference) VALUES ('P-TRAIL');  \n\t")]),
+                              lsn: store.appliedLSN.next, term: Term(1))
+        #expect(try store.query(SQLStatement("SELECT count(*) FROM patients WHERE reference = 'P-TRAIL'")).rows == [[.integer(1)]])
+    }
+
     @Test("bad input fails with SQLite's message and a clear code; nothing is half-applied")
     func badInput() throws {
         let dir = TempDir(); defer { dir.cleanup() }
