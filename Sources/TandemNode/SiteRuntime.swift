@@ -939,11 +939,12 @@ public final class SiteRuntime: @unchecked Sendable {
         }
         let first = core.nextLSN
         let term = core.hardState.term
+        // One SQLite transaction for the group; a write that fails takes no LSN.
         var executed: [(Execution, @Sendable (Result<Execution, WriteError>) -> Void)] = []
-        for (batch, resume) in writes {
-            let lsn = LSN(first.rawValue + UInt64(executed.count))
-            do { executed.append((try storage.store.execute(batch, lsn: lsn, term: term), resume)) } catch {
-                resume(.failure(.store(error)))
+        for ((_, resume), result) in zip(writes, storage.store.execute(group: writes.map(\.0), from: first, term: term)) {
+            switch result {
+            case let .success(execution): executed.append((execution, resume))
+            case let .failure(error): resume(.failure(.store(error)))
             }
         }
         guard !executed.isEmpty else { return }

@@ -189,63 +189,132 @@ public final class StateStore: @unchecked Sendable {
     /// it throws. `lsn` must follow the applied LSN.
     public func execute(_ batch: WriteBatch, lsn: LSN, term: Term) throws(StoreError) -> Execution {
         guard lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: lsn) }
-        try check(batch)
-        do { try db.exec("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
-        var session: OpaquePointer?
-        do {
-            guard sqlite3session_create(db.handle, "main", &session) == SQLITE_OK, let session else {
-                throw StoreError.sqlite(db.lastError, statement: nil)
-            }
-            guard sqlite3session_attach(session, nil) == SQLITE_OK else { throw StoreError.sqlite(db.lastError, statement: nil) }
-            var results: [StatementResult] = []
-            var isSchema: Bool?
-            var resultBytes = 0
-            for (i, s) in batch.statements.enumerated() {
-                let (result, ddl) = try run(s, index: i, mode: .write, resultBytes: &resultBytes)
-                if s.requireChanges && result.rowsAffected == 0 {
-                    throw StoreError.preconditionFailed(statement: i)
-                }
-                if let isSchema, isSchema != ddl {
-                    throw StoreError.refused("schema statements (CREATE, ALTER, DROP) must be in a batch of their own, not mixed with data statements", statement: i)
-                }
-                isSchema = ddl
-                results.append(result)
-            }
-            let kind: RecordKind
-            let payload: [UInt8]
-            var inverse: [UInt8]?
-            if isSchema == true {
-                try requirePrimaryKeys()
-                kind = .schema
-                payload = SchemaPayload.encode(batch)
-            } else {
-                kind = .changeset
-                payload = try changeset(of: session)
-                inverse = try invert(payload, lsn: lsn)
-            }
-            sqlite3session_delete(session)
-            guard payload.count <= limits.maxChangesetBytes else {
-                throw StoreError.tooLarge(what: "the batch's changeset", size: payload.count, limit: limits.maxChangesetBytes)
-            }
-            try withInternal {
-                try pruneUndo()
-                insertUndo.reset()
-                try insertUndo.bind([.integer(Int64(lsn.rawValue)), .integer(Int64(kind.rawValue)),
-                                     .integer(Int64(appliedTerm.rawValue)), inverse.map { .blob($0) } ?? .null])
-                _ = try insertUndo.step()
-                let version = kind == .schema && batch.schemaVersion > 0 ? batch.schemaVersion : schemaVersion
-                try setApplied(lsn, term, version: version)
-                try db.exec("COMMIT")
-                schemaVersion = version
-            }
-            appliedLSN = lsn
-            appliedTerm = term
-            return Execution(record: LogRecord(term: term, lsn: lsn, kind: kind, payload: payload), results: results)
-        } catch {
-            if let session { sqlite3session_delete(session) }
-            rollbackTransaction()
-            throw Self.storeError(error)
+        guard let result = execute(group: [batch], from: lsn, term: term).first else {
+            throw .refused("a batch needs at least one statement", statement: nil)
         }
+        return try result.get()
+    }
+
+    /// Runs `batches` in order at consecutive LSNs from `first` (which must follow the
+    /// applied LSN), in one SQLite transaction: a group of writes the primary received
+    /// together costs one commit (one write of each page they share to SQLite's WAL, one
+    /// round of file locks) instead of one each, which was most of a write's cost here.
+    /// Each batch runs under a savepoint of its own, so one that fails takes no LSN and
+    /// changes nothing, and the others keep theirs; its changeset, inverse and undo row are
+    /// its own, as if it had run alone. If the transaction cannot commit, every batch fails
+    /// with that error and nothing changes.
+    public func execute(group batches: [WriteBatch], from first: LSN, term: Term) -> [Result<Execution, StoreError>] {
+        guard !batches.isEmpty else { return [] }
+        guard first == appliedLSN.next else {
+            let e = StoreError.outOfOrder(expected: appliedLSN.next, got: first)
+            return batches.map { _ in .failure(e) }
+        }
+        do { try db.exec("BEGIN IMMEDIATE") } catch {
+            let e = StoreError.sqlite(error, statement: nil)
+            return batches.map { _ in .failure(e) }
+        }
+        // Savepoints only when there is something to keep apart (a lone write rolls the
+        // whole transaction back instead).
+        let grouped = batches.count > 1
+        var results: [Result<Execution, StoreError>] = []
+        var lsn = first
+        var previousTerm = appliedTerm
+        var version = schemaVersion
+        do { try withInternal { try pruneUndo() } } catch {
+            rollbackTransaction()
+            return batches.map { _ in .failure(error) }
+        }
+        for batch in batches {
+            do {
+                if grouped { try withInternal { try db.exec("SAVEPOINT tandem_write") } }
+                let e = try executeInTransaction(batch, lsn: lsn, term: term, previousTerm: previousTerm, version: &version)
+                if grouped { try withInternal { try db.exec("RELEASE tandem_write") } }
+                results.append(.success(e))
+                previousTerm = term
+                lsn = lsn.next
+            } catch {
+                guard grouped else {
+                    rollbackTransaction()
+                    return [.failure(error)]
+                }
+                do {
+                    try withInternal { try db.exec("ROLLBACK TO tandem_write; RELEASE tandem_write") }
+                } catch let undo {
+                    // The transaction cannot be trusted to hold only the earlier writes.
+                    rollbackTransaction()
+                    return batches.map { _ in .failure(undo) }
+                }
+                results.append(.failure(error))
+            }
+        }
+        guard lsn > first else {
+            rollbackTransaction()
+            return results
+        }
+        do {
+            try withInternal {
+                try setApplied(lsn.previous, term, version: version)
+                try db.exec("COMMIT")
+            }
+        } catch {
+            rollbackTransaction()
+            return results.map { r in r.flatMap { _ in .failure(error) } }
+        }
+        appliedLSN = lsn.previous
+        appliedTerm = term
+        schemaVersion = version
+        return results
+    }
+
+    /// One batch inside the open transaction: its statements, changeset (or schema
+    /// record), inverse and undo row. Throws with the batch's changes still to be undone
+    /// by the caller.
+    private func executeInTransaction(_ batch: WriteBatch, lsn: LSN, term: Term, previousTerm: Term,
+                                      version: inout Int) throws(StoreError) -> Execution {
+        try check(batch)
+        var session: OpaquePointer?
+        defer { if let session { sqlite3session_delete(session) } }
+        guard sqlite3session_create(db.handle, "main", &session) == SQLITE_OK, let session else {
+            throw StoreError.sqlite(db.lastError, statement: nil)
+        }
+        guard sqlite3session_attach(session, nil) == SQLITE_OK else { throw StoreError.sqlite(db.lastError, statement: nil) }
+        var results: [StatementResult] = []
+        var isSchema: Bool?
+        var resultBytes = 0
+        for (i, s) in batch.statements.enumerated() {
+            let (result, ddl) = try run(s, index: i, mode: .write, resultBytes: &resultBytes)
+            if s.requireChanges && result.rowsAffected == 0 {
+                throw StoreError.preconditionFailed(statement: i)
+            }
+            if let isSchema, isSchema != ddl {
+                throw StoreError.refused("schema statements (CREATE, ALTER, DROP) must be in a batch of their own, not mixed with data statements", statement: i)
+            }
+            isSchema = ddl
+            results.append(result)
+        }
+        let kind: RecordKind
+        let payload: [UInt8]
+        var inverse: [UInt8]?
+        if isSchema == true {
+            try requirePrimaryKeys()
+            kind = .schema
+            payload = SchemaPayload.encode(batch)
+        } else {
+            kind = .changeset
+            payload = try changeset(of: session)
+            inverse = try invert(payload, lsn: lsn)
+        }
+        guard payload.count <= limits.maxChangesetBytes else {
+            throw StoreError.tooLarge(what: "the batch's changeset", size: payload.count, limit: limits.maxChangesetBytes)
+        }
+        try withInternal {
+            insertUndo.reset()
+            try insertUndo.bind([.integer(Int64(lsn.rawValue)), .integer(Int64(kind.rawValue)),
+                                 .integer(Int64(previousTerm.rawValue)), inverse.map { .blob($0) } ?? .null])
+            _ = try insertUndo.step()
+        }
+        if kind == .schema && batch.schemaVersion > 0 { version = batch.schemaVersion }
+        return Execution(record: LogRecord(term: term, lsn: lsn, kind: kind, payload: payload), results: results)
     }
 
     private func check(_ batch: WriteBatch) throws(StoreError) {

@@ -166,6 +166,58 @@ struct StateStoreTests {
         #expect(throws: StoreError.self) { try primary.rollback(to: LSN(1)) }
     }
 
+    @Test("a group of writes runs in one transaction: one that fails takes no LSN, the others keep theirs, and each changeset stands alone")
+    func groupedWrites() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        try replica.apply(try replayable(primary))
+        var records = [try seedPeople(primary)]
+        let committed = primary.appliedLSN
+        primary.markCommitted(through: committed)
+        let before = try primary.stateHash()
+        let group: [WriteBatch] = [
+            booking(1),
+            booking(1, at: "2021-03-10T11:00:00Z"),  // the same id again: a constraint error
+            WriteBatch([SQLStatement("UPDATE appointments SET status = 'cancelled' WHERE id = 1")]),  // the row written just before
+            WriteBatch([SQLStatement("INSERT INTO nowhere VALUES (1)")]),  // no such table
+            booking(2, patient: 2),
+        ]
+        let results = primary.execute(group: group, from: committed.next, term: Term(2))
+        #expect(results.count == 5)
+        let lsns = results.compactMap { try? $0.get().record.lsn }
+        #expect(lsns == [committed.next, LSN(committed.rawValue + 2), LSN(committed.rawValue + 3)], "failed writes take no LSN")
+        if case .failure(let e) = results[1] { #expect(e.code == "constraint", "\(e)") } else { Issue.record("the duplicate id was accepted") }
+        if case .failure(let e) = results[3] { #expect(e.code == "sql_error", "\(e)") } else { Issue.record("the missing table was accepted") }
+        #expect(primary.appliedLSN == LSN(committed.rawValue + 3))
+        #expect(try primary.query(SQLStatement("SELECT id, status FROM appointments ORDER BY id")).rows
+                == [[.integer(1), .text("cancelled")], [.integer(2), .text("booked")]])
+        // Each record replays on its own, in order: the replica reaches the same state.
+        records.append(contentsOf: results.compactMap { try? $0.get().record })
+        try replica.apply(records)
+        #expect(try replica.stateHash() == primary.stateHash())
+        // And a deposed primary undoes the group's records like any others.
+        try primary.rollback(to: committed)
+        #expect(try primary.stateHash() == before)
+        #expect(primary.appliedLSN == committed)
+        #expect(primary.appliedTerm == Term(1), "the undo rows kept the term before the group")
+    }
+
+    @Test("a group whose writes all fail changes nothing and takes no LSN")
+    func groupAllFail() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        _ = try seedPeople(primary)
+        let lsn = primary.appliedLSN
+        let before = try primary.stateHash()
+        let results = primary.execute(group: [WriteBatch([SQLStatement("INSERT INTO nowhere VALUES (1)")]),
+                                              WriteBatch([SQLStatement("DELETE FROM tandem_undo")])], from: lsn.next, term: Term(1))
+        #expect(results.allSatisfy { if case .failure = $0 { true } else { false } })
+        #expect(primary.appliedLSN == lsn)
+        #expect(try primary.stateHash() == before)
+        _ = try primary.execute(booking(7), lsn: lsn.next, term: Term(1))
+    }
+
     @Test("a schema change in the uncommitted tail asks for a rebuild")
     func schemaTailNeedsRebuild() throws {
         let dir = TempDir(); defer { dir.cleanup() }
