@@ -26,6 +26,18 @@ public final class StateStore: @unchecked Sendable {
     private let statementClock = StatementClock()
     private var updateMeta: PreparedStatement
     private var insertUndo: PreparedStatement
+    /// Client statements already prepared and authorized, by SQL text and authorizer
+    /// mode: the same few statements come again and again, and parsing and authorizing
+    /// one took about a third of a write's time in the store. Schema statements are never
+    /// kept; SQLite prepares a kept statement again by itself after a schema change (and
+    /// asks the authorizer again then).
+    private var statementCache: [StatementKey: PreparedStatement] = [:]
+    static let statementCacheLimit = 256
+
+    struct StatementKey: Hashable {
+        var sql: String
+        var mode: Authorizer.Mode
+    }
     public private(set) var appliedLSN: LSN
     public private(set) var appliedTerm: Term
     public private(set) var schemaVersion: Int
@@ -272,9 +284,9 @@ public final class StateStore: @unchecked Sendable {
     private func executeInTransaction(_ batch: WriteBatch, lsn: LSN, term: Term, previousTerm: Term,
                                       version: inout Int) throws(StoreError) -> Execution {
         try check(batch)
-        var session: OpaquePointer?
-        defer { if let session { sqlite3session_delete(session) } }
-        guard sqlite3session_create(db.handle, "main", &session) == SQLITE_OK, let session else {
+        var sessionHandle: OpaquePointer?
+        defer { if let sessionHandle { sqlite3session_delete(sessionHandle) } }
+        guard sqlite3session_create(db.handle, "main", &sessionHandle) == SQLITE_OK, let session = sessionHandle else {
             throw StoreError.sqlite(db.lastError, statement: nil)
         }
         guard sqlite3session_attach(session, nil) == SQLITE_OK else { throw StoreError.sqlite(db.lastError, statement: nil) }
@@ -304,6 +316,9 @@ public final class StateStore: @unchecked Sendable {
             payload = try changeset(of: session)
             inverse = try invert(payload, lsn: lsn)
         }
+        // Detached before the undo row goes in, which the session need not track.
+        sqlite3session_delete(session)
+        sessionHandle = nil
         guard payload.count <= limits.maxChangesetBytes else {
             throw StoreError.tooLarge(what: "the batch's changeset", size: payload.count, limit: limits.maxChangesetBytes)
         }
@@ -343,25 +358,39 @@ public final class StateStore: @unchecked Sendable {
             authorizer.mode = .internal
             statementClock.deadline = 0
         }
-        var stmt: OpaquePointer?
-        var tail: UnsafePointer<CChar>?
-        let rc = s.sql.withCString { sqlite3_prepare_v2(db.handle, $0, -1, &stmt, &tail).also { _ in
-            // One statement per entry: anything after the first must be blank or comments.
-            if let tail, !Self.isBlank(tail) { authorizer.extraText = true }
-        } }
-        guard rc == SQLITE_OK else {
-            if let denial = authorizer.denial { throw .refused(denial, statement: index) }
-            throw .sqlite(db.lastError, statement: index)
+        let key = StatementKey(sql: s.sql, mode: mode)
+        let prepared: PreparedStatement
+        let ddl: Bool
+        if let kept = statementCache[key] {
+            prepared = kept
+            ddl = false
+        } else {
+            var stmt: OpaquePointer?
+            var tail: UnsafePointer<CChar>?
+            let rc = s.sql.withCString { sqlite3_prepare_v2(db.handle, $0, -1, &stmt, &tail).also { _ in
+                // One statement per entry: anything after the first must be blank or comments.
+                if let tail, !Self.isBlank(tail) { authorizer.extraText = true }
+            } }
+            guard rc == SQLITE_OK else {
+                if let denial = authorizer.denial { throw .refused(denial, statement: index) }
+                throw .sqlite(db.lastError, statement: index)
+            }
+            guard let stmt else { throw .refused("the statement is empty", statement: index) }
+            prepared = PreparedStatement(stmt, connection: db)
+            if authorizer.extraText {
+                throw .refused("one SQL statement per entry: send further statements as further entries", statement: index)
+            }
+            if mode == .read && !prepared.isReadOnly {
+                throw .refused("a query must not write: use execute", statement: index)
+            }
+            ddl = authorizer.sawDDL
+            if !ddl {
+                if statementCache.count >= Self.statementCacheLimit { statementCache.removeAll() }
+                statementCache[key] = prepared
+            }
         }
-        guard let stmt else { throw .refused("the statement is empty", statement: index) }
-        let prepared = PreparedStatement(stmt, connection: db)
-        if authorizer.extraText {
-            throw .refused("one SQL statement per entry: send further statements as further entries", statement: index)
-        }
-        if mode == .read && !prepared.isReadOnly {
-            throw .refused("a query must not write: use execute", statement: index)
-        }
-        let ddl = authorizer.sawDDL
+        // Ready for its next use (a kept statement), and no read left open.
+        defer { prepared.reset() }
         do {
             try prepared.bind(s.params)
             var rows: [[SQLValue]] = []

@@ -203,6 +203,35 @@ struct StateStoreTests {
         #expect(primary.appliedTerm == Term(1), "the undo rows kept the term before the group")
     }
 
+    @Test("kept (prepared) statements follow schema changes, and what was refused stays refused")
+    func statementCache() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let store = try telehealthStore(dir.sub("p"))
+        func write(_ sql: String, _ params: [SQLValue] = []) throws { _ = try store.execute(WriteBatch([SQLStatement(sql, params)]), lsn: store.appliedLSN.next, term: Term(1)) }
+        try write("CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT)")
+        let insert = "INSERT INTO rooms (id, name) VALUES (?, ?)"
+        let select = SQLStatement("SELECT * FROM rooms ORDER BY id")
+        try write(insert, [.integer(1), .text("a")])
+        #expect(try store.query(select).columns == ["id", "name"])
+        try write("ALTER TABLE rooms ADD COLUMN floor INTEGER")
+        try write(insert, [.integer(2), .text("b")])
+        #expect(try store.query(select).columns == ["id", "name", "floor"], "the kept query sees the new column")
+        try write("DROP TABLE rooms")
+        #expect(throws: StoreError.self) { try write(insert, [.integer(3), .text("c")]) }
+        try write("CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+        try write(insert, [.integer(3), .text("c")])
+        #expect(try store.query(select).rows == [[.integer(3), .text("c")]])
+        // A write refused as a query is refused every time, even once kept as a write, and a
+        // refused table stays refused.
+        try write("DELETE FROM rooms WHERE id = 99")
+        #expect(throws: StoreError.self) { _ = try store.query(SQLStatement("DELETE FROM rooms WHERE id = 99")) }
+        for _ in 0..<2 {
+            #expect(throws: StoreError.self) { _ = try store.query(SQLStatement("DELETE FROM rooms")) }
+            #expect(throws: StoreError.self) { try write("UPDATE tandem_meta SET applied_lsn = 99") }
+        }
+        #expect(try store.query(select).rows.count == 1)
+    }
+
     @Test("a group whose writes all fail changes nothing and takes no LSN")
     func groupAllFail() throws {
         let dir = TempDir(); defer { dir.cleanup() }
