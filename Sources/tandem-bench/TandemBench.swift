@@ -199,36 +199,34 @@ struct ApplyBench: AsyncParsableCommand {
         let setup = log.count
         // The primary's side of the same writes: each executed in its own transaction with
         // its changeset, inverse and undo row, as a write arrives (the loop's cost per write).
+        @Sendable func booking(_ i: Int) -> WriteBatch {
+            WriteBatch([SQLStatement(
+                "INSERT INTO appointments (practitioner_id, patient_id, starts_at, duration_minutes, mode, booked_at_site) VALUES (1, ?, ?, 20, 'video', 'sbg')",
+                [.integer(Int64(1 + i % 1000)), .text("2021-03-\(10 + i % 18)T\(8 + i % 10):00:00Z")])])
+        }
+        func report(group: Int, since start: UInt64) {
+            let seconds = Double(monotonicNanoseconds() - start) / 1e9
+            let micros = round3(seconds / Double(count) * 1e6)
+            emit(["bench": "store.execute", "records": count, "writes_per_group": group, "seconds": round3(seconds),
+                  "writes_per_second": round3(Double(count) / seconds), "microseconds_per_write": micros])
+            note("executed \(count) single-row writes on a primary's store, \(group) per transaction: \(Int(Double(count) / seconds))/s, \(micros) µs each")
+        }
         let executeStart = monotonicNanoseconds()
         for i in 0..<count {
-            let e = try primary.execute(WriteBatch([SQLStatement(
-                "INSERT INTO appointments (practitioner_id, patient_id, starts_at, duration_minutes, mode, booked_at_site) VALUES (1, ?, ?, 20, 'video', 'sbg')",
-                [.integer(Int64(1 + i % 1000)), .text("2021-03-\(10 + i % 18)T\(8 + i % 10):00:00Z")])]), lsn: primary.appliedLSN.next, term: Term(1))
-            log.append(e.record)
+            log.append(try primary.execute(booking(i), lsn: primary.appliedLSN.next, term: Term(1)).record)
             if i % 1000 == 0 { primary.markCommitted(through: primary.appliedLSN) }
         }
-        let executeSeconds = Double(monotonicNanoseconds() - executeStart) / 1e9
-        emit(["bench": "store.execute", "records": count, "writes_per_group": 1, "seconds": round3(executeSeconds),
-              "writes_per_second": round3(Double(count) / executeSeconds), "microseconds_per_write": round3(executeSeconds / Double(count) * 1e6)])
-        note("executed \(count) single-row writes on the primary's store: \(Int(Double(count) / executeSeconds))/s, \(round3(executeSeconds / Double(count) * 1e6)) µs each")
+        report(group: 1, since: executeStart)
         // The same writes arriving 16 at a time, executed as one group (one transaction).
         let grouped = try StateStore.create(directory: dir + "/grouped", clusterID: cluster)
         try grouped.apply(Array(log[0..<setup]))
         let groupStart = monotonicNanoseconds()
-        var k = 0
-        while k < count {
-            let n = min(16, count - k)
-            let batches = (k..<(k + n)).map { i in WriteBatch([SQLStatement(
-                "INSERT INTO appointments (practitioner_id, patient_id, starts_at, duration_minutes, mode, booked_at_site) VALUES (1, ?, ?, 20, 'video', 'sbg')",
-                [.integer(Int64(1 + i % 1000)), .text("2021-03-\(10 + i % 18)T\(8 + i % 10):00:00Z")])]) }
+        for k in stride(from: 0, to: count, by: 16) {
+            let batches = (k..<min(count, k + 16)).map(booking)
             for r in grouped.execute(group: batches, from: grouped.appliedLSN.next, term: Term(1)) { _ = try r.get() }
             if (k / 16) % 64 == 0 { grouped.markCommitted(through: grouped.appliedLSN) }
-            k += n
         }
-        let groupSeconds = Double(monotonicNanoseconds() - groupStart) / 1e9
-        emit(["bench": "store.execute", "records": count, "writes_per_group": 16, "seconds": round3(groupSeconds),
-              "writes_per_second": round3(Double(count) / groupSeconds), "microseconds_per_write": round3(groupSeconds / Double(count) * 1e6)])
-        note("executed them again 16 to a group (one transaction each): \(Int(Double(count) / groupSeconds))/s, \(round3(groupSeconds / Double(count) * 1e6)) µs each")
+        report(group: 16, since: groupStart)
         let replica = try StateStore.create(directory: dir + "/replica", clusterID: cluster)
         try replica.apply(Array(log[0..<setup]))
         let t = monotonicNanoseconds()
