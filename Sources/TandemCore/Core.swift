@@ -184,22 +184,32 @@ public struct Core: Sendable {
     /// per record; the caller groups the writes that arrived together.
     public mutating func propose(_ records: [(kind: RecordKind, payload: [UInt8])], at time: Instant) throws(ProposalError) -> (LSN, Ready) {
         now = max(now, time)
-        guard role == .primary else { throw .notPrimary(knownPrimary: primaryID) }
-        guard transfer == nil else { throw .switchoverInProgress }
-        // No new write is taken without a lease: a primary that may already have been
-        // replaced stops accepting writes before its lease can have expired anywhere.
-        guard now < leaseUntil else { throw .noLease }
-        let uncommitted = Int(log.lastLSN.rawValue - commitLSN.rawValue)
-        guard uncommitted + records.count <= config.limits.maxUncommittedRecords else {
-            throw .tooManyUncommitted(limit: config.limits.maxUncommittedRecords)
-        }
-        if case let .async(maxLag) = config.commitPolicy, config.sites.count > 1 {
-            let lag = log.lastLSN.rawValue - replicaQuorumMatch().rawValue
-            guard lag < maxLag else { throw .replicasTooFarBehind(lagRecords: lag, limit: maxLag) }
-        }
+        if let refusal = proposalRefusal(count: records.count, at: now) { throw refusal }
         let first = log.lastLSN.next
         for r in records { _ = appendLocal(kind: r.kind, payload: r.payload) }
         return (first, takeReady())
+    }
+
+    /// Why a group of `count` records proposed at `time` would be refused, or nil. The
+    /// driver asks before it executes writes, so that it does not execute what the core
+    /// would refuse (`propose` asks again).
+    public func proposalRefusal(count: Int, at time: Instant) -> ProposalError? {
+        guard role == .primary else { return .notPrimary(knownPrimary: primaryID) }
+        guard transfer == nil else { return .switchoverInProgress }
+        // No new write is taken without a lease: a primary that may already have been
+        // replaced stops accepting writes before its lease can have expired anywhere.
+        guard max(now, time) < leaseUntil else { return .noLease }
+        guard count <= uncommittedRoom else { return .tooManyUncommitted(limit: config.limits.maxUncommittedRecords) }
+        if case let .async(maxLag) = config.commitPolicy, config.sites.count > 1 {
+            let lag = log.lastLSN.rawValue - replicaQuorumMatch().rawValue
+            guard lag + UInt64(max(1, count)) <= maxLag else { return .replicasTooFarBehind(lagRecords: lag, limit: maxLag) }
+        }
+        return nil
+    }
+
+    /// How many more records may be proposed before the uncommitted limit is reached.
+    public var uncommittedRoom: Int {
+        max(0, config.limits.maxUncommittedRecords - Int(log.lastLSN.rawValue - commitLSN.rawValue))
     }
 
     /// The next LSN a proposal would get (the state store executes at it first).

@@ -228,8 +228,10 @@ struct JSONReader {
         guard let d = Double(String(decoding: bytes[start..<i], as: UTF8.self)), d.isFinite else {
             throw JSONSyntaxError(reason: "a number out of range", offset: start)
         }
-        // Whole numbers that fit are integers, as they were before (2.0 binds as 2).
-        if d == d.rounded(), d >= -9_223_372_036_854_775_808, d < 9_223_372_036_854_775_808 { return .integer(Int64(d)) }
+        // A whole number written with a fraction or an exponent is an integer, as it was
+        // before (2.0 binds as 2), where the double surely holds it exactly (below 2^53); an
+        // integer literal beyond 64 bits stays a double rather than be clamped.
+        if !integral, d == d.rounded(), abs(d) < 9_007_199_254_740_992 { return .integer(Int64(d)) }
         return .number(d)
     }
 

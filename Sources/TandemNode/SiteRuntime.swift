@@ -931,11 +931,22 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Executes `writes` in order at consecutive LSNs and proposes the records of those that
     /// succeeded as one group. A write whose statements fail is answered at once and takes
     /// no LSN; a refused proposal undoes the whole group in the store.
-    private func write(_ writes: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)]) {
+    private func write(_ group: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)]) {
         guard core.isAcceptingProposals, core.role == .primary, primaryCatchUp == nil else {
             let error = WriteError.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)
-            for (_, resume) in writes { resume(.failure(error)) }
+            for (_, resume) in group { resume(.failure(error)) }
             return
+        }
+        // What the core would refuse is refused before anything is executed; a group larger
+        // than the room left under the uncommitted limit is cut to that room.
+        let room = core.uncommittedRoom
+        if let refusal = core.proposalRefusal(count: min(group.count, max(1, room)), at: Self.clock()) {
+            for (_, resume) in group { resume(.failure(.refused(refusal))) }
+            return
+        }
+        let writes = Array(group.prefix(room))
+        for (_, resume) in group.dropFirst(room) {
+            resume(.failure(.refused(.tooManyUncommitted(limit: settings.config.limits.maxUncommittedRecords))))
         }
         let first = core.nextLSN
         let term = core.hardState.term
@@ -959,7 +970,15 @@ public final class SiteRuntime: @unchecked Sendable {
             }
             perform(ready)
         } catch {
-            try? storage.store.rollback(to: first.previous)
+            // Rare: the lease ran out while the group executed. The store must not stay
+            // ahead of the log; a schema record cannot be undone in place, and then this
+            // site stops (a restart or rebuild brings it back in line).
+            do { try storage.store.rollback(to: first.previous) } catch let undo {
+                settings.log("event=store_ahead_of_log site=\(settings.site) lsn=\(first) error=\"\(undo)\"")
+                for (_, resume) in executed { resume(.failure(.refused(error))) }
+                failStop()
+                return
+            }
             for (_, resume) in executed { resume(.failure(.refused(error))) }
         }
     }

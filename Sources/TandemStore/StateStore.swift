@@ -34,9 +34,20 @@ public final class StateStore: @unchecked Sendable {
     private var statementCache: [StatementKey: PreparedStatement] = [:]
     static let statementCacheLimit = 256
 
+    /// Compared byte for byte: Swift's String equality treats canonically equivalent text
+    /// as equal (a precomposed "é" and "e" with a combining accent), and a kept statement
+    /// must be the very bytes the client sent.
     struct StatementKey: Hashable {
         var sql: String
         var mode: Authorizer.Mode
+
+        static func == (a: StatementKey, b: StatementKey) -> Bool { a.mode == b.mode && a.sql.utf8.elementsEqual(b.sql.utf8) }
+
+        func hash(into hasher: inout Hasher) {
+            hasher.combine(mode)
+            hasher.combine(sql.utf8.count)
+            for byte in sql.utf8 { hasher.combine(byte) }
+        }
     }
     public private(set) var appliedLSN: LSN
     public private(set) var appliedTerm: Term
@@ -221,9 +232,29 @@ public final class StateStore: @unchecked Sendable {
             let e = StoreError.outOfOrder(expected: appliedLSN.next, got: first)
             return batches.map { _ in .failure(e) }
         }
+        // A write whose failure took the whole transaction with it (a statement timeout,
+        // an OR ROLLBACK conflict clause, RAISE(ROLLBACK), an I/O error) is set aside with
+        // its error and the group runs again without it: one client's write must not fail
+        // the others. Each round sets one write aside, so this ends.
+        var setAside: [Int: StoreError] = [:]
+        while true {
+            switch attempt(batches, setAside: setAside, from: first, term: term) {
+            case let .done(results): return results
+            case let .again(index, error): setAside[index] = error
+            }
+        }
+    }
+
+    private enum GroupAttempt {
+        case done([Result<Execution, StoreError>])
+        /// The write at `index` failed and SQLite rolled back the whole transaction.
+        case again(index: Int, error: StoreError)
+    }
+
+    private func attempt(_ batches: [WriteBatch], setAside: [Int: StoreError], from first: LSN, term: Term) -> GroupAttempt {
         do { try db.exec("BEGIN IMMEDIATE") } catch {
             let e = StoreError.sqlite(error, statement: nil)
-            return batches.map { _ in .failure(e) }
+            return .done(batches.map { _ in .failure(e) })
         }
         // Savepoints only when there is something to keep apart (a lone write rolls the
         // whole transaction back instead).
@@ -234,34 +265,49 @@ public final class StateStore: @unchecked Sendable {
         var version = schemaVersion
         do { try withInternal { try pruneUndo() } } catch {
             rollbackTransaction()
-            return batches.map { _ in .failure(error) }
+            return .done(batches.map { _ in .failure(error) })
         }
-        for batch in batches {
-            do {
+        for (index, batch) in batches.enumerated() {
+            if let error = setAside[index] {
+                results.append(.failure(error))
+                continue
+            }
+            do throws(StoreError) {
                 if grouped { try withInternal { try db.exec("SAVEPOINT tandem_write") } }
-                let e = try executeInTransaction(batch, lsn: lsn, term: term, previousTerm: previousTerm, version: &version)
-                if grouped { try withInternal { try db.exec("RELEASE tandem_write") } }
+                let e = try executeInTransaction(batch, lsn: lsn, term: term, previousTerm: previousTerm)
+                if grouped {
+                    // RELEASE does not check deferred foreign keys (only COMMIT does): a
+                    // write that leaves one unresolved fails here, on its own, so that no
+                    // record depends on a later one to be valid.
+                    if deferredForeignKeyViolations() > 0 {
+                        throw StoreError.sqlite(SQLiteError(code: SQLITE_CONSTRAINT, extendedCode: SQLITE_CONSTRAINT | (3 << 8),  // SQLITE_CONSTRAINT_FOREIGNKEY (a macro Swift does not see)
+                                                            message: "FOREIGN KEY constraint failed"), statement: nil)
+                    }
+                    try withInternal { try db.exec("RELEASE tandem_write") }
+                }
+                if e.record.kind == .schema && batch.schemaVersion > 0 { version = batch.schemaVersion }
                 results.append(.success(e))
                 previousTerm = term
                 lsn = lsn.next
             } catch {
                 guard grouped else {
                     rollbackTransaction()
-                    return [.failure(error)]
+                    return .done([.failure(error)])
                 }
+                guard db.inTransaction else { return .again(index: index, error: error) }
                 do {
                     try withInternal { try db.exec("ROLLBACK TO tandem_write; RELEASE tandem_write") }
                 } catch let undo {
                     // The transaction cannot be trusted to hold only the earlier writes.
                     rollbackTransaction()
-                    return batches.map { _ in .failure(undo) }
+                    return .done(batches.map { _ in .failure(undo) })
                 }
                 results.append(.failure(error))
             }
         }
         guard lsn > first else {
             rollbackTransaction()
-            return results
+            return .done(results)
         }
         do {
             try withInternal {
@@ -270,19 +316,26 @@ public final class StateStore: @unchecked Sendable {
             }
         } catch {
             rollbackTransaction()
-            return results.map { r in r.flatMap { _ in .failure(error) } }
+            return .done(results.map { r in r.flatMap { _ in .failure(error) } })
         }
         appliedLSN = lsn.previous
         appliedTerm = term
         schemaVersion = version
-        return results
+        return .done(results)
+    }
+
+    /// Deferred foreign-key violations the open transaction holds now.
+    private func deferredForeignKeyViolations() -> Int32 {
+        var current: Int32 = 0
+        var highest: Int32 = 0
+        _ = sqlite3_db_status(db.handle, SQLITE_DBSTATUS_DEFERRED_FKS, &current, &highest, 0)
+        return current
     }
 
     /// One batch inside the open transaction: its statements, changeset (or schema
     /// record), inverse and undo row. Throws with the batch's changes still to be undone
     /// by the caller.
-    private func executeInTransaction(_ batch: WriteBatch, lsn: LSN, term: Term, previousTerm: Term,
-                                      version: inout Int) throws(StoreError) -> Execution {
+    private func executeInTransaction(_ batch: WriteBatch, lsn: LSN, term: Term, previousTerm: Term) throws(StoreError) -> Execution {
         try check(batch)
         var sessionHandle: OpaquePointer?
         defer { if let sessionHandle { sqlite3session_delete(sessionHandle) } }
@@ -328,7 +381,6 @@ public final class StateStore: @unchecked Sendable {
                                  .integer(Int64(previousTerm.rawValue)), inverse.map { .blob($0) } ?? .null])
             _ = try insertUndo.step()
         }
-        if kind == .schema && batch.schemaVersion > 0 { version = batch.schemaVersion }
         return Execution(record: LogRecord(term: term, lsn: lsn, kind: kind, payload: payload), results: results)
     }
 
@@ -384,7 +436,7 @@ public final class StateStore: @unchecked Sendable {
                 throw .refused("a query must not write: use execute", statement: index)
             }
             ddl = authorizer.sawDDL
-            if !ddl {
+            if !ddl && !authorizer.sawPragma {
                 if statementCache.count >= Self.statementCacheLimit { statementCache.removeAll() }
                 statementCache[key] = prepared
             }
@@ -712,12 +764,16 @@ final class Authorizer {
     enum Mode { case `internal`, write, replay, read }
     var mode: Mode = .internal
     var sawDDL = false
+    /// A PRAGMA was read: its answer may depend on more than the schema, so the statement
+    /// is not kept prepared.
+    var sawPragma = false
     var denial: String?
     var extraText = false
 
     func begin(_ mode: Mode) {
         self.mode = mode
         sawDDL = false
+        sawPragma = false
         denial = nil
         extraText = false
     }
@@ -752,6 +808,7 @@ final class Authorizer {
         case SQLITE_ATTACH, SQLITE_DETACH:
             return deny("ATTACH and DETACH are refused: only the replicated database is reachable")
         case SQLITE_PRAGMA:
+            sawPragma = true
             let name = a3?.lowercased() ?? ""
             let readable: Set<String> = ["table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"]
             // Read-only introspection is harmless, and the session extension itself reads

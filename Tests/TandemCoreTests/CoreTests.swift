@@ -83,8 +83,13 @@ struct CoreTests {
             _ = try primary.propose((1...5).map { (RecordKind.changeset, Array("w\($0)".utf8)) }, at: small.now)
         }
         #expect(primary.log.lastLSN == last, "no record of the refused group was appended")
+        #expect(primary.uncommittedRoom == 4)
+        #expect(primary.proposalRefusal(count: 5, at: small.now) == .tooManyUncommitted(limit: 4))
+        #expect(primary.proposalRefusal(count: 4, at: small.now) == nil, "the driver may ask before it executes")
         let (_, ready) = try primary.propose((1...4).map { (RecordKind.changeset, Array("w\($0)".utf8)) }, at: small.now)
         #expect(ready.append.count == 4, "a group within the limit is taken")
+        #expect(primary.uncommittedRoom == 0)
+        #expect(primary.proposalRefusal(count: 1, at: small.now) == .tooManyUncommitted(limit: 4))
     }
 
     @Test("no election happens before the lease a restart assumes has run out")

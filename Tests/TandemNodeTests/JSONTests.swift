@@ -72,6 +72,8 @@ struct JSONTests {
         #expect(try JSONValue.parse(Array("9223372036854775807".utf8)) == .integer(.max))
         #expect(try JSONValue.parse(Array("-9223372036854775808".utf8)) == .integer(.min))
         #expect(try JSONValue.parse(Array("9223372036854775808".utf8)) == .number(9223372036854775808))
+        #expect(try JSONValue.parse(Array("-9223372036854775809".utf8)) == .number(-9.223372036854775808e18), "not clamped to Int64.min")
+        #expect(try JSONValue.parse(Array("9007199254740993.0".utf8)) == .number(9.007199254740992e15), "from 2^53 on, a double is not exact")
         #expect(try JSONValue.parse(Array("2.0".utf8)) == .integer(2))
         #expect(try JSONValue.parse(Array("1e2".utf8)) == .integer(100))
         #expect(try JSONValue.parse(Array("-0.5".utf8)) == .number(-0.5))

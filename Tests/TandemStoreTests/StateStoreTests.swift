@@ -232,6 +232,57 @@ struct StateStoreTests {
         #expect(try store.query(select).rows.count == 1)
     }
 
+    @Test("in a group, a write leaving a deferred foreign key unresolved fails on its own, and one whose failure rolls back the whole transaction is set aside")
+    func groupIsolation() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        func write(_ sql: String) throws -> LogRecord {
+            try primary.execute(WriteBatch([SQLStatement(sql)]), lsn: primary.appliedLSN.next, term: Term(1)).record
+        }
+        var records = try replayable(primary)
+        records.append(try write("CREATE TABLE wards (id INTEGER PRIMARY KEY)"))
+        records.append(try write("CREATE TABLE beds (id INTEGER PRIMARY KEY, ward INTEGER REFERENCES wards (id) DEFERRABLE INITIALLY DEFERRED)"))
+        records.append(try write("CREATE TABLE codes (id INTEGER PRIMARY KEY, code TEXT UNIQUE)"))
+        records.append(try write("INSERT INTO codes (id, code) VALUES (1, 'A')"))
+        let first = primary.appliedLSN.next
+        let results = primary.execute(group: [
+            WriteBatch([SQLStatement("INSERT INTO beds (id, ward) VALUES (1, 7)")]),   // its ward comes only in the next write
+            WriteBatch([SQLStatement("INSERT INTO wards (id) VALUES (7)")]),
+            WriteBatch([SQLStatement("INSERT INTO codes (id, code) VALUES (2, 'B')")]),
+            WriteBatch([SQLStatement("INSERT OR ROLLBACK INTO codes (id, code) VALUES (3, 'A')")]),  // rolls back the whole transaction
+            WriteBatch([SQLStatement("INSERT INTO codes (id, code) VALUES (4, 'D')")]),
+        ], from: first, term: Term(1))
+        let outcome = results.map { r -> String in
+            switch r {
+            case .success: "ok"
+            case let .failure(e): e.code
+            }
+        }
+        #expect(outcome == ["constraint", "ok", "ok", "constraint", "ok"])
+        #expect(results.compactMap { try? $0.get().record.lsn } == [first, first.next, first.next.next])
+        #expect(try primary.query(SQLStatement("SELECT count(*) FROM beds")).rows == [[.integer(0)]])
+        #expect(try primary.query(SQLStatement("SELECT group_concat(code) FROM (SELECT code FROM codes ORDER BY id)")).rows == [[.text("A,B,D")]])
+        // Every record stands alone: a replica applying them one by one agrees.
+        records.append(contentsOf: results.compactMap { try? $0.get().record })
+        for r in records { try replica.apply([r]) }
+        #expect(try replica.stateHash() == primary.stateHash())
+    }
+
+    @Test("a kept statement is the very bytes sent: canonically equivalent text is not taken for it")
+    func statementCacheBytes() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let store = try telehealthStore(dir.sub("p"))
+        _ = try store.execute(WriteBatch([SQLStatement("CREATE TABLE names (id INTEGER PRIMARY KEY, name TEXT)")]), lsn: store.appliedLSN.next, term: Term(1))
+        let composed = "INSERT INTO names (id, name) VALUES (1, '\u{00E9}')"
+        let decomposed = "INSERT INTO names (id, name) VALUES (1, 'e\u{0301}')"
+        #expect(composed == decomposed, "Swift's String equality takes them for one text")
+        _ = try store.execute(WriteBatch([SQLStatement(composed)]), lsn: store.appliedLSN.next, term: Term(1))
+        _ = try store.execute(WriteBatch([SQLStatement("DELETE FROM names")]), lsn: store.appliedLSN.next, term: Term(1))
+        _ = try store.execute(WriteBatch([SQLStatement(decomposed)]), lsn: store.appliedLSN.next, term: Term(1))
+        #expect(try store.query(SQLStatement("SELECT hex(name) FROM names")).rows == [[.text("65CC81")]], "the decomposed bytes were stored")
+    }
+
     @Test("a group whose writes all fail changes nothing and takes no LSN")
     func groupAllFail() throws {
         let dir = TempDir(); defer { dir.cleanup() }
