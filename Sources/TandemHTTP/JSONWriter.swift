@@ -48,6 +48,8 @@ struct JSONWriter {
         return true
     }
 
+    private static let hex = Array("0123456789abcdef".utf8)
+
     private mutating func ascii(_ s: String) { bytes.append(contentsOf: s.utf8) }
 
     private mutating func string(_ s: String) {
@@ -60,8 +62,7 @@ struct JSONWriter {
             case 0x0D: bytes.append(UInt8(ascii: "\\")); bytes.append(UInt8(ascii: "r"))
             case 0x09: bytes.append(UInt8(ascii: "\\")); bytes.append(UInt8(ascii: "t"))
             case 0..<0x20:
-                let hex = Array("0123456789abcdef".utf8)
-                bytes.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0"), hex[Int(b >> 4)], hex[Int(b & 0xF)]])
+                bytes.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0"), Self.hex[Int(b >> 4)], Self.hex[Int(b & 0xF)]])
             default: bytes.append(b)
             }
         }

@@ -46,7 +46,11 @@ public final class StateStore: @unchecked Sendable {
         func hash(into hasher: inout Hasher) {
             hasher.combine(mode)
             hasher.combine(sql.utf8.count)
-            for byte in sql.utf8 { hasher.combine(byte) }
+            // The bytes in one call; copied first only when not stored contiguously, so
+            // that equal texts always feed the hasher the same way.
+            if sql.utf8.withContiguousStorageIfAvailable({ hasher.combine(bytes: UnsafeRawBufferPointer($0)) }) == nil {
+                Array(sql.utf8).withUnsafeBytes { hasher.combine(bytes: $0) }
+            }
         }
     }
     public private(set) var appliedLSN: LSN
