@@ -605,7 +605,9 @@ public final class SiteRuntime: @unchecked Sendable {
         case let .write(batch, resume): write([(batch, resume)])
         case let .snapshotFrame(peer, frame): snapshotFrame(peer, frame)
         case let .snapshotSent(peer): sendingSnapshot.remove(peer)
-        case let .retryAppend(id, records): appendToLog(id, records)
+        case let .retryAppend(id, records):
+            appendToLog(id, records)
+            drainStorageQueue()  // the append may have completed on this thread
         case let .snapshotTaken(result): snapshotTaken(result)
         case let .read(request, resume): read(request, resume)
         case let .withStore(body): body(storage.store)
@@ -668,6 +670,7 @@ public final class SiteRuntime: @unchecked Sendable {
         for peer in ready.snapshotsNeeded { offerSnapshot(to: peer) }
         // Completions go to the core only after this whole Ready was carried out, in order.
         drainStorageQueue()
+        applyCommitted()
     }
 
     private func appendToLog(_ id: UInt64, _ records: [LogRecord]) {
@@ -687,6 +690,16 @@ public final class SiteRuntime: @unchecked Sendable {
         }
         if idle {
             storage.log.appendInline(records, completion: completion)
+            // Usually the append ran on this thread and its completion is now the inbox's
+            // last input: take it at once, so the acknowledgement it releases goes out
+            // before this Ready's other work and the inputs queued ahead of it (a
+            // completion may come to the core at any point after the fsync returned).
+            let done: Bool = cond.withLock {
+                guard let last = inbox.last, case let .walDone(doneID, .success) = last, doneID == id else { return false }
+                inbox.removeLast()
+                return true
+            }
+            if done, let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
         } else {
             storage.log.append(records, completion: completion)
         }
@@ -711,13 +724,30 @@ public final class SiteRuntime: @unchecked Sendable {
                 w.resume(.success(w.execution))
             }
             resolveOrphans(committedThrough: lsn)
+            releaseReads()
         } else {
-            do { try storage.applyCommitted(through: lsn) } catch {
-                settings.log("event=apply_failed site=\(settings.site) error=\"\(error)\"")
-            }
-            notePosition(lsn)
-            resolveOrphans(committedThrough: lsn)
+            // Applied once the Ready is carried out (`applyCommitted()`): its
+            // acknowledgement must not wait for SQLite.
+            applyDue = max(applyDue ?? lsn, lsn)
         }
+    }
+
+    /// Committed LSN a follower has still to apply to its database (loop thread only).
+    private var applyDue: LSN?
+
+    /// Applies what a follower learned was committed. Runs after the storage completions
+    /// were drained, so a replica acknowledges an append (one fsync) before it spends
+    /// time applying the earlier records that append's commit LSN released.
+    private func applyCommitted() {
+        guard let lsn = applyDue else { return }
+        applyDue = nil
+        // A site that became primary meanwhile has applied its whole log in its catch-up.
+        guard core.role != .primary else { return }
+        do { try storage.applyCommitted(through: lsn) } catch {
+            settings.log("event=apply_failed site=\(settings.site) error=\"\(error)\"")
+        }
+        notePosition(lsn)
+        resolveOrphans(committedThrough: lsn)
         releaseReads()
     }
 
