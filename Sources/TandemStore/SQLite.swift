@@ -124,6 +124,24 @@ final class SQLiteConnection: @unchecked Sendable {
         }
     }
 
+    /// Transaction control on the write and apply paths, prepared once: parsing BEGIN,
+    /// SAVEPOINT, RELEASE and COMMIT for every write cost more than running them.
+    private var kept: [String: PreparedStatement] = [:]
+
+    /// Runs one parameterless statement kept prepared (the caller's authorizer mode must
+    /// allow it: SQLite prepares it again after a schema change).
+    func execKept(_ sql: String) throws(SQLiteError) {
+        let stmt: PreparedStatement
+        if let s = kept[sql] {
+            stmt = s
+        } else {
+            stmt = try prepare(sql)
+            kept[sql] = stmt
+        }
+        defer { sqlite3_reset(stmt.handle) }
+        _ = try stmt.step()
+    }
+
     func prepare(_ sql: String) throws(SQLiteError) -> PreparedStatement {
         var stmt: OpaquePointer?
         let rc = sqlite3_prepare_v2(handle, sql, -1, &stmt, nil)

@@ -256,7 +256,8 @@ public final class StateStore: @unchecked Sendable {
     }
 
     private func attempt(_ batches: [WriteBatch], setAside: [Int: StoreError], from first: LSN, term: Term) -> GroupAttempt {
-        do { try db.exec("BEGIN IMMEDIATE") } catch {
+        authorizer.mode = .internal
+        do { try db.execKept("BEGIN IMMEDIATE") } catch {
             let e = StoreError.sqlite(error, statement: nil)
             return .done(batches.map { _ in .failure(e) })
         }
@@ -277,7 +278,7 @@ public final class StateStore: @unchecked Sendable {
                 continue
             }
             do throws(StoreError) {
-                if grouped { try withInternal { try db.exec("SAVEPOINT tandem_write") } }
+                if grouped { try withInternal { try db.execKept("SAVEPOINT tandem_write") } }
                 let e = try executeInTransaction(batch, lsn: lsn, term: term, previousTerm: previousTerm)
                 if grouped {
                     // RELEASE does not check deferred foreign keys (only COMMIT does): a
@@ -287,7 +288,7 @@ public final class StateStore: @unchecked Sendable {
                         throw StoreError.sqlite(SQLiteError(code: SQLITE_CONSTRAINT, extendedCode: SQLITE_CONSTRAINT | (3 << 8),  // SQLITE_CONSTRAINT_FOREIGNKEY (a macro Swift does not see)
                                                             message: "FOREIGN KEY constraint failed"), statement: nil)
                     }
-                    try withInternal { try db.exec("RELEASE tandem_write") }
+                    try withInternal { try db.execKept("RELEASE tandem_write") }
                 }
                 if e.record.kind == .schema && batch.schemaVersion > 0 { version = batch.schemaVersion }
                 results.append(.success(e))
@@ -316,7 +317,7 @@ public final class StateStore: @unchecked Sendable {
         do {
             try withInternal {
                 try setApplied(lsn.previous, term, version: version)
-                try db.exec("COMMIT")
+                try db.execKept("COMMIT")
             }
         } catch {
             rollbackTransaction()
@@ -632,7 +633,8 @@ public final class StateStore: @unchecked Sendable {
     private func apply(_ records: [LogRecord], merging: Bool, keepUndo: Bool = false) throws(StoreError) {
         guard let first = records.first else { return }
         guard first.lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: first.lsn) }
-        do { try db.exec("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
+        authorizer.mode = .internal
+        do { try db.execKept("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
         do {
             var lsn = appliedLSN
             var term = appliedTerm
@@ -695,7 +697,7 @@ public final class StateStore: @unchecked Sendable {
             try withInternal {
                 try pruneUndo()
                 try setApplied(lsn, term, version: version)
-                try db.exec("COMMIT")
+                try db.execKept("COMMIT")
             }
             appliedLSN = lsn
             appliedTerm = term
@@ -782,6 +784,15 @@ final class Authorizer {
         extraText = false
     }
 
+    /// The actions `decide` looks at; every other one is allowed (SQLITE_OK).
+    static let namedActions: Set<Int32> = [
+        SQLITE_CREATE_TABLE, SQLITE_DROP_TABLE, SQLITE_CREATE_VIEW, SQLITE_DROP_VIEW, SQLITE_CREATE_INDEX, SQLITE_DROP_INDEX,
+        SQLITE_CREATE_TRIGGER, SQLITE_DROP_TRIGGER, SQLITE_ALTER_TABLE, SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_TEMP_INDEX,
+        SQLITE_CREATE_TEMP_TRIGGER, SQLITE_CREATE_TEMP_VIEW, SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_TEMP_INDEX,
+        SQLITE_DROP_TEMP_TRIGGER, SQLITE_DROP_TEMP_VIEW, SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE, SQLITE_INSERT, SQLITE_UPDATE,
+        SQLITE_DELETE, SQLITE_TRANSACTION, SQLITE_SAVEPOINT, SQLITE_ATTACH, SQLITE_DETACH, SQLITE_PRAGMA,
+    ]
+
     func decide(_ action: Int32, _ a3: String?, _ a4: String?) -> Int32 {
         if mode == .internal { return SQLITE_OK }
         func isReserved(_ name: String?) -> Bool { name?.lowercased().hasPrefix("tandem_") == true }
@@ -841,6 +852,8 @@ private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32,
                                                 UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Int32 = { ctx, action, a3, a4, _, _ in
     guard let ctx else { return SQLITE_OK }
     let auth = Unmanaged<Authorizer>.fromOpaque(ctx).takeUnretainedValue()
+    // Most calls (a column read, a function) need no names: no strings are made for them.
+    if auth.mode == .internal || !Authorizer.namedActions.contains(action) { return SQLITE_OK }
     return auth.decide(action, a3.map { String(cString: $0) }, a4.map { String(cString: $0) })
 }
 
