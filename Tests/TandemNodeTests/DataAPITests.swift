@@ -258,6 +258,9 @@ struct DataAPITests {
             (try await post("/v1/execute", token: nil, json: ["statements": [["sql": "DELETE FROM patients"]]]), 401, "unauthorized"),
             (try await post("/v1/execute", token: "tdm_not-a-token", json: ["statements": [["sql": "DELETE FROM patients"]]]), 401, "unauthorized"),
             (try await post("/v1/execute", token: APICluster.reader, json: ["statements": [["sql": "DELETE FROM patients"]]]), 403, "forbidden"),
+            // Blanks between "Bearer" and the token are not part of it: still the reader.
+            (try await post("/v1/execute", token: " \t" + APICluster.reader, json: ["statements": [["sql": "DELETE FROM patients"]]]), 403, "forbidden"),
+            (try await post("/v1/execute", token: APICluster.reader + "x", json: ["statements": [["sql": "DELETE FROM patients"]]]), 401, "unauthorized"),
             (try await post("/v1/admin/switchover", json: ["to": primary.name]), 403, "forbidden"),
             (try await post("/v1/nothing-here", json: [:]), 404, "not_found"),
             (try await post("/v1/appointments", json: ["practitioner": "DR", "patient": "P", "starts_at": "tomorrow", "duration_minutes": 30]), 400, "bad_value"),
