@@ -542,6 +542,8 @@ public final class SiteRuntime: @unchecked Sendable {
             inputsWaiting = 0
             if Self.clock() >= nextTick {
                 step(.tick)
+                retryBlockedAppends()
+                drainStorageQueue()
                 maybeSnapshot()
                 maybeMigrateSchema()
                 expireReads(Self.clock())
@@ -601,13 +603,15 @@ public final class SiteRuntime: @unchecked Sendable {
                 return
             }
             if let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
+            retryBlockedAppends()  // the writer took a batch: there may be room now
             drainStorageQueue()
         case let .write(batch, resume): write([(batch, resume)])
         case let .snapshotFrame(peer, frame): snapshotFrame(peer, frame)
         case let .snapshotSent(peer): sendingSnapshot.remove(peer)
         case let .retryAppend(id, records):
-            appendToLog(id, records)
-            drainStorageQueue()  // the append may have completed on this thread
+            blockedAppends.insert((id, records), at: 0)
+            retryBlockedAppends()
+            drainStorageQueue()  // an append may have completed on this thread
         case let .snapshotTaken(result): snapshotTaken(result)
         case let .read(request, resume): read(request, resume)
         case let .withStore(body): body(storage.store)
@@ -642,7 +646,10 @@ public final class SiteRuntime: @unchecked Sendable {
                     settings.log("event=rejoined site=\(settings.site) term=\(h.term) primary=\(h.votedFor?.name ?? "?")")
                 }
             }
-            if let t = ready.truncateAfter { try storage.truncate(after: t) }
+            if let t = ready.truncateAfter {
+                dropBlockedAppends(after: t)
+                try storage.truncate(after: t)
+            }
         } catch {
             settings.log("event=storage_failed site=\(settings.site) error=\"\(error)\"")
             failStop()
@@ -673,7 +680,41 @@ public final class SiteRuntime: @unchecked Sendable {
         applyCommitted()
     }
 
+    /// Appends waiting for room in the log's queue, oldest first (loop thread only). A
+    /// later append must not overtake one the log had no room for: the log takes records
+    /// only in LSN order, and refuses a gap as an error.
+    private var blockedAppends: [(id: UInt64, records: [LogRecord])] = []
+
     private func appendToLog(_ id: UInt64, _ records: [LogRecord]) {
+        // Only this thread adds to the log's queue, so room seen here is room at the append.
+        guard blockedAppends.isEmpty, storage.log.hasRoom(for: records) else {
+            blockedAppends.append((id, records))
+            return
+        }
+        submitToLog(id, records)
+    }
+
+    /// A truncation drops the records beyond it that still wait for room: they are no
+    /// longer in the core's log. Their storage completions still come, in order (the
+    /// core caps what each covers at the truncation point).
+    private func dropBlockedAppends(after t: LSN) {
+        for i in blockedAppends.indices { blockedAppends[i].records.removeAll { $0.lsn > t } }
+        blockedAppends.removeAll { entry in
+            guard entry.records.isEmpty else { return false }
+            if let i = storageQueue.firstIndex(where: { $0.id == entry.id }) { storageQueue[i].done = true }
+            return true
+        }
+    }
+
+    /// Hands the log what waited for room, oldest first, while there is room.
+    private func retryBlockedAppends() {
+        while let first = blockedAppends.first, storage.log.hasRoom(for: first.records) {
+            blockedAppends.removeFirst()
+            submitToLog(first.id, first.records)
+        }
+    }
+
+    private func submitToLog(_ id: UInt64, _ records: [LogRecord]) {
         // With no other input waiting, this thread writes and fsyncs the records itself
         // (two thread hand-offs fewer on a replica's acknowledgement path); with input
         // waiting, the log's writer takes them, so that the next inputs' records can join
@@ -681,8 +722,8 @@ public final class SiteRuntime: @unchecked Sendable {
         let idle = inputsWaiting == 0 && cond.withLock { inbox.isEmpty }
         let completion: @Sendable (Result<LSN, WALError>) -> Void = { [weak self] result in
             if case .failure(.queueFull) = result {
-                // Back-pressure from the log, not a failure: try again shortly.
-                Thread.sleep(forTimeInterval: 0.002)
+                // Back-pressure from the log, not a failure (not expected: the loop looks
+                // for room first): it waits at the head of the blocked appends.
                 self?.enqueue(.retryAppend(id, records))
                 return
             }
@@ -691,9 +732,10 @@ public final class SiteRuntime: @unchecked Sendable {
         if idle {
             storage.log.appendInline(records, completion: completion)
             // Usually the append ran on this thread and its completion is now the inbox's
-            // last input: take it at once, so the acknowledgement it releases goes out
-            // before this Ready's other work and the inputs queued ahead of it (a
-            // completion may come to the core at any point after the fsync returned).
+            // last input: take it at once, so the acknowledgement it releases goes out at
+            // the end of this Ready (before the follower's apply) rather than after the
+            // inputs queued ahead of it (a completion may come to the core at any point
+            // after the fsync returned).
             let done: Bool = cond.withLock {
                 guard let last = inbox.last, case let .walDone(doneID, .success) = last, doneID == id else { return false }
                 inbox.removeLast()

@@ -376,6 +376,16 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// An inline append is taken only while the last fdatasync took at most this long.
     static let inlineFsyncLimitNanoseconds: UInt64 = 5_000_000
 
+    /// Whether the append queue has room for `records` now (it refuses them with
+    /// `queueFull` otherwise). Room only grows until the caller's next append, when it is
+    /// the log's only appender.
+    public func hasRoom(for records: [LogRecord]) -> Bool {
+        let bytes = Self.byteCount(records)
+        lock.lock()
+        defer { lock.unlock() }
+        return pendingBytes == 0 || pendingBytes + bytes <= options.maxQueuedBytes
+    }
+
     public func appendInline(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
         lock.lock()
         if let error = admissionError(records) {

@@ -76,4 +76,44 @@ struct GroupedWriteTests {
         #expect(Set(hashes.values.map(\.0)).count == 1, "every site holds the same state")
         #expect(Set(hashes.values.map(\.1)).count == 1)
     }
+
+    @Test("a log append queue too small for the load makes appends wait for room, in order; no write fails and no site stops")
+    func fullLogQueueWaits() async throws {
+        let c = try TestCluster()
+        defer { c.cleanup() }
+        // A queue of 32 KiB against groups of 8 KiB writes: appends find it full often.
+        c.configure = {
+            $0.walOptions.maxBatchBytes = 32 << 10
+            $0.walOptions.maxQueuedBytes = 32 << 10
+        }
+        for id in c.ids { try c.start(id) }
+        let p = try #require(c.primary())
+        _ = try await p.write(WriteBatch([SQLStatement("CREATE TABLE blobs (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")]))
+        let next = Counter(0)
+        let failures = try await withThrowingTaskGroup(of: [String].self) { group in
+            for _ in 0..<48 {
+                group.addTask {
+                    var mine: [String] = []
+                    while true {
+                        let k = next.take()
+                        if k >= 600 { return mine }
+                        do throws(WriteError) {
+                            _ = try await p.write(WriteBatch([SQLStatement("INSERT INTO blobs (k, v) VALUES (?, randomblob(8192))",
+                                                                           [.integer(Int64(k))])]))
+                        } catch {
+                            mine.append("write \(k): \(error)")
+                        }
+                    }
+                }
+            }
+            var all: [String] = []
+            for try await part in group { all += part }
+            return all
+        }
+        #expect(failures.isEmpty, "\(failures.prefix(5))")
+        #expect(c.waitConverged(timeout: 30))
+        let hashes = try c.stopAllAndHash()
+        #expect(hashes.count == 3)
+        #expect(Set(hashes.values.map(\.0)).count == 1, "every site holds the same state")
+    }
 }

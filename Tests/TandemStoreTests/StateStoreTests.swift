@@ -1,3 +1,4 @@
+import CSQLite
 import Foundation
 import Testing
 import TandemModel
@@ -347,5 +348,32 @@ struct StateStoreTests {
             try replica.apply([shifted])
         } throws: { ($0 as? StoreError)?.code == "divergence" }
         #expect(replica.appliedLSN == LSN(1))
+    }
+}
+
+@Suite("SQLite authorizer")
+struct AuthorizerTests {
+    /// The C callback skips `decide` for actions outside `namedActions` (no strings made);
+    /// an action `decide` looks at but the set misses would be allowed without a look.
+    @Test("every action the authorizer decides on is in namedActions; every other one is allowed untouched in every mode")
+    func namedActionsCoverDecide() {
+        let names = ["tandem_meta", "tandem_undo", "table_info", "journal_mode", "main", "kv"]
+        for mode: Authorizer.Mode in [.write, .read, .replay] {
+            for action in Int32(0)...Int32(40) where !Authorizer.namedActions.contains(action) {
+                for a3 in names {
+                    for a4 in names {
+                        let a = Authorizer()
+                        a.begin(mode)
+                        #expect(a.decide(action, a3, a4) == SQLITE_OK, "action \(action) in \(mode)")
+                        #expect(a.denial == nil && !a.sawDDL && !a.sawPragma, "action \(action) in \(mode) was looked at")
+                    }
+                }
+            }
+        }
+        // And the set is not vacuous: named actions are looked at.
+        let a = Authorizer()
+        a.begin(.write)
+        #expect(a.decide(SQLITE_TRANSACTION, "BEGIN", nil) == SQLITE_DENY)
+        #expect(a.decide(SQLITE_PRAGMA, "journal_mode", nil) == SQLITE_DENY)
     }
 }
