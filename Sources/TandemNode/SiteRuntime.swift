@@ -542,8 +542,10 @@ public final class SiteRuntime: @unchecked Sendable {
             inputsWaiting = 0
             if Self.clock() >= nextTick {
                 step(.tick)
-                retryBlockedAppends()
-                drainStorageQueue()
+                if !blockedAppends.isEmpty {
+                    retryBlockedAppends()
+                    drainStorageQueue()
+                }
                 maybeSnapshot()
                 maybeMigrateSchema()
                 expireReads(Self.clock())
@@ -602,7 +604,7 @@ public final class SiteRuntime: @unchecked Sendable {
                 failStop()
                 return
             }
-            if let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
+            markStorageDone(id)
             retryBlockedAppends()  // the writer took a batch: there may be room now
             drainStorageQueue()
         case let .write(batch, resume): write([(batch, resume)])
@@ -701,7 +703,7 @@ public final class SiteRuntime: @unchecked Sendable {
         for i in blockedAppends.indices { blockedAppends[i].records.removeAll { $0.lsn > t } }
         blockedAppends.removeAll { entry in
             guard entry.records.isEmpty else { return false }
-            if let i = storageQueue.firstIndex(where: { $0.id == entry.id }) { storageQueue[i].done = true }
+            markStorageDone(entry.id)
             return true
         }
     }
@@ -741,10 +743,15 @@ public final class SiteRuntime: @unchecked Sendable {
                 inbox.removeLast()
                 return true
             }
-            if done, let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
+            if done { markStorageDone(id) }
         } else {
             storage.log.append(records, completion: completion)
         }
+    }
+
+    /// Notes that storage work `id` is done; `drainStorageQueue` reports it in its turn.
+    private func markStorageDone(_ id: UInt64) {
+        if let i = storageQueue.firstIndex(where: { $0.id == id }) { storageQueue[i].done = true }
     }
 
     /// Storage completions are reported to the core in order, each once it and everything

@@ -293,7 +293,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             term = r.term
             bytes += WALFormat.recordHeaderSize + r.payload.count
         }
-        if pendingBytes + bytes > options.maxQueuedBytes && pendingBytes > 0 {
+        if !hasRoomLocked(bytes) {
             return .queueFull(queuedBytes: pendingBytes, limit: options.maxQueuedBytes)
         }
         return nil
@@ -383,7 +383,12 @@ public final class WriteAheadLog: @unchecked Sendable {
         let bytes = Self.byteCount(records)
         lock.lock()
         defer { lock.unlock() }
-        return pendingBytes == 0 || pendingBytes + bytes <= options.maxQueuedBytes
+        return hasRoomLocked(bytes)
+    }
+
+    /// The queue takes `bytes` more when it is empty or they fit. Caller holds the lock.
+    private func hasRoomLocked(_ bytes: Int) -> Bool {
+        pendingBytes == 0 || pendingBytes + bytes <= options.maxQueuedBytes
     }
 
     public func appendInline(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
