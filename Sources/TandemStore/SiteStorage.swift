@@ -79,11 +79,19 @@ public final class SiteStorage: @unchecked Sendable {
         let path = dataDirectory + "/LOCK"
         let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw StoreError.io("cannot open \(path): \(String(cString: strerror(errno)))") }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+        // A lock just released can linger for a moment: a child process this one is
+        // spawning holds copies of its descriptors until it execs (O_CLOEXEC closes them
+        // then). A few tries over 200 ms tell that from a site really in use.
+        var tries = 0
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let busy = errno == EWOULDBLOCK
-            Glibc.close(fd)
-            throw StoreError.io(busy ? "\(dataDirectory) is in use by another process (a running tandemd?)"
-                                     : "cannot lock \(path): \(String(cString: strerror(errno)))")
+            guard busy && tries < 20 else {
+                let why = String(cString: strerror(errno))
+                Glibc.close(fd)
+                throw StoreError.io(busy ? "\(dataDirectory) is in use by another process (a running tandemd?)" : "cannot lock \(path): \(why)")
+            }
+            tries += 1
+            usleep(10_000)
         }
         return fd
     }

@@ -169,3 +169,22 @@ struct SiteStoragePropertyTests {
         }
     }
 }
+
+@Suite("Data directory lock")
+struct DataDirectoryLockTests {
+    @Test("a data directory in use is refused with a reason; once closed it opens again at once")
+    func oneOpenerAtATime() throws {
+        let dir = TempDir("lock"); defer { dir.cleanup() }
+        let data = dir.sub("site")
+        let site = try SiteStorage.bootstrap(dataDirectory: data, clusterID: cluster)
+        do {
+            _ = try SiteStorage.open(dataDirectory: data, clusterID: cluster)
+            Issue.record("a second opener was let in while the site was open")
+        } catch {
+            #expect("\(error)".contains("is in use by another process"), "\(error)")
+        }
+        site.close()
+        let again = try SiteStorage.open(dataDirectory: data, clusterID: cluster)
+        again.close()
+    }
+}
