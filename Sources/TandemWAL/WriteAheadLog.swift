@@ -38,6 +38,48 @@ public final class WriteAheadLog: @unchecked Sendable {
         var batchOffsets: [Int] = []
         var batchFirstLSNs: [UInt64] = []
         var path: String
+
+        /// Records a batch made durable at `batch.offset`. Mutated in place in `segments`:
+        /// a copy of the segment taken by the writer would make every append copy both
+        /// offset arrays (copy-on-write), a cost growing with the segment's batches.
+        mutating func add(_ batch: WrittenBatch) {
+            batchOffsets.append(batch.offset)
+            batchFirstLSNs.append(batch.firstLSN.rawValue)
+            end = batch.offset + batch.byteCount
+            chainCRC = batch.bodyCRC
+            lastLSN = batch.lastLSN
+            lastTerm = batch.lastTerm
+        }
+    }
+
+    /// Where the next batch goes: the scalar state of the last segment, without its
+    /// offset arrays (see `Segment.add`).
+    struct TailPosition {
+        var fd: FileDescriptor
+        var path: String
+        var end: Int
+        var chainCRC: UInt32
+        var lastTerm: Term
+        var hasBatches: Bool
+
+        init(_ s: Segment) {
+            fd = s.fd
+            path = s.path
+            end = s.end
+            chainCRC = s.chainCRC
+            lastTerm = s.lastTerm
+            hasBatches = !s.batchOffsets.isEmpty
+        }
+    }
+
+    /// A batch written and fdatasynced, not yet published in `segments`.
+    struct WrittenBatch {
+        var offset: Int
+        var byteCount: Int
+        var bodyCRC: UInt32
+        var firstLSN: LSN
+        var lastLSN: LSN
+        var lastTerm: Term
     }
 
     struct Pending: Sendable {
@@ -357,9 +399,9 @@ public final class WriteAheadLog: @unchecked Sendable {
             expectedAppends = taken.count
             writing = true
             let stopped = failure
-            var tail = segments[segments.count - 1]
+            let tail = TailPosition(segments[segments.count - 1])
             lock.unlock()
-            runBatch(taken, stopped: stopped, tail: &tail)
+            runBatch(taken, stopped: stopped, tail: tail)
         }
         writerDone.lock()
         writerExited = true
@@ -412,16 +454,16 @@ public final class WriteAheadLog: @unchecked Sendable {
         stats.inlineBatches += 1
         advanceQueuedEnd(past: records)
         writing = true
-        var tail = segments[segments.count - 1]
+        let tail = TailPosition(segments[segments.count - 1])
         lock.unlock()
-        runBatch([Pending(records: records, bytes: bytes, completion: completion)], stopped: nil, tail: &tail)
+        runBatch([Pending(records: records, bytes: bytes, completion: completion)], stopped: nil, tail: tail)
     }
 
     /// Writes one batch (the caller set `writing` under the lock and released it), then
     /// publishes the result and runs the completions on this thread.
-    private func runBatch(_ taken: [Pending], stopped: WALError?, tail: inout Segment) {
+    private func runBatch(_ taken: [Pending], stopped: WALError?, tail: TailPosition) {
         var result: Result<LSN, WALError>
-        var rolled: Segment?
+        var written: (batch: WrittenBatch, fresh: Segment?)?
         if let stopped {
             result = .failure(stopped)
         } else {
@@ -429,7 +471,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             records.reserveCapacity(taken.reduce(0) { $0 + $1.records.count })
             for p in taken { records.append(contentsOf: p.records) }
             do {
-                rolled = try writeBatch(records[...], into: &tail)
+                written = try writeBatch(records[...], at: tail)
                 result = .success(records[records.count - 1].lsn)
             } catch let error as WALError {
                 result = .failure(error)
@@ -442,11 +484,14 @@ public final class WriteAheadLog: @unchecked Sendable {
         var renumbered: [Pending] = []
         switch result {
         case .success:
-            if rolled != nil {
-                // `tail` is the new segment; the old one already holds its final state.
-                segments.append(tail)
-            } else {
-                segments[segments.count - 1] = tail
+            if let written {
+                if var fresh = written.fresh {
+                    // The old segment already holds its final state.
+                    fresh.add(written.batch)
+                    segments.append(fresh)
+                } else {
+                    segments[segments.count - 1].add(written.batch)
+                }
             }
             stats.batches += 1
             stats.fsyncNanoseconds += lastFsyncNanoseconds
@@ -505,46 +550,39 @@ public final class WriteAheadLog: @unchecked Sendable {
         return queued
     }
 
-    /// Writes one batch at the end of `tail`, rolling to a new segment when it does not
-    /// fit; returns the old tail when it rolled (and `tail` is then the new segment).
-    private func writeBatch(_ records: ArraySlice<LogRecord>, into tail: inout Segment) throws -> Segment? {
-        var old: Segment?
+    /// Writes and fdatasyncs one batch at `tail`, or at the start of a new segment (returned
+    /// as `fresh`) when it does not fit. The caller publishes it in `segments`.
+    private func writeBatch(_ records: ArraySlice<LogRecord>, at tail: TailPosition) throws -> (batch: WrittenBatch, fresh: Segment?) {
+        var fresh: Segment?
+        var target = tail
         var batch = WALFormat.encodeBatch(records, previousCRC: tail.chainCRC)
-        if tail.end + batch.bytes.count > options.segmentSize && !tail.batchOffsets.isEmpty {
-            let fresh: Segment
+        if tail.end + batch.bytes.count > options.segmentSize && tail.hasBatches {
+            let segment: Segment
             do {
-                fresh = try Self.createSegment(directory: directory, clusterID: clusterID, options: options,
-                                              firstLSN: records[records.startIndex].lsn, previousTerm: tail.lastTerm,
-                                              isReset: false, spare: takeSpare())
+                segment = try Self.createSegment(directory: directory, clusterID: clusterID, options: options,
+                                                 firstLSN: records[records.startIndex].lsn, previousTerm: tail.lastTerm,
+                                                 isReset: false, spare: takeSpare())
             } catch let e as SystemError where e.isDiskFull {
                 throw WALError.diskFull("creating a new log segment: \(e)")
             }
             prepareSpare()
-            old = tail
-            tail = fresh
-            batch = WALFormat.encodeBatch(records, previousCRC: tail.chainCRC)
+            fresh = segment
+            target = TailPosition(segment)
+            batch = WALFormat.encodeBatch(records, previousCRC: target.chainCRC)
         }
         do {
-            try tail.fd.write(batch.bytes, at: tail.end)
-            if let code = options.fsyncFault?(tail.path) { throw SystemError("fdatasync", path: tail.path, code: code) }
+            try target.fd.write(batch.bytes, at: target.end)
+            if let code = options.fsyncFault?(target.path) { throw SystemError("fdatasync", path: target.path, code: code) }
             let t = monotonicNanoseconds()
-            try tail.fd.syncData()
+            try target.fd.syncData()
             lastFsyncNanoseconds = monotonicNanoseconds() - t
         } catch {
             // Whatever reached the file is not durable and never will be reported so.
             throw WALError.failed("\(error)")
         }
-        tail.batchOffsets.append(tail.end)
-        tail.batchFirstLSNs.append(records[records.startIndex].lsn.rawValue)
-        tail.end += batch.bytes.count
-        tail.chainCRC = batch.bodyCRC
-        tail.lastLSN = records[records.endIndex - 1].lsn
-        tail.lastTerm = records[records.endIndex - 1].term
-        if let old {
-            // The old segment list entry stays as it was; return it so the caller keeps it.
-            return old
-        }
-        return nil
+        let last = records[records.endIndex - 1]
+        return (WrittenBatch(offset: target.end, byteCount: batch.bytes.count, bodyCRC: batch.bodyCRC,
+                             firstLSN: records[records.startIndex].lsn, lastLSN: last.lsn, lastTerm: last.term), fresh)
     }
 
     // MARK: Reading
