@@ -5,8 +5,8 @@ import TandemModel
 /// One site's SQLite database of telehealth state.
 ///
 /// - The primary runs each write batch as one SQLite transaction (`execute`), captures the
-///   changeset with the session extension, and logs that changeset, not the SQL: every
-///   non-deterministic expression is evaluated once. The transaction also stores the
+///   changeset (`ChangesetCapture`, in the session extension's format), and logs that
+///   changeset, not the SQL: every non-deterministic expression is evaluated once. The transaction also stores the
 ///   inverse changeset in `tandem_undo` and advances the applied LSN, so writes pipeline
 ///   (the next runs before the previous commits) and an uncommitted tail can be undone.
 /// - Replicas apply committed records (`apply`): changeset (or schema SQL) and the
@@ -26,6 +26,11 @@ public final class StateStore: @unchecked Sendable {
     private let statementClock = StatementClock()
     private var updateMeta: PreparedStatement
     private var insertUndo: PreparedStatement
+    /// Captures each write's changeset and inverse (SQLite's pre-update hook).
+    private var capture: ChangesetCapture
+    /// The open transaction ran a schema statement: rolling it back may restore an older
+    /// schema under a schema version the capture has already seen.
+    private var transactionChangedSchema = false
     /// Client statements already prepared and authorized, by SQL text and authorizer
     /// mode: the same few statements come again and again, and parsing and authorizing
     /// one took about a third of a write's time in the store. Schema statements are never
@@ -110,6 +115,7 @@ public final class StateStore: @unchecked Sendable {
             schemaVersion = Int(version)
             updateMeta = try db.prepare("UPDATE tandem_meta SET applied_lsn = ?, applied_term = ?, schema_version = ? WHERE id = 1")
             insertUndo = try db.prepare("INSERT INTO tandem_undo (lsn, kind, previous_term, inverse) VALUES (?, ?, ?, ?)")
+            capture = ChangesetCapture(db: db)
             if let minUndo = try db.rows("SELECT min(lsn) FROM tandem_undo").first?.first, case let .integer(m) = minUndo {
                 committedLSN = LSN(UInt64(m - 1))
                 prunedThrough = committedLSN
@@ -299,9 +305,15 @@ public final class StateStore: @unchecked Sendable {
                     rollbackTransaction()
                     return .done([.failure(error)])
                 }
-                guard db.inTransaction else { return .again(index: index, error: error) }
+                guard db.inTransaction else {
+                    // SQLite rolled the whole transaction back itself.
+                    if transactionChangedSchema { capture.forgetSchema() }
+                    transactionChangedSchema = false
+                    return .again(index: index, error: error)
+                }
                 do {
                     try withInternal { try db.exec("ROLLBACK TO tandem_write; RELEASE tandem_write") }
+                    if transactionChangedSchema { capture.forgetSchema() }
                 } catch let undo {
                     // The transaction cannot be trusted to hold only the earlier writes.
                     rollbackTransaction()
@@ -323,6 +335,7 @@ public final class StateStore: @unchecked Sendable {
             rollbackTransaction()
             return .done(results.map { r in r.flatMap { _ in .failure(error) } })
         }
+        transactionChangedSchema = false
         appliedLSN = lsn.previous
         appliedTerm = term
         schemaVersion = version
@@ -342,17 +355,15 @@ public final class StateStore: @unchecked Sendable {
     /// by the caller.
     private func executeInTransaction(_ batch: WriteBatch, lsn: LSN, term: Term, previousTerm: Term) throws(StoreError) -> Execution {
         try check(batch)
-        var sessionHandle: OpaquePointer?
-        defer { if let sessionHandle { sqlite3session_delete(sessionHandle) } }
-        guard sqlite3session_create(db.handle, "main", &sessionHandle) == SQLITE_OK, let session = sessionHandle else {
-            throw StoreError.sqlite(db.lastError, statement: nil)
-        }
-        guard sqlite3session_attach(session, nil) == SQLITE_OK else { throw StoreError.sqlite(db.lastError, statement: nil) }
+        try withInternal { try capture.begin() }
+        var captured = false
+        defer { if !captured { capture.discard() } }
         var results: [StatementResult] = []
         var isSchema: Bool?
         var resultBytes = 0
         for (i, s) in batch.statements.enumerated() {
             let (result, ddl) = try run(s, index: i, mode: .write, resultBytes: &resultBytes)
+            if ddl { transactionChangedSchema = true }
             if s.requireChanges && result.rowsAffected == 0 {
                 throw StoreError.preconditionFailed(statement: i)
             }
@@ -366,17 +377,17 @@ public final class StateStore: @unchecked Sendable {
         let payload: [UInt8]
         var inverse: [UInt8]?
         if isSchema == true {
+            capture.discard()
+            captured = true
             try requirePrimaryKeys()
             kind = .schema
             payload = SchemaPayload.encode(batch)
         } else {
             kind = .changeset
-            payload = try changeset(of: session)
-            inverse = try invert(payload, lsn: lsn)
+            // Ended before the undo row goes in, which is not part of the write.
+            captured = true
+            (payload, inverse) = try withInternal { try capture.finish() }
         }
-        // Detached before the undo row goes in, which the session need not track.
-        sqlite3session_delete(session)
-        sessionHandle = nil
         guard payload.count <= limits.maxChangesetBytes else {
             throw StoreError.tooLarge(what: "the batch's changeset", size: payload.count, limit: limits.maxChangesetBytes)
         }
@@ -495,16 +506,6 @@ public final class StateStore: @unchecked Sendable {
         }
     }
 
-    private func changeset(of session: OpaquePointer) throws(StoreError) -> [UInt8] {
-        var n: Int32 = 0
-        var p: UnsafeMutableRawPointer?
-        let rc = sqlite3session_changeset(session, &n, &p)
-        defer { sqlite3_free(p) }
-        guard rc == SQLITE_OK else { throw .sqlite(db.lastError, statement: nil) }
-        guard let p, n > 0 else { return [] }
-        return [UInt8](UnsafeRawBufferPointer(start: p, count: Int(n)))
-    }
-
     private func invert(_ changeset: [UInt8], lsn: LSN) throws(StoreError) -> [UInt8] {
         guard !changeset.isEmpty else { return [] }
         var n: Int32 = 0
@@ -515,8 +516,8 @@ public final class StateStore: @unchecked Sendable {
         return [UInt8](UnsafeRawBufferPointer(start: p, count: Int(n)))
     }
 
-    /// Every user table must have a declared primary key, or the session extension would
-    /// silently not replicate it.
+    /// Every user table must have a declared primary key, or its rows would silently not
+    /// be replicated: changes are captured by primary key.
     private func requirePrimaryKeys() throws(StoreError) {
         try withInternal {
             let tables = try db.rows("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE 'tandem\\_%' ESCAPE '\\'")
@@ -548,6 +549,8 @@ public final class StateStore: @unchecked Sendable {
     private func rollbackTransaction() {
         authorizer.mode = .internal
         if db.inTransaction { try? db.exec("ROLLBACK") }
+        if transactionChangedSchema { capture.forgetSchema() }
+        transactionChangedSchema = false
     }
 
     static func storeError(_ error: any Error) -> StoreError {
@@ -664,6 +667,7 @@ public final class StateStore: @unchecked Sendable {
                     }
                 case .schema:
                     try flush()
+                    transactionChangedSchema = true
                     let batch: WriteBatch
                     do { batch = try SchemaPayload.decode(r.payload) } catch {
                         throw StoreError.badRecord(lsn: r.lsn, reason: "\(error)")
@@ -699,6 +703,7 @@ public final class StateStore: @unchecked Sendable {
                 try setApplied(lsn, term, version: version)
                 try db.execKept("COMMIT")
             }
+            transactionChangedSchema = false
             appliedLSN = lsn
             appliedTerm = term
             schemaVersion = version
@@ -826,8 +831,7 @@ final class Authorizer {
             sawPragma = true
             let name = a3?.lowercased() ?? ""
             let readable: Set<String> = ["table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"]
-            // Read-only introspection is harmless, and the session extension itself reads
-            // table_info while a write runs.
+            // Read-only introspection is harmless.
             if readable.contains(name) { return SQLITE_OK }
             return deny("PRAGMA \(name) is refused: settings are not replicated")
         default:
