@@ -31,6 +31,8 @@ public final class StateStore: @unchecked Sendable {
     /// The open transaction ran a schema statement: rolling it back may restore an older
     /// schema under a schema version the capture has already seen.
     private var transactionChangedSchema = false
+    /// Whether the connection enforces foreign keys (and runs their actions) now.
+    private var foreignKeysOn = true
     /// Client statements already prepared and authorized, by SQL text and authorizer
     /// mode: the same few statements come again and again, and parsing and authorizing
     /// one took about a third of a write's time in the store. Schema statements are never
@@ -263,8 +265,11 @@ public final class StateStore: @unchecked Sendable {
 
     private func attempt(_ batches: [WriteBatch], setAside: [Int: StoreError], from first: LSN, term: Term) -> GroupAttempt {
         authorizer.mode = .internal
-        do { try db.execKept("BEGIN IMMEDIATE") } catch {
-            let e = StoreError.sqlite(error, statement: nil)
+        do {
+            try setForeignKeys(true)
+            try db.execKept("BEGIN IMMEDIATE")
+        } catch {
+            let e = Self.storeError(error)
             return .done(batches.map { _ in .failure(e) })
         }
         // Savepoints only when there is something to keep apart (a lone write rolls the
@@ -578,6 +583,7 @@ public final class StateStore: @unchecked Sendable {
             throw .needsRebuild("asked to roll back to \(lsn), below the committed LSN \(committedLSN)")
         }
         do {
+            try setForeignKeys(false)
             try db.exec("BEGIN IMMEDIATE")
             authorizer.mode = .internal
             let rows = try db.rows("SELECT lsn, kind, previous_term, inverse FROM tandem_undo WHERE lsn > ? ORDER BY lsn DESC",
@@ -611,18 +617,21 @@ public final class StateStore: @unchecked Sendable {
 
     // MARK: Applying committed records (replicas)
 
-    /// Applies committed records in order, all in one transaction with the applied LSN,
-    /// so a crash applies all or none of them. The first must follow the applied LSN.
+    /// Applies committed records in order, in one transaction with the applied LSN (one per
+    /// run of changesets, one per schema record: see `runs`), so a crash or a failure
+    /// leaves the applied LSN at the end of the last run applied in full.
     ///
     /// Consecutive changesets are merged with a changegroup and applied in one call
     /// (applying one changeset at a time costs SQLite a statement preparation per table
-    /// per record). If the merged apply meets a conflict, the batch is redone record by
+    /// per record). If the merged apply meets a conflict, the run is redone record by
     /// record so the error names the exact record.
     public func apply(_ records: [LogRecord]) throws(StoreError) {
-        do {
-            try apply(records, merging: records.count > 1)
-        } catch StoreError.conflict(_, _, _) where records.count > 1 {
-            try apply(records, merging: false)
+        for run in Self.runs(records) {
+            do {
+                try apply(run, merging: run.count > 1)
+            } catch StoreError.conflict(_, _, _) where run.count > 1 {
+                try apply(run, merging: false)
+            }
         }
     }
 
@@ -630,12 +639,41 @@ public final class StateStore: @unchecked Sendable {
     /// and its no-op), keeping each one's inverse so they can be undone like executed
     /// writes (`rollback`). The committed LSN does not move.
     public func applySpeculatively(_ records: [LogRecord]) throws(StoreError) {
-        try apply(records, merging: false, keepUndo: true)
+        for run in Self.runs(records) { try apply(run, merging: false, keepUndo: true) }
     }
 
-    private func apply(_ records: [LogRecord], merging: Bool, keepUndo: Bool = false) throws(StoreError) {
+    /// `records` cut so that each schema record stands alone. Changesets are applied with
+    /// foreign keys off: a changeset already holds every row the primary's foreign key
+    /// actions (ON DELETE CASCADE, SET NULL, ...) changed, and running the actions again
+    /// would change those rows twice (a conflict, and a stopped replica). A schema record
+    /// is replayed as its SQL with foreign keys on, as it ran on the primary (a DROP TABLE
+    /// deletes the rows that reference it first). SQLite ignores the setting inside a
+    /// transaction, hence one transaction per kind.
+    static func runs(_ records: [LogRecord]) -> [ArraySlice<LogRecord>] {
+        var runs: [ArraySlice<LogRecord>] = []
+        var start = records.startIndex
+        for i in records.indices where records[i].kind == .schema {
+            if start < i { runs.append(records[start..<i]) }
+            runs.append(records[i...i])
+            start = i + 1
+        }
+        if start < records.endIndex { runs.append(records[start...]) }
+        return runs
+    }
+
+    /// Foreign keys are enforced where writes execute and schema records replay, and off
+    /// where changesets are applied (see `runs`). Set before BEGIN.
+    private func setForeignKeys(_ on: Bool) throws(StoreError) {
+        guard on != foreignKeysOn else { return }
+        authorizer.mode = .internal
+        do { try db.execKept(on ? "PRAGMA foreign_keys = ON" : "PRAGMA foreign_keys = OFF") } catch { throw .sqlite(error, statement: nil) }
+        foreignKeysOn = on
+    }
+
+    private func apply(_ records: ArraySlice<LogRecord>, merging: Bool, keepUndo: Bool = false) throws(StoreError) {
         guard let first = records.first else { return }
         guard first.lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: first.lsn) }
+        try setForeignKeys(first.kind == .schema)
         authorizer.mode = .internal
         do { try db.execKept("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
         do {

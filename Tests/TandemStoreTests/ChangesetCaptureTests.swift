@@ -267,4 +267,50 @@ struct ChangesetCaptureTests {
         #expect(shorter.changes.count == 3)
         #expect(shorter.changes != reference.changes)
     }
+
+    @Test("an application's own foreign key actions (ON DELETE CASCADE, ON UPDATE CASCADE, ON DELETE SET NULL) replicate, and undo, without running twice")
+    func foreignKeyActionsReplicate() throws {
+        let dir = TempDir("capture-fk")
+        defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        var records = TelehealthSchema.migrations.enumerated().map { i, m in
+            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
+        }
+        func run(_ sql: String...) throws {
+            let e = try primary.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: primary.appliedLSN.next, term: Term(1))
+            records.append(e.record)
+        }
+        try run("CREATE TABLE clinics (id INTEGER PRIMARY KEY, name TEXT)",
+                "CREATE TABLE rooms (id INTEGER PRIMARY KEY, clinic_id INTEGER REFERENCES clinics (id) ON DELETE CASCADE ON UPDATE CASCADE, label TEXT)",
+                "CREATE TABLE devices (id INTEGER PRIMARY KEY, room_id INTEGER REFERENCES rooms (id) ON DELETE SET NULL, serial TEXT)")
+        try run("INSERT INTO clinics VALUES (1, 'Strasbourg'), (2, 'Colmar')",
+                "INSERT INTO rooms VALUES (10, 1, 'A'), (11, 1, 'B'), (12, 2, 'C')",
+                "INSERT INTO devices VALUES (100, 10, 'cam-1'), (101, 12, 'cam-2')")
+        let beforeCascade = try primary.stateHash()
+        primary.markCommitted(through: primary.appliedLSN)
+        let committed = primary.appliedLSN
+        // A delete that cascades to two rooms and sets a device's room to NULL, and a key
+        // change that cascades to a room.
+        try run("DELETE FROM clinics WHERE id = 1")
+        try run("UPDATE clinics SET id = 20 WHERE id = 2")
+        #expect(try primary.query(SQLStatement("SELECT count(*) FROM rooms")).rows == [[.integer(1)]])
+        #expect(try primary.query(SQLStatement("SELECT room_id FROM devices WHERE id = 100")).rows == [[.null]])
+        #expect(try primary.query(SQLStatement("SELECT clinic_id FROM rooms WHERE id = 12")).rows == [[.integer(20)]])
+
+        // A replica applying the log in one call, and one applying it record by record.
+        for (name, perRecord) in [("batch", false), ("single", true)] {
+            let replica = try StateStore.create(directory: dir.sub(name), clusterID: cluster)
+            if perRecord { for r in records { try replica.apply([r]) } } else { try replica.apply(records) }
+            #expect(replica.appliedLSN == primary.appliedLSN)
+            #expect(try replica.stateHash() == primary.stateHash())
+        }
+        // The primary undoes the two uncommitted writes: every cascaded row comes back.
+        try primary.rollback(to: committed)
+        #expect(try primary.stateHash() == beforeCascade)
+        #expect(try primary.query(SQLStatement("SELECT count(*) FROM rooms")).rows == [[.integer(3)]])
+        // And writes still enforce foreign keys afterwards.
+        #expect(throws: StoreError.self) {
+            try primary.execute(WriteBatch([SQLStatement("INSERT INTO rooms VALUES (13, 99, 'D')")]), lsn: primary.appliedLSN.next, term: Term(1))
+        }
+    }
 }
