@@ -26,6 +26,9 @@ public final class StateStore: @unchecked Sendable {
     private let statementClock = StatementClock()
     private var updateMeta: PreparedStatement
     private var insertUndo: PreparedStatement
+    /// Kept prepared: it runs with every group of writes and every apply (preparing it
+    /// each time was 2.7% of the primary's CPU at 64 clients).
+    private var deleteCommittedUndo: PreparedStatement
     /// Captures each write's changeset and inverse (SQLite's pre-update hook).
     private var capture: ChangesetCapture
     /// The open transaction ran a schema statement: rolling it back may restore an older
@@ -117,6 +120,7 @@ public final class StateStore: @unchecked Sendable {
             schemaVersion = Int(version)
             updateMeta = try db.prepare("UPDATE tandem_meta SET applied_lsn = ?, applied_term = ?, schema_version = ? WHERE id = 1")
             insertUndo = try db.prepare("INSERT INTO tandem_undo (lsn, kind, previous_term, inverse) VALUES (?, ?, ?, ?)")
+            deleteCommittedUndo = try db.prepare("DELETE FROM tandem_undo WHERE lsn <= ?")
             capture = ChangesetCapture(db: db)
             if let minUndo = try db.rows("SELECT min(lsn) FROM tandem_undo").first?.first, case let .integer(m) = minUndo {
                 committedLSN = LSN(UInt64(m - 1))
@@ -542,7 +546,10 @@ public final class StateStore: @unchecked Sendable {
 
     private func pruneUndo() throws {
         guard committedLSN > prunedThrough else { return }
-        _ = try db.rows("DELETE FROM tandem_undo WHERE lsn <= ?", [.integer(Int64(committedLSN.rawValue))])
+        deleteCommittedUndo.reset()
+        try deleteCommittedUndo.bind([.integer(Int64(committedLSN.rawValue))])
+        _ = try deleteCommittedUndo.step()
+        deleteCommittedUndo.reset()
         prunedThrough = committedLSN
     }
 
