@@ -11,4 +11,10 @@
 static inline sqlite3_destructor_type tandem_sqlite_transient(void) {
     return SQLITE_TRANSIENT;
 }
+// sqlite3_db_config is variadic, which Swift cannot call. Turns triggers on or off for
+// statements prepared afterwards; returns SQLite's result code.
+static inline int tandem_sqlite_enable_triggers(sqlite3 *db, int on) {
+    int now = 0;
+    return sqlite3_db_config(db, SQLITE_DBCONFIG_ENABLE_TRIGGER, on, &now);
+}
 #endif

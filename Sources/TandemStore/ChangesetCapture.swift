@@ -18,12 +18,18 @@ import Foundation
 /// - At the end, each kept row is read again by key: absent before and now, nothing; new,
 ///   an INSERT of the row; gone, a DELETE of the old row; both, an UPDATE carrying the
 ///   primary key and the columns that changed (nothing when none did).
-/// - Rows whose primary key holds a NULL, tables without a primary key, and tables whose
-///   name starts with `sqlite_` are not captured (as the session extension does not).
+/// - Tables without a primary key are not captured (they cannot be created through the
+///   store), nor SQLite's own `sqlite_` tables (`sqlite_stat1` comes from ANALYZE, which
+///   is logged as a statement and rerun on every site). A row whose primary key holds a
+///   NULL (SQLite allows one in a non-integer key) cannot be addressed on a replica, and
+///   neither can a table whose row does not match its column list (generated columns):
+///   the write that makes one fails instead of being logged without it.
 /// - A change made by a trigger or a foreign key action is marked indirect unless the
 ///   same row was also changed directly.
 ///
-/// One owner at a time (the store's), like the connection it hooks.
+/// One owner at a time (the store's), like the connection it hooks. No session of the
+/// session extension may be created on that connection: it would take this hook's
+/// context for a session of its own.
 final class ChangesetCapture {
     /// A table's columns, as the changeset needs them.
     final class Table {
@@ -228,6 +234,13 @@ final class ChangesetCapture {
             return nil
         }
         guard !table.keyColumns.isEmpty else { return nil }
+        let count = Int(sqlite3_preupdate_count(db.handle))
+        guard count == table.columnCount else {
+            if problem == nil {
+                problem = "table \(key) has \(count) columns in its rows but \(table.columnCount) in its column list (generated columns?): its changes cannot be replicated"
+            }
+            return nil
+        }
         touched.append(Touched(table: table))
         return touched.count - 1
     }
@@ -243,8 +256,13 @@ final class ChangesetCapture {
                 return
             }
             // A NULL in the key: SQLite allows one in a non-integer primary key of an
-            // ordinary table; such rows cannot be addressed by key and are not captured.
-            if sqlite3_value_type(v) == SQLITE_NULL { return }
+            // ordinary table, but no replica could find such a row again.
+            if sqlite3_value_type(v) == SQLITE_NULL {
+                if problem == nil {
+                    problem = "table \(table.name): a row with NULL in its primary key cannot be replicated; declare the key NOT NULL"
+                }
+                return
+            }
             Self.appendValue(v, real: table.real[c], to: &scratchKey)
         }
         if let existing = touched[at].index[scratchKey] {
@@ -403,16 +421,11 @@ final class ChangesetCapture {
         case SQLITE_FLOAT:
             out.append(UInt8(SQLITE_FLOAT))
             appendBigEndian(sqlite3_value_double(v).bitPattern, to: &out)
-        case SQLITE_TEXT:
-            let p = sqlite3_value_text(v)
+        case SQLITE_TEXT, SQLITE_BLOB:
+            // The pointer before the length, as SQLite asks (reading it may convert the value).
+            let p = type == SQLITE_TEXT ? sqlite3_value_text(v).map { UnsafeRawPointer($0) } : sqlite3_value_blob(v)
             let n = Int(sqlite3_value_bytes(v))
-            out.append(UInt8(SQLITE_TEXT))
-            appendVarint(UInt64(n), to: &out)
-            if n > 0, let p { out.append(contentsOf: UnsafeBufferPointer(start: p, count: n)) }
-        case SQLITE_BLOB:
-            let p = sqlite3_value_blob(v)
-            let n = Int(sqlite3_value_bytes(v))
-            out.append(UInt8(SQLITE_BLOB))
+            out.append(UInt8(type))
             appendVarint(UInt64(n), to: &out)
             if n > 0, let p { out.append(contentsOf: UnsafeRawBufferPointer(start: p, count: n)) }
         default:
@@ -432,12 +445,7 @@ final class ChangesetCapture {
             return type == SQLITE_INTEGER ? sqlite3_bind_int64(stmt, index, Int64(bitPattern: v))
                 : sqlite3_bind_double(stmt, index, Double(bitPattern: v))
         case SQLITE_TEXT, SQLITE_BLOB:
-            var n: UInt64 = 0
-            var used = 0
-            repeat {
-                n = n << 7 | UInt64(key[at + used] & 0x7f)
-                used += 1
-            } while key[at + used - 1] & 0x80 != 0 && used < 9
+            let (n, used) = readVarint(key, at: at)
             at += used
             let p = key.baseAddress.map { $0 + at }
             at += Int(n)
@@ -471,7 +479,7 @@ final class ChangesetCapture {
         out.append(contentsOf: groups.reversed())
     }
 
-    static func readVarint(_ buf: [UInt8], at: Int) -> (value: UInt64, bytes: Int) {
+    static func readVarint<Bytes: Collection<UInt8>>(_ buf: Bytes, at: Int) -> (value: UInt64, bytes: Int) where Bytes.Index == Int {
         var v: UInt64 = 0
         var used = 0
         while at + used < buf.count && used < 9 {

@@ -34,8 +34,8 @@ public final class StateStore: @unchecked Sendable {
     /// The open transaction ran a schema statement: rolling it back may restore an older
     /// schema under a schema version the capture has already seen.
     private var transactionChangedSchema = false
-    /// Whether the connection enforces foreign keys (and runs their actions) now.
-    private var foreignKeysOn = true
+    /// Whether the connection runs foreign key checks and actions, and triggers, now.
+    private var actionsOn = true
     /// Client statements already prepared and authorized, by SQL text and authorizer
     /// mode: the same few statements come again and again, and parsing and authorizing
     /// one took about a third of a write's time in the store. Schema statements are never
@@ -270,7 +270,7 @@ public final class StateStore: @unchecked Sendable {
     private func attempt(_ batches: [WriteBatch], setAside: [Int: StoreError], from first: LSN, term: Term) -> GroupAttempt {
         authorizer.mode = .internal
         do {
-            try setForeignKeys(true)
+            try setActions(true)
             try db.execKept("BEGIN IMMEDIATE")
         } catch {
             let e = Self.storeError(error)
@@ -590,7 +590,7 @@ public final class StateStore: @unchecked Sendable {
             throw .needsRebuild("asked to roll back to \(lsn), below the committed LSN \(committedLSN)")
         }
         do {
-            try setForeignKeys(false)
+            try setActions(false)
             try db.exec("BEGIN IMMEDIATE")
             authorizer.mode = .internal
             let rows = try db.rows("SELECT lsn, kind, previous_term, inverse FROM tandem_undo WHERE lsn > ? ORDER BY lsn DESC",
@@ -650,12 +650,12 @@ public final class StateStore: @unchecked Sendable {
     }
 
     /// `records` cut so that each schema record stands alone. Changesets are applied with
-    /// foreign keys off: a changeset already holds every row the primary's foreign key
-    /// actions (ON DELETE CASCADE, SET NULL, ...) changed, and running the actions again
-    /// would change those rows twice (a conflict, and a stopped replica). A schema record
-    /// is replayed as its SQL with foreign keys on, as it ran on the primary (a DROP TABLE
-    /// deletes the rows that reference it first). SQLite ignores the setting inside a
-    /// transaction, hence one transaction per kind.
+    /// foreign keys and triggers off: a changeset already holds every row the primary's
+    /// foreign key actions (ON DELETE CASCADE, SET NULL, ...) and triggers changed, and
+    /// running them again would change those rows twice (a conflict, and a stopped
+    /// replica). A schema record is replayed as its SQL with both on, as it ran on the
+    /// primary (a DROP TABLE deletes the rows that reference it first). SQLite ignores
+    /// the foreign key setting inside a transaction, hence one transaction per kind.
     static func runs(_ records: [LogRecord]) -> [ArraySlice<LogRecord>] {
         var runs: [ArraySlice<LogRecord>] = []
         var start = records.startIndex
@@ -668,19 +668,24 @@ public final class StateStore: @unchecked Sendable {
         return runs
     }
 
-    /// Foreign keys are enforced where writes execute and schema records replay, and off
-    /// where changesets are applied (see `runs`). Set before BEGIN.
-    private func setForeignKeys(_ on: Bool) throws(StoreError) {
-        guard on != foreignKeysOn else { return }
+    /// Foreign keys and triggers run where writes execute and schema records replay, and
+    /// not where changesets are applied or undone (see `runs`). Set outside a transaction;
+    /// rare (a change of role), so not kept prepared: SQLite applies both settings to
+    /// statements prepared afterwards, and `sqlite3changeset_apply` prepares its own.
+    private func setActions(_ on: Bool) throws(StoreError) {
+        guard on != actionsOn else { return }
+        guard !db.inTransaction else { throw .io("foreign keys and triggers cannot be switched inside a transaction") }
         authorizer.mode = .internal
-        do { try db.execKept(on ? "PRAGMA foreign_keys = ON" : "PRAGMA foreign_keys = OFF") } catch { throw .sqlite(error, statement: nil) }
-        foreignKeysOn = on
+        do { try db.exec(on ? "PRAGMA foreign_keys = ON" : "PRAGMA foreign_keys = OFF") } catch { throw .sqlite(error, statement: nil) }
+        let rc = tandem_sqlite_enable_triggers(db.handle, on ? 1 : 0)
+        guard rc == SQLITE_OK else { throw .sqlite(db.lastError, statement: nil) }
+        actionsOn = on
     }
 
     private func apply(_ records: ArraySlice<LogRecord>, merging: Bool, keepUndo: Bool = false) throws(StoreError) {
         guard let first = records.first else { return }
         guard first.lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: first.lsn) }
-        try setForeignKeys(first.kind == .schema)
+        try setActions(first.kind == .schema)
         authorizer.mode = .internal
         do { try db.execKept("BEGIN IMMEDIATE") } catch { throw .sqlite(error, statement: nil) }
         do {
@@ -840,7 +845,7 @@ final class Authorizer {
         SQLITE_CREATE_TRIGGER, SQLITE_DROP_TRIGGER, SQLITE_ALTER_TABLE, SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_TEMP_INDEX,
         SQLITE_CREATE_TEMP_TRIGGER, SQLITE_CREATE_TEMP_VIEW, SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_TEMP_INDEX,
         SQLITE_DROP_TEMP_TRIGGER, SQLITE_DROP_TEMP_VIEW, SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE, SQLITE_INSERT, SQLITE_UPDATE,
-        SQLITE_DELETE, SQLITE_TRANSACTION, SQLITE_SAVEPOINT, SQLITE_ATTACH, SQLITE_DETACH, SQLITE_PRAGMA,
+        SQLITE_DELETE, SQLITE_TRANSACTION, SQLITE_SAVEPOINT, SQLITE_ATTACH, SQLITE_DETACH, SQLITE_PRAGMA, SQLITE_ANALYZE,
     ]
 
     func decide(_ action: Int32, _ a3: String?, _ a4: String?) -> Int32 {
@@ -859,6 +864,10 @@ final class Authorizer {
             sawDDL = true
         case SQLITE_ALTER_TABLE:
             if isReserved(a4) { return deny("tables named tandem_* belong to Tandem and cannot be changed through SQL") }
+            sawDDL = true
+        case SQLITE_ANALYZE:
+            // Its statistics (sqlite_stat1) are logged as the statement and recomputed on
+            // every site from the same rows, in log order, like a schema change.
             sawDDL = true
         case SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_TEMP_INDEX, SQLITE_CREATE_TEMP_TRIGGER, SQLITE_CREATE_TEMP_VIEW,
              SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_TEMP_INDEX, SQLITE_DROP_TEMP_TRIGGER, SQLITE_DROP_TEMP_VIEW:

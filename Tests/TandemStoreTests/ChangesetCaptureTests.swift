@@ -313,4 +313,43 @@ struct ChangesetCaptureTests {
             try primary.execute(WriteBatch([SQLStatement("INSERT INTO rooms VALUES (13, 99, 'D')")]), lsn: primary.appliedLSN.next, term: Term(1))
         }
     }
+
+    @Test("an application's trigger runs once, on the primary; ANALYZE is logged as a statement; a NULL key is refused")
+    func triggersAnalyzeAndNullKeys() throws {
+        let dir = TempDir("capture-trigger")
+        defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        var records = TelehealthSchema.migrations.enumerated().map { i, m in
+            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
+        }
+        func run(_ sql: String...) throws {
+            let e = try primary.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: primary.appliedLSN.next, term: Term(1))
+            records.append(e.record)
+        }
+        try run("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",
+                "CREATE TABLE audit (id INTEGER PRIMARY KEY, note_id INTEGER, action TEXT)",
+                "CREATE TRIGGER notes_audit AFTER INSERT ON notes BEGIN INSERT INTO audit (note_id, action) VALUES (new.id, 'insert'); END",
+                "CREATE INDEX notes_body ON notes (body)")
+        try run("INSERT INTO notes VALUES (1, 'a'), (2, 'b')")
+        let analyze = try primary.execute(WriteBatch([SQLStatement("ANALYZE")]), lsn: primary.appliedLSN.next, term: Term(1))
+        #expect(analyze.record.kind == .schema)
+        records.append(analyze.record)
+        #expect(try primary.query(SQLStatement("SELECT count(*) FROM audit")).rows == [[.integer(2)]])
+
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        try replica.apply(records)
+        #expect(try replica.stateHash() == primary.stateHash())
+        // Once per note, not twice (the trigger again on the replica).
+        #expect(try replica.query(SQLStatement("SELECT count(*) FROM audit")).rows == [[.integer(2)]])
+        // Tandem's own tables differ by design (the primary keeps undo rows a replica
+        // does not have); the replicated ones must not.
+        let stats = "SELECT tbl, idx, stat FROM sqlite_stat1 WHERE tbl NOT LIKE 'tandem%' ORDER BY tbl, idx"
+        #expect(try replica.query(SQLStatement(stats)).rows == (try primary.query(SQLStatement(stats))).rows)
+        #expect(try !replica.query(SQLStatement(stats)).rows.isEmpty)
+
+        try run("CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT)")
+        #expect {
+            try primary.execute(WriteBatch([SQLStatement("INSERT INTO codes VALUES (NULL, 'x')")]), lsn: primary.appliedLSN.next, term: Term(1))
+        } throws: { "\($0)".contains("NULL in its primary key") }
+    }
 }
