@@ -48,6 +48,9 @@ final class ChangesetCapture {
         let real: [Bool]
         let readBack: String
         var readStatement: PreparedStatement?
+        /// What a query reads for each column from a row stored without it, serialized:
+        /// its declared default, or NULL without one (nil: not worked out).
+        var defaults: [[UInt8]?]
 
         init(name: String, columns: [(name: String, type: String, pk: Int)]) {
             self.name = name
@@ -61,16 +64,22 @@ final class ChangesetCapture {
             let condition = keyColumns.enumerated().map { "\(quoted(columns[$0.element].name)) IS ?\($0.offset + 1)" }
                 .joined(separator: " AND ")
             readBack = "SELECT * FROM \"main\".\(quoted(name)) WHERE \(condition)"
+            defaults = Array(repeating: [UInt8(SQLITE_NULL)], count: columns.count)
         }
+
+        static func affinityIsReal(_ declared: String) -> Bool { affinity(declared) == .real }
+
+        enum Affinity { case integer, text, blob, real, numeric }
 
         /// SQLite's rules for a declared type's affinity (section 3.1 of its datatype
         /// document), in their order: INT first, then text, then BLOB, then REAL.
-        static func affinityIsReal(_ declared: String) -> Bool {
+        static func affinity(_ declared: String) -> Affinity {
             let t = declared.uppercased()
-            if t.contains("INT") || t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") || t.contains("BLOB") || t.isEmpty {
-                return false
-            }
-            return t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB")
+            if t.contains("INT") { return .integer }
+            if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") { return .text }
+            if t.contains("BLOB") || t.isEmpty { return .blob }
+            if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") { return .real }
+            return .numeric
         }
     }
 
@@ -100,9 +109,20 @@ final class ChangesetCapture {
     private var problem: String?
     /// Reused scratch buffers.
     private var scratchKey: [UInt8] = []
+    /// The value SQLite 3.40's `sqlite3_preupdate_old` hands out for a column the stored
+    /// row does not have (one added by ALTER TABLE ADD COLUMN after the row was written):
+    /// a shared NULL, where a query reads the column's default. Taken as the old value, it
+    /// would make the changeset's old image disagree with every replica's row (a conflict
+    /// on the first UPDATE or DELETE of such a row). SQLite returns the same shared value
+    /// for a column read from a statement that has no row, which is how it is found.
+    private let missingColumn: UnsafeMutableRawPointer?
+    /// Keeps the statement that showed `missingColumn`.
+    private let probe: PreparedStatement?
 
     init(db: SQLiteConnection) {
         self.db = db
+        probe = try? db.prepare("SELECT 1")
+        missingColumn = probe.flatMap { sqlite3_column_value($0.handle, 0) }.map { UnsafeMutableRawPointer($0) }
         sqlite3_preupdate_hook(db.handle, preupdateCallback, Unmanaged.passUnretained(self).toOpaque())
     }
 
@@ -279,6 +299,15 @@ final class ChangesetCapture {
                     if problem == nil { problem = "cannot read the old row of \(table.name) (SQLite code \(rc))" }
                     return
                 }
+                if let v, UnsafeMutableRawPointer(v) == missingColumn {
+                    // Not stored in this row: the column's default is its value.
+                    guard let value = table.defaults[c] else {
+                        if problem == nil { problem = "cannot read column \(c + 1) of an old row of \(table.name): it is not stored, and its default's stored form is not known" }
+                        return
+                    }
+                    image.append(contentsOf: value)
+                    continue
+                }
                 Self.appendValue(v, real: table.real[c], to: &image)
             }
             original = image
@@ -291,10 +320,11 @@ final class ChangesetCapture {
 
     private func loadTables() throws(SQLiteError) {
         let rows = try db.rows("""
-            SELECT m.name, p.name, p.type, p.pk FROM sqlite_schema AS m, pragma_table_info(m.name) AS p
+            SELECT m.name, p.name, p.type, p.pk, p.dflt_value FROM sqlite_schema AS m, pragma_table_info(m.name) AS p
             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY m.name, p.cid
             """)
         var columns: [String: [(name: String, type: String, pk: Int)]] = [:]
+        var defaults: [String: [String?]] = [:]
         var order: [String] = []
         for r in rows {
             guard case let .text(table) = r[0], case let .text(column) = r[1], case let .integer(pk) = r[3] else { continue }
@@ -302,9 +332,48 @@ final class ChangesetCapture {
             if case let .text(t) = r[2] { type = t } else { type = "" }
             if columns[table] == nil { order.append(table) }
             columns[table, default: []].append((column, type, Int(pk)))
+            if case let .text(d) = r[4] { defaults[table, default: []].append(d) } else { defaults[table, default: []].append(nil) }
         }
         tables = [:]
-        for name in order { tables[name] = Table(name: name, columns: columns[name] ?? []) }
+        for name in order {
+            let table = Table(name: name, columns: columns[name] ?? [])
+            for (c, expression) in (defaults[name] ?? []).enumerated() {
+                guard let expression, let type = columns[name]?[c].type else { continue }
+                table.defaults[c] = defaultValue(expression, affinity: Table.affinity(type))
+            }
+            tables[name] = table
+        }
+    }
+
+    /// The value a query reads for a column added by ALTER TABLE (whose default SQLite
+    /// requires to be constant) from a row stored before it, serialized: the default with
+    /// the column's affinity applied. nil when that cannot be worked out here (text that
+    /// an INTEGER or NUMERIC column might turn into a number); a write meeting such a
+    /// row then fails rather than log a wrong old image.
+    private func defaultValue(_ expression: String, affinity: Table.Affinity) -> [UInt8]? {
+        guard let stmt = try? db.prepare("SELECT (\(expression)), CAST((\(expression)) AS TEXT)"), stmt.columnCount == 2,
+              (try? stmt.step()) == true else { return nil }
+        let type = sqlite3_column_type(stmt.handle, 0)
+        var out: [UInt8] = []
+        switch (affinity, type) {
+        case (.text, SQLITE_INTEGER), (.text, SQLITE_FLOAT):
+            // A number in a TEXT column is stored as its text, as CAST writes it.
+            Self.appendValue(sqlite3_column_value(stmt.handle, 1), real: false, to: &out)
+        case (.integer, SQLITE_TEXT), (.numeric, SQLITE_TEXT), (.real, SQLITE_TEXT):
+            return nil
+        case (.integer, SQLITE_FLOAT), (.numeric, SQLITE_FLOAT):
+            // A whole number is stored as an integer there.
+            let d = sqlite3_column_double(stmt.handle, 0)
+            if d == d.rounded(), abs(d) < 9.0e18 {
+                out.append(UInt8(SQLITE_INTEGER))
+                Self.appendBigEndian(UInt64(bitPattern: Int64(d)), to: &out)
+            } else {
+                Self.appendValue(sqlite3_column_value(stmt.handle, 0), real: false, to: &out)
+            }
+        default:
+            Self.appendValue(sqlite3_column_value(stmt.handle, 0), real: affinity == .real, to: &out)
+        }
+        return out
     }
 
     /// Reads the row with `key` now; appends its serialized columns to `image` when it exists.

@@ -352,4 +352,41 @@ struct ChangesetCaptureTests {
             try primary.execute(WriteBatch([SQLStatement("INSERT INTO codes VALUES (NULL, 'x')")]), lsn: primary.appliedLSN.next, term: Term(1))
         } throws: { "\($0)".contains("NULL in its primary key") }
     }
+
+    @Test("rows written before ALTER TABLE ADD COLUMN ... DEFAULT are updated and deleted on replicas without a conflict")
+    func addedColumnsWithDefaults() throws {
+        let dir = TempDir("capture-alter")
+        defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        var records = TelehealthSchema.migrations.enumerated().map { i, m in
+            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
+        }
+        func run(_ sql: String...) throws {
+            let e = try primary.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: primary.appliedLSN.next, term: Term(1))
+            records.append(e.record)
+        }
+        try run("CREATE TABLE rooms (id INTEGER PRIMARY KEY, label TEXT)")
+        try run("INSERT INTO rooms (id, label) VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        // Stored rows lack these columns; a query reads their defaults.
+        try run("ALTER TABLE rooms ADD COLUMN beds INTEGER DEFAULT 2",
+                "ALTER TABLE rooms ADD COLUMN floor TEXT DEFAULT 5",
+                "ALTER TABLE rooms ADD COLUMN area REAL DEFAULT 12",
+                "ALTER TABLE rooms ADD COLUMN wing DEFAULT 'north'",
+                "ALTER TABLE rooms ADD COLUMN note TEXT")
+        try run("UPDATE rooms SET label = 'A' WHERE id = 1")
+        try run("DELETE FROM rooms WHERE id = 2")
+        try run("UPDATE rooms SET beds = 4 WHERE id = 3")
+        #expect(try primary.query(SQLStatement("SELECT beds, floor, area, wing, note FROM rooms WHERE id = 1")).rows
+                == [[.integer(2), .text("5"), .real(12), .text("north"), .null]])
+
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        for r in records { try replica.apply([r]) }
+        #expect(try replica.stateHash() == primary.stateHash())
+        // And the primary can undo them: the inverse of the delete puts the row back whole.
+        let undoTo = primary.appliedLSN
+        try run("DELETE FROM rooms WHERE id = 1")
+        let before = try replica.stateHash()
+        try primary.rollback(to: undoTo)
+        #expect(try primary.stateHash() == before)
+    }
 }
