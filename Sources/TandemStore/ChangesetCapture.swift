@@ -104,9 +104,14 @@ final class ChangesetCapture {
     private var schemaVersion: PreparedStatement?
     private var touched: [Touched] = []
     private var active = false
-    /// A change the capture could not take (a table it does not know): a data write that
-    /// made it must fail rather than be logged without it.
-    private var problem: String?
+    /// A change the capture could not take (a table it does not know, a NULL key, ...): a
+    /// data write that made it must fail rather than be logged without it.
+    private var problem: StoreError?
+    /// Bytes of row images kept for this write, and the most it may keep: a write that
+    /// changes more than its changeset could hold fails early instead of holding all of
+    /// it in memory first.
+    private var keptBytes = 0
+    let byteLimit: Int
     /// Reused scratch buffers.
     private var scratchKey: [UInt8] = []
     /// The value SQLite 3.40's `sqlite3_preupdate_old` hands out for a column the stored
@@ -119,8 +124,9 @@ final class ChangesetCapture {
     /// Keeps the statement that showed `missingColumn`.
     private let probe: PreparedStatement?
 
-    init(db: SQLiteConnection) {
+    init(db: SQLiteConnection, byteLimit: Int = Int.max) {
         self.db = db
+        self.byteLimit = byteLimit
         probe = try? db.prepare("SELECT 1")
         missingColumn = probe.flatMap { sqlite3_column_value($0.handle, 0) }.map { UnsafeMutableRawPointer($0) }
         sqlite3_preupdate_hook(db.handle, preupdateCallback, Unmanaged.passUnretained(self).toOpaque())
@@ -145,6 +151,7 @@ final class ChangesetCapture {
         }
         touched.removeAll(keepingCapacity: true)
         problem = nil
+        keptBytes = 0
         active = true
     }
 
@@ -153,6 +160,7 @@ final class ChangesetCapture {
         active = false
         touched.removeAll(keepingCapacity: true)
         problem = nil
+        keptBytes = 0
     }
 
     /// The column lists must be read again before the next write (after a rollback, which
@@ -163,19 +171,21 @@ final class ChangesetCapture {
 
     /// Ends the write: its changeset and the inverse changeset, both empty when nothing
     /// changed. The caller's authorizer allows internal SQL.
-    func finish() throws(SQLiteError) -> (changeset: [UInt8], inverse: [UInt8]) {
+    func finish() throws(StoreError) -> (changeset: [UInt8], inverse: [UInt8]) {
         active = false
         defer { touched.removeAll(keepingCapacity: true) }
-        if let problem {
-            throw SQLiteError(code: SQLITE_ERROR, extendedCode: SQLITE_ERROR, message: problem)
-        }
+        if let problem { throw problem }
+        return try encode()
+    }
+
+    private func encode() throws(StoreError) -> (changeset: [UInt8], inverse: [UInt8]) {
         var out: [UInt8] = []
         var inverse: [UInt8] = []
         for t in touched {
             let table = t.table
             let stmt: PreparedStatement
             if let s = table.readStatement { stmt = s } else {
-                stmt = try db.prepare(table.readBack)
+                do { stmt = try db.prepare(table.readBack) } catch { throw .sqlite(error, statement: nil) }
                 table.readStatement = stmt
             }
             let rewind = out.count
@@ -186,7 +196,8 @@ final class ChangesetCapture {
             var current: [UInt8] = []
             for row in t.rows {
                 current.removeAll(keepingCapacity: true)
-                let exists = try read(row.key, table: table, with: stmt, into: &current)
+                let exists: Bool
+                do { exists = try read(row.key, table: table, with: stmt, into: &current) } catch { throw .sqlite(error, statement: nil) }
                 let flag: UInt8 = row.indirect ? 1 : 0
                 switch (row.original, exists) {
                 case (nil, false):
@@ -205,6 +216,7 @@ final class ChangesetCapture {
                     guard Self.appendUpdate(table, before: original, after: current, flag: flag, to: &out, inverse: &inverse) else { continue }
                 }
                 wrote = true
+                if out.count > byteLimit { throw .tooLarge(what: "the batch's changeset", size: out.count, limit: byteLimit) }
             }
             if !wrote {
                 out.removeSubrange(rewind...)
@@ -217,7 +229,7 @@ final class ChangesetCapture {
     // MARK: The hook
 
     fileprivate func preupdate(op: Int32, database: UnsafePointer<CChar>?, table name: UnsafePointer<CChar>?) {
-        guard active, let database, let name, strcmp(database, "main") == 0 else { return }
+        guard active, problem == nil, let database, let name, strcmp(database, "main") == 0 else { return }
         guard let at = touchedIndex(name) else { return }
         let table = touched[at].table
         let indirect = sqlite3_preupdate_depth(db.handle) > 0
@@ -250,14 +262,14 @@ final class ChangesetCapture {
         guard let table = tables[key] else {
             // Created in this very write (a schema write, whose record is its SQL), or a
             // schema the capture has not read: fatal only to a data write.
-            if problem == nil { problem = "no column list for table \(key) (a table created in this write?)" }
+            if problem == nil { problem = .refused("no column list for table \(key) (a table created in this write?)", statement: nil) }
             return nil
         }
         guard !table.keyColumns.isEmpty else { return nil }
         let count = Int(sqlite3_preupdate_count(db.handle))
         guard count == table.columnCount else {
             if problem == nil {
-                problem = "table \(key) has \(count) columns in its rows but \(table.columnCount) in its column list (generated columns?): its changes cannot be replicated"
+                problem = .refused("table \(key) has \(count) columns in its rows but \(table.columnCount) in its column list (generated columns?): its changes cannot be replicated", statement: nil)
             }
             return nil
         }
@@ -272,14 +284,14 @@ final class ChangesetCapture {
             var v: OpaquePointer?
             let rc = keyFromNew ? sqlite3_preupdate_new(db.handle, Int32(c), &v) : sqlite3_preupdate_old(db.handle, Int32(c), &v)
             guard rc == SQLITE_OK else {
-                if problem == nil { problem = "cannot read the changed row of \(table.name) (SQLite code \(rc))" }
+                if problem == nil { problem = .sqlite(SQLiteError(code: rc, extendedCode: rc, message: "cannot read the changed row of \(table.name)"), statement: nil) }
                 return
             }
             // A NULL in the key: SQLite allows one in a non-integer primary key of an
             // ordinary table, but no replica could find such a row again.
             if sqlite3_value_type(v) == SQLITE_NULL {
                 if problem == nil {
-                    problem = "table \(table.name): a row with NULL in its primary key cannot be replicated; declare the key NOT NULL"
+                    problem = .refused("table \(table.name): a row with NULL in its primary key cannot be replicated; declare the key NOT NULL", statement: nil)
                 }
                 return
             }
@@ -296,13 +308,13 @@ final class ChangesetCapture {
                 var v: OpaquePointer?
                 let rc = sqlite3_preupdate_old(db.handle, Int32(c), &v)
                 guard rc == SQLITE_OK else {
-                    if problem == nil { problem = "cannot read the old row of \(table.name) (SQLite code \(rc))" }
+                    if problem == nil { problem = .sqlite(SQLiteError(code: rc, extendedCode: rc, message: "cannot read the old row of \(table.name)"), statement: nil) }
                     return
                 }
                 if let v, UnsafeMutableRawPointer(v) == missingColumn {
                     // Not stored in this row: the column's default is its value.
                     guard let value = table.defaults[c] else {
-                        if problem == nil { problem = "cannot read column \(c + 1) of an old row of \(table.name): it is not stored, and its default's stored form is not known" }
+                        if problem == nil { problem = .refused("cannot read column \(c + 1) of an old row of \(table.name): it is not stored, and its default's stored form is not known", statement: nil) }
                         return
                     }
                     image.append(contentsOf: value)
@@ -311,6 +323,10 @@ final class ChangesetCapture {
                 Self.appendValue(v, real: table.real[c], to: &image)
             }
             original = image
+        }
+        keptBytes += scratchKey.count + (original?.count ?? 0)
+        if keptBytes > byteLimit, problem == nil {
+            problem = .tooLarge(what: "the rows this write changes", size: keptBytes, limit: byteLimit)
         }
         touched[at].index[scratchKey] = touched[at].rows.count
         touched[at].rows.append(Row(key: scratchKey, original: original, indirect: indirect))

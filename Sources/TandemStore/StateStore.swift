@@ -121,7 +121,7 @@ public final class StateStore: @unchecked Sendable {
             updateMeta = try db.prepare("UPDATE tandem_meta SET applied_lsn = ?, applied_term = ?, schema_version = ? WHERE id = 1")
             insertUndo = try db.prepare("INSERT INTO tandem_undo (lsn, kind, previous_term, inverse) VALUES (?, ?, ?, ?)")
             deleteCommittedUndo = try db.prepare("DELETE FROM tandem_undo WHERE lsn <= ?")
-            capture = ChangesetCapture(db: db)
+            capture = ChangesetCapture(db: db, byteLimit: limits.maxChangesetBytes)
             if let minUndo = try db.rows("SELECT min(lsn) FROM tandem_undo").first?.first, case let .integer(m) = minUndo {
                 committedLSN = LSN(UInt64(m - 1))
                 prunedThrough = committedLSN

@@ -389,4 +389,42 @@ struct ChangesetCaptureTests {
         try primary.rollback(to: undoTo)
         #expect(try primary.stateHash() == before)
     }
+
+    @Test("a write changing more than its changeset may hold fails with too_large, early for updates, and changes nothing")
+    func changesetLimit() throws {
+        let dir = TempDir("capture-limit")
+        defer { dir.cleanup() }
+        var limits = StoreLimits()
+        limits.maxChangesetBytes = 4 << 10
+        let store = try StateStore.create(directory: dir.sub("p"), clusterID: cluster, limits: limits)
+        for m in TelehealthSchema.migrations { _ = try store.execute(m, lsn: store.appliedLSN.next, term: Term(1)) }
+        for chunk in 0..<4 {
+            _ = try store.execute(WriteBatch([SQLStatement(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50) INSERT INTO patients (id, reference) SELECT ? + i, 'IPP-' || (? + i) FROM n",
+                [.integer(Int64(chunk * 50)), .integer(Int64(chunk * 50))])]), lsn: store.appliedLSN.next, term: Term(1))
+        }
+        let before = try store.stateHash()
+        let lsn = store.appliedLSN
+        let cases: [(String, String)] = [
+            // New rows: their keys alone outgrow the limit.
+            ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) INSERT INTO patients (id, reference) SELECT 1000 + i, 'IPP-' || (1000 + i) FROM n", "the rows this write changes"),
+            // Fewer new rows, with long values: found while the changeset is written.
+            ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20) INSERT INTO patients (id, reference) SELECT 1000 + i, printf('%.400c', 'x') || i FROM n", "the batch's changeset"),
+            // Changed rows: found too large while their old images are kept.
+            ("UPDATE patients SET reference = reference || '-moved'", "the rows this write changes"),
+            ("DELETE FROM patients", "the rows this write changes"),
+        ]
+        for (sql, what) in cases {
+            #expect {
+                try store.execute(WriteBatch([SQLStatement(sql)]), lsn: lsn.next, term: Term(1))
+            } throws: { error in
+                guard let e = error as? StoreError else { return false }
+                return e.code == "too_large" && e.description.contains(what)
+            }
+            #expect(store.appliedLSN == lsn)
+        }
+        #expect(try store.stateHash() == before)
+        // Within the limit, the same kind of write goes through.
+        _ = try store.execute(WriteBatch([SQLStatement("UPDATE patients SET reference = reference || '-x' WHERE id <= 20")]), lsn: lsn.next, term: Term(1))
+    }
 }
