@@ -2,7 +2,7 @@
 public enum RecordKind: UInt8, Sendable, CustomStringConvertible {
     /// The first record of every new term: committing it commits what came before.
     case noop = 0
-    /// A SQLite changeset captured by the session extension: rows only.
+    /// A SQLite changeset (the session extension's format) of the rows a write changed.
     case changeset = 1
     /// Schema statements (DDL), replayed as SQL in log order on every site.
     case schema = 2

@@ -104,7 +104,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case let .refused(why, i): return at(i) + why
         case let .tooLarge(what, size, limit): return "\(what) of \(size) bytes exceeds the limit of \(limit)"
         case let .noPrimaryKey(t):
-            return "table \(t) has no PRIMARY KEY: Tandem replicates rows by primary key (SQLite session extension); declare one"
+            return "table \(t) has no PRIMARY KEY: Tandem replicates rows by primary key; declare one"
         case let .conflict(lsn, table, reason): return "record \(lsn) does not apply to table \(table): \(reason); this site has diverged"
         case let .outOfOrder(expected, got): return "record \(got) is out of order: expected \(expected)"
         case let .needsRebuild(why): return "the database must be rebuilt from a snapshot and the log: \(why)"
