@@ -272,14 +272,9 @@ struct ChangesetCaptureTests {
     func foreignKeyActionsReplicate() throws {
         let dir = TempDir("capture-fk")
         defer { dir.cleanup() }
-        let primary = try telehealthStore(dir.sub("p"))
-        var records = TelehealthSchema.migrations.enumerated().map { i, m in
-            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
-        }
-        func run(_ sql: String...) throws {
-            let e = try primary.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: primary.appliedLSN.next, term: Term(1))
-            records.append(e.record)
-        }
+        let log = try LoggedPrimary(dir.sub("p"))
+        let primary = log.store
+        func run(_ sql: String...) throws { try log.run(sql) }
         try run("CREATE TABLE clinics (id INTEGER PRIMARY KEY, name TEXT)",
                 "CREATE TABLE rooms (id INTEGER PRIMARY KEY, clinic_id INTEGER REFERENCES clinics (id) ON DELETE CASCADE ON UPDATE CASCADE, label TEXT)",
                 "CREATE TABLE devices (id INTEGER PRIMARY KEY, room_id INTEGER REFERENCES rooms (id) ON DELETE SET NULL, serial TEXT)")
@@ -300,7 +295,7 @@ struct ChangesetCaptureTests {
         // A replica applying the log in one call, and one applying it record by record.
         for (name, perRecord) in [("batch", false), ("single", true)] {
             let replica = try StateStore.create(directory: dir.sub(name), clusterID: cluster)
-            if perRecord { for r in records { try replica.apply([r]) } } else { try replica.apply(records) }
+            if perRecord { for r in log.records { try replica.apply([r]) } } else { try replica.apply(log.records) }
             #expect(replica.appliedLSN == primary.appliedLSN)
             #expect(try replica.stateHash() == primary.stateHash())
         }
@@ -318,14 +313,9 @@ struct ChangesetCaptureTests {
     func triggersAnalyzeAndNullKeys() throws {
         let dir = TempDir("capture-trigger")
         defer { dir.cleanup() }
-        let primary = try telehealthStore(dir.sub("p"))
-        var records = TelehealthSchema.migrations.enumerated().map { i, m in
-            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
-        }
-        func run(_ sql: String...) throws {
-            let e = try primary.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: primary.appliedLSN.next, term: Term(1))
-            records.append(e.record)
-        }
+        let log = try LoggedPrimary(dir.sub("p"))
+        let primary = log.store
+        func run(_ sql: String...) throws { try log.run(sql) }
         try run("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",
                 "CREATE TABLE audit (id INTEGER PRIMARY KEY, note_id INTEGER, action TEXT)",
                 "CREATE TRIGGER notes_audit AFTER INSERT ON notes BEGIN INSERT INTO audit (note_id, action) VALUES (new.id, 'insert'); END",
@@ -333,11 +323,11 @@ struct ChangesetCaptureTests {
         try run("INSERT INTO notes VALUES (1, 'a'), (2, 'b')")
         let analyze = try primary.execute(WriteBatch([SQLStatement("ANALYZE")]), lsn: primary.appliedLSN.next, term: Term(1))
         #expect(analyze.record.kind == .schema)
-        records.append(analyze.record)
+        log.records.append(analyze.record)
         #expect(try primary.query(SQLStatement("SELECT count(*) FROM audit")).rows == [[.integer(2)]])
 
         let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
-        try replica.apply(records)
+        try replica.apply(log.records)
         #expect(try replica.stateHash() == primary.stateHash())
         // Once per note, not twice (the trigger again on the replica).
         #expect(try replica.query(SQLStatement("SELECT count(*) FROM audit")).rows == [[.integer(2)]])
@@ -357,14 +347,9 @@ struct ChangesetCaptureTests {
     func addedColumnsWithDefaults() throws {
         let dir = TempDir("capture-alter")
         defer { dir.cleanup() }
-        let primary = try telehealthStore(dir.sub("p"))
-        var records = TelehealthSchema.migrations.enumerated().map { i, m in
-            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
-        }
-        func run(_ sql: String...) throws {
-            let e = try primary.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: primary.appliedLSN.next, term: Term(1))
-            records.append(e.record)
-        }
+        let log = try LoggedPrimary(dir.sub("p"))
+        let primary = log.store
+        func run(_ sql: String...) throws { try log.run(sql) }
         try run("CREATE TABLE rooms (id INTEGER PRIMARY KEY, label TEXT)")
         try run("INSERT INTO rooms (id, label) VALUES (1, 'a'), (2, 'b'), (3, 'c')")
         // Stored rows lack these columns; a query reads their defaults.
@@ -380,7 +365,7 @@ struct ChangesetCaptureTests {
                 == [[.integer(2), .text("5"), .real(12), .text("north"), .null]])
 
         let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
-        for r in records { try replica.apply([r]) }
+        for r in log.records { try replica.apply([r]) }
         #expect(try replica.stateHash() == primary.stateHash())
         // And the primary can undo them: the inverse of the delete puts the row back whole.
         let undoTo = primary.appliedLSN
@@ -426,5 +411,25 @@ struct ChangesetCaptureTests {
         #expect(try store.stateHash() == before)
         // Within the limit, the same kind of write goes through.
         _ = try store.execute(WriteBatch([SQLStatement("UPDATE patients SET reference = reference || '-x' WHERE id <= 20")]), lsn: lsn.next, term: Term(1))
+    }
+}
+
+/// A primary store with the telehealth schema and every record it logged, schema first,
+/// for replicas to apply.
+final class LoggedPrimary {
+    let store: StateStore
+    var records: [LogRecord]
+
+    init(_ directory: String) throws {
+        store = try telehealthStore(directory)
+        records = TelehealthSchema.migrations.enumerated().map { i, m in
+            LogRecord(term: Term(1), lsn: LSN(UInt64(i + 1)), kind: .schema, payload: SchemaPayload.encode(m))
+        }
+    }
+
+    /// Executes one batch of `sql` and keeps its record.
+    func run(_ sql: [String]) throws {
+        let e = try store.execute(WriteBatch(sql.map { SQLStatement($0) }), lsn: store.appliedLSN.next, term: Term(1))
+        records.append(e.record)
     }
 }
