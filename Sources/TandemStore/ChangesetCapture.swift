@@ -36,7 +36,6 @@ final class ChangesetCapture {
         let name: String
         let nameBytes: [UInt8]
         let columnCount: Int
-        let primaryKey: [Bool]
         /// Each column's position in the primary key (1, 2, ...; 0 when not in it): the
         /// changeset's table header carries these, and `sqlite3changeset_apply` skips a
         /// table whose header does not match the replica's own (a composite key written
@@ -52,22 +51,22 @@ final class ChangesetCapture {
         /// its declared default, or NULL without one (nil: not worked out).
         var defaults: [[UInt8]?]
 
-        init(name: String, columns: [(name: String, type: String, pk: Int)]) {
+        /// A column as `pragma_table_info` lists it.
+        typealias Column = (name: String, type: String, pk: Int, defaultSQL: String?)
+
+        init(name: String, columns: [Column]) {
             self.name = name
             nameBytes = Array(name.utf8)
             columnCount = columns.count
-            primaryKey = columns.map { $0.pk > 0 }
             keyPositions = columns.map { UInt8(clamping: $0.pk) }
             keyColumns = columns.indices.filter { columns[$0].pk > 0 }
-            real = columns.map { Table.affinityIsReal($0.type) }
+            real = columns.map { Table.affinity($0.type) == .real }
             func quoted(_ s: String) -> String { "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" }
             let condition = keyColumns.enumerated().map { "\(quoted(columns[$0.element].name)) IS ?\($0.offset + 1)" }
                 .joined(separator: " AND ")
             readBack = "SELECT * FROM \"main\".\(quoted(name)) WHERE \(condition)"
             defaults = Array(repeating: [UInt8(SQLITE_NULL)], count: columns.count)
         }
-
-        static func affinityIsReal(_ declared: String) -> Bool { affinity(declared) == .real }
 
         enum Affinity { case integer, text, blob, real, numeric }
 
@@ -339,23 +338,21 @@ final class ChangesetCapture {
             SELECT m.name, p.name, p.type, p.pk, p.dflt_value FROM sqlite_schema AS m, pragma_table_info(m.name) AS p
             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY m.name, p.cid
             """)
-        var columns: [String: [(name: String, type: String, pk: Int)]] = [:]
-        var defaults: [String: [String?]] = [:]
-        var order: [String] = []
+        var columns: [String: [Table.Column]] = [:]
         for r in rows {
             guard case let .text(table) = r[0], case let .text(column) = r[1], case let .integer(pk) = r[3] else { continue }
-            let type: String
-            if case let .text(t) = r[2] { type = t } else { type = "" }
-            if columns[table] == nil { order.append(table) }
-            columns[table, default: []].append((column, type, Int(pk)))
-            if case let .text(d) = r[4] { defaults[table, default: []].append(d) } else { defaults[table, default: []].append(nil) }
+            var type = ""
+            if case let .text(t) = r[2] { type = t }
+            var defaultSQL: String?
+            if case let .text(d) = r[4] { defaultSQL = d }
+            columns[table, default: []].append((column, type, Int(pk), defaultSQL))
         }
         tables = [:]
-        for name in order {
-            let table = Table(name: name, columns: columns[name] ?? [])
-            for (c, expression) in (defaults[name] ?? []).enumerated() {
-                guard let expression, let type = columns[name]?[c].type else { continue }
-                table.defaults[c] = defaultValue(expression, affinity: Table.affinity(type))
+        for (name, list) in columns {
+            let table = Table(name: name, columns: list)
+            for (c, column) in list.enumerated() {
+                guard let expression = column.defaultSQL else { continue }
+                table.defaults[c] = defaultValue(expression, affinity: Table.affinity(column.type))
             }
             tables[name] = table
         }
@@ -433,32 +430,32 @@ final class ChangesetCapture {
     static func appendUpdate(_ table: Table, before: [UInt8], after: [UInt8], flag: UInt8,
                              to out: inout [UInt8], inverse: inout [UInt8]) -> Bool {
         var b = before.startIndex, a = after.startIndex
-        var spans: [(before: Range<Int>, after: Range<Int>, changed: Bool)] = []
+        var spans: [(before: Range<Int>, after: Range<Int>, changed: Bool, inKey: Bool)] = []
         spans.reserveCapacity(table.columnCount)
         var any = false
-        for _ in 0..<table.columnCount {
+        for c in 0..<table.columnCount {
             let bs = b..<(b + valueLength(before, at: b))
             let as_ = a..<(a + valueLength(after, at: a))
             let changed = !sameValue(before[bs], after[as_])
             any = any || changed
-            spans.append((bs, as_, changed))
+            spans.append((bs, as_, changed, table.keyPositions[c] > 0))
             b = bs.upperBound
             a = as_.upperBound
         }
         guard any else { return false }
         out.append(contentsOf: [UInt8(SQLITE_UPDATE), flag])
-        for (c, s) in spans.enumerated() {
-            if s.changed || table.primaryKey[c] { out.append(contentsOf: before[s.before]) } else { out.append(0) }
+        for s in spans {
+            if s.changed || s.inKey { out.append(contentsOf: before[s.before]) } else { out.append(0) }
         }
         for s in spans {
             if s.changed { out.append(contentsOf: after[s.after]) } else { out.append(0) }
         }
         inverse.append(contentsOf: [UInt8(SQLITE_UPDATE), flag])
-        for (c, s) in spans.enumerated() {
-            if table.primaryKey[c] { inverse.append(contentsOf: before[s.before]) } else if s.changed { inverse.append(contentsOf: after[s.after]) } else { inverse.append(0) }
+        for s in spans {
+            if s.inKey { inverse.append(contentsOf: before[s.before]) } else if s.changed { inverse.append(contentsOf: after[s.after]) } else { inverse.append(0) }
         }
-        for (c, s) in spans.enumerated() {
-            if !table.primaryKey[c] && s.changed { inverse.append(contentsOf: before[s.before]) } else { inverse.append(0) }
+        for s in spans {
+            if !s.inKey && s.changed { inverse.append(contentsOf: before[s.before]) } else { inverse.append(0) }
         }
         return true
     }

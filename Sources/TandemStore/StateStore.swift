@@ -315,9 +315,8 @@ public final class StateStore: @unchecked Sendable {
                     return .done([.failure(error)])
                 }
                 guard db.inTransaction else {
-                    // SQLite rolled the whole transaction back itself.
-                    if transactionChangedSchema { capture.forgetSchema() }
-                    transactionChangedSchema = false
+                    // SQLite rolled the whole transaction back itself; the rest is the same.
+                    rollbackTransaction()
                     return .again(index: index, error: error)
                 }
                 do {

@@ -169,11 +169,8 @@ extension WriteAheadLog {
                 throw WALError.corruption(segment: name, offset: off, lsn: seg.lastLSN.next, reason: bad)
             }
             for run in batchRuns where runs.last?.term != run.term { runs.append(run) }
-            seg.batchOffsets.append(off)
-            seg.batchFirstLSNs.append(h.firstLSN.rawValue)
-            seg.chainCRC = h.bodyCRC
-            seg.lastLSN = lsn
-            seg.lastTerm = term
+            seg.add(WriteAheadLog.WrittenBatch(offset: off, byteCount: end - off, bodyCRC: h.bodyCRC,
+                                               firstLSN: h.firstLSN, lastLSN: lsn, lastTerm: term))
             report.records += h.count
             off = end
         }

@@ -72,7 +72,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
     }
 
-    /// A batch written and fdatasynced, not yet published in `segments`.
+    /// A durable batch in a segment: written and fdatasynced by the writer, or found by
+    /// recovery.
     struct WrittenBatch {
         var offset: Int
         var byteCount: Int
