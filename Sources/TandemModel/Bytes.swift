@@ -28,6 +28,24 @@ public struct ByteWriter: Sendable {
     /// A length-prefixed (u32) UTF-8 string.
     public mutating func string(_ v: String) { blob(Array(v.utf8)) }
 
+    /// Appends what `fill` writes into at most `maxCount` bytes of uninitialized memory
+    /// (it returns how many it wrote), sparing the zero-filling of a large block that is
+    /// about to be overwritten, such as a compressor's output.
+    public mutating func append(atMost maxCount: Int, _ fill: (UnsafeMutableRawBufferPointer) -> Int) {
+        let old = bytes
+        bytes = [UInt8](unsafeUninitializedCapacity: old.count + maxCount) { buffer, count in
+            let all = UnsafeMutableRawBufferPointer(buffer)
+            old.withUnsafeBytes { all.copyMemory(from: $0) }
+            let written = fill(UnsafeMutableRawBufferPointer(rebasing: all[old.count...]))
+            count = old.count + min(max(written, 0), maxCount)
+        }
+    }
+
+    /// Drops the bytes after the first `count`.
+    public mutating func truncate(to count: Int) {
+        if count < bytes.count { bytes.removeLast(bytes.count - count) }
+    }
+
     /// Overwrites a u32 already written at `offset` (for lengths and checksums known late).
     public mutating func patchU32(at offset: Int, _ v: UInt32) {
         let le = v.littleEndian
@@ -62,55 +80,57 @@ public struct ByteReader {
     public var remaining: Int { bytes.count - offset }
     public var isAtEnd: Bool { offset >= bytes.count }
 
-    private mutating func need(_ n: Int, _ what: String) throws {
+    // `what` names the field in an error: an autoclosure, so that decoding a field builds
+    // no string unless it fails (a profile of a receiving peer put the names at 7%).
+    private mutating func need(_ n: Int, _ what: () -> String) throws {
         guard n >= 0, remaining >= n else {
-            throw DecodingError("truncated \(what): need \(n) bytes, have \(remaining)", offset: offset)
+            throw DecodingError("truncated \(what()): need \(n) bytes, have \(remaining)", offset: offset)
         }
     }
 
-    public mutating func u8(_ what: String = "u8") throws -> UInt8 {
+    public mutating func u8(_ what: @autoclosure () -> String = "u8") throws -> UInt8 {
         try need(1, what)
         defer { offset += 1 }
         return bytes[offset]
     }
 
-    public mutating func u16(_ what: String = "u16") throws -> UInt16 {
+    public mutating func u16(_ what: @autoclosure () -> String = "u16") throws -> UInt16 {
         try need(2, what)
         defer { offset += 2 }
         return bytes.withUnsafeBytes { UInt16(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: UInt16.self)) }
     }
 
-    public mutating func u32(_ what: String = "u32") throws -> UInt32 {
+    public mutating func u32(_ what: @autoclosure () -> String = "u32") throws -> UInt32 {
         try need(4, what)
         defer { offset += 4 }
         return bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: UInt32.self)) }
     }
 
-    public mutating func u64(_ what: String = "u64") throws -> UInt64 {
+    public mutating func u64(_ what: @autoclosure () -> String = "u64") throws -> UInt64 {
         try need(8, what)
         defer { offset += 8 }
         return bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: UInt64.self)) }
     }
 
-    public mutating func i64(_ what: String = "i64") throws -> Int64 { Int64(bitPattern: try u64(what)) }
+    public mutating func i64(_ what: @autoclosure () -> String = "i64") throws -> Int64 { Int64(bitPattern: try u64(what())) }
 
-    public mutating func raw(_ n: Int, _ what: String = "bytes") throws -> [UInt8] {
+    public mutating func raw(_ n: Int, _ what: @autoclosure () -> String = "bytes") throws -> [UInt8] {
         try need(n, what)
         defer { offset += n }
         return Array(bytes[offset..<(offset + n)])
     }
 
     /// A length-prefixed (u32) byte string, refusing lengths above `limit`.
-    public mutating func blob(_ what: String = "blob", limit: Int = Int(Int32.max)) throws -> [UInt8] {
-        let n = Int(try u32("\(what) length"))
-        guard n <= limit else { throw DecodingError("\(what) of \(n) bytes exceeds the limit of \(limit)", offset: offset) }
-        return try raw(n, what)
+    public mutating func blob(_ what: @autoclosure () -> String = "blob", limit: Int = Int(Int32.max)) throws -> [UInt8] {
+        let n = Int(try u32("\(what()) length"))
+        guard n <= limit else { throw DecodingError("\(what()) of \(n) bytes exceeds the limit of \(limit)", offset: offset) }
+        return try raw(n, what())
     }
 
-    public mutating func string(_ what: String = "string", limit: Int = Int(Int32.max)) throws -> String {
-        let b = try blob(what, limit: limit)
+    public mutating func string(_ what: @autoclosure () -> String = "string", limit: Int = Int(Int32.max)) throws -> String {
+        let b = try blob(what(), limit: limit)
         guard let s = String(validating: b, as: UTF8.self) else {
-            throw DecodingError("\(what) is not valid UTF-8", offset: offset)
+            throw DecodingError("\(what()) is not valid UTF-8", offset: offset)
         }
         return s
     }

@@ -245,9 +245,16 @@ public final class PeerConnection: @unchecked Sendable {
 
     /// Queues a frame. False when the peer's queue is full (back-pressure: the message is
     /// dropped, the protocol sends what matters again) or the connection is closed.
+    /// Frames up to this size may be written on the caller's thread when the stream is
+    /// idle (a commit's append or acknowledgement saves waking the I/O thread). Larger
+    /// ones, catch-up batches and snapshot chunks, always go to the I/O thread: encrypting
+    /// a megabyte would hold the caller (the site's loop) for a millisecond, and meanwhile
+    /// the caller can encode and compress the next one.
+    static let directWriteLimit = 64 << 10
+
     @discardableResult
     public func send(_ frame: [UInt8]) -> Bool {
-        if sslLock.try() {
+        if frame.count <= Self.directWriteLimit && sslLock.try() {
             defer { sslLock.unlock() }
             let idle = lock.withLock { !isClosed && queue.isEmpty } && offset >= current.count && !wantReadForWrite && directFailure == nil
             if idle {

@@ -272,8 +272,11 @@ public struct WireEncoder: Sendable {
 
     public mutating func message(_ m: Message) -> [UInt8] {
         var capacity = 128
-        if case let .append(a) = m.body { capacity += a.records.reduce(0) { $0 + 29 + $1.payload.count } }
-        if case let .fetchResponse(f) = m.body { capacity += f.records.reduce(0) { $0 + 29 + $1.payload.count } }
+        var recordBytes = 0
+        if case let .append(a) = m.body { recordBytes = a.records.reduce(0) { $0 + 21 + $1.payload.count } }
+        if case let .fetchResponse(f) = m.body { recordBytes = f.records.reduce(0) { $0 + 21 + $1.payload.count } }
+        // A compressed block is appended into a buffer of its own size (`append(atMost:)`).
+        if !(compress && recordBytes >= Wire.compressionThreshold) { capacity += recordBytes }
         // The frame is built in place: length (patched at the end), type, body.
         var w = ByteWriter(capacity: capacity)
         w.u32(0)
@@ -332,32 +335,32 @@ public struct WireEncoder: Sendable {
             raw.blob(r.payload)
         }
         statistics.recordBytesRaw += raw.count
-        if compress && raw.count >= Wire.compressionThreshold, let packed = Self.lz4(raw.bytes), packed.count < raw.count {
-            w.u8(1)
-            w.u32(UInt32(raw.count))
-            w.u32(UInt32(packed.count))
-            w.raw(packed)
-            statistics.recordBytesSent += packed.count
+        // Compressed straight into the frame: no zeroed scratch buffer and no second copy.
+        let start = w.count
+        w.u8(1)
+        w.u32(UInt32(raw.count))
+        let packedLengthAt = w.count
+        w.u32(0)
+        let bound = Int(LZ4_compressBound(Int32(raw.count)))
+        var packed = 0
+        raw.bytes.withUnsafeBytes { src in
+            w.append(atMost: bound) { dst in
+                packed = Int(LZ4_compress_default(src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                                  dst.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(src.count), Int32(dst.count)))
+                return packed
+            }
+        }
+        if packed > 0 && packed < raw.count {
+            w.patchU32(at: packedLengthAt, UInt32(packed))
+            statistics.recordBytesSent += packed
         } else {
+            // Incompressible (or LZ4 failed): the block goes plain.
+            w.truncate(to: start)
             w.u8(0)
             w.u32(UInt32(raw.count))
             w.raw(raw.bytes)
             statistics.recordBytesSent += raw.count
         }
-    }
-
-    static func lz4(_ input: [UInt8]) -> [UInt8]? {
-        let bound = Int(LZ4_compressBound(Int32(input.count)))
-        var out = [UInt8](repeating: 0, count: bound)
-        let n = input.withUnsafeBytes { src in
-            out.withUnsafeMutableBytes { dst in
-                LZ4_compress_default(src.baseAddress!.assumingMemoryBound(to: CChar.self),
-                                     dst.baseAddress!.assumingMemoryBound(to: CChar.self), Int32(input.count), Int32(bound))
-            }
-        }
-        guard n > 0 else { return nil }
-        out.removeLast(bound - Int(n))
-        return out
     }
 }
 
@@ -510,12 +513,16 @@ public struct FrameDecoder: Sendable {
         case 1:
             let stored = Int(try r.u32("compressed length"))
             let packed = try r.raw(stored, "compressed records")
-            var out = [UInt8](repeating: 0, count: rawLength)
-            let n = packed.withUnsafeBytes { src in
-                out.withUnsafeMutableBytes { dst in
-                    LZ4_decompress_safe(src.baseAddress?.assumingMemoryBound(to: CChar.self), dst.baseAddress?.assumingMemoryBound(to: CChar.self),
+            // Into uninitialized memory: LZ4 writes every byte it reports, and a short or
+            // failed result keeps none of them.
+            var n: Int32 = 0
+            let out = [UInt8](unsafeUninitializedCapacity: rawLength) { dst, count in
+                n = packed.withUnsafeBytes { src in
+                    LZ4_decompress_safe(src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                        UnsafeMutableRawPointer(dst.baseAddress)?.assumingMemoryBound(to: CChar.self),
                                         Int32(stored), Int32(rawLength))
                 }
+                count = Int(n) == rawLength ? rawLength : 0
             }
             guard Int(n) == rawLength else { throw WireError("compressed records do not decompress to \(rawLength) bytes") }
             raw = out

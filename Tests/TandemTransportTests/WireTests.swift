@@ -44,6 +44,35 @@ struct WireTests {
         }
     }
 
+    @Test("an incompressible record block goes plain; a compressed one whose stated size is wrong is refused")
+    func incompressibleAndMisstated() throws {
+        var rng = SeededRandom(seed: 7)
+        let records = (1...8).map { i in
+            LogRecord(term: Term(2), lsn: LSN(UInt64(40 + i)), kind: .changeset,
+                      payload: (0..<4096).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
+        }
+        let m = Message(from: "sbg", to: "gra", term: Term(2),
+                        body: .append(Append(prevLSN: LSN(40), prevTerm: Term(2), records: records, commitLSN: LSN(40), round: 3)))
+        var encoder = WireEncoder(compress: true)
+        var decoder = FrameDecoder()
+        decoder.feed(encoder.message(m))
+        let plain = try #require(try decoder.next())
+        #expect(try decoder.message(plain.body) == m)
+        #expect(encoder.statistics.compressionRatio == 1, "random bytes are sent as they are")
+
+        // A compressed block: its raw length (body offset 56) one byte off either way.
+        let frame = encoder.message(sampleMessages()[4])
+        let body = Array(frame[5...])
+        #expect(body[55] == 1, "the block is compressed")
+        let stated = body.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 56, as: UInt32.self) }
+        #expect(try decoder.message(body) == sampleMessages()[4])
+        for wrong in [stated - 1, stated + 1] {
+            var bad = body
+            withUnsafeBytes(of: wrong.littleEndian) { for i in 0..<4 { bad[56 + i] = $0[i] } }
+            #expect { _ = try decoder.message(bad) } throws: { ($0 as? WireError)?.reason.contains("do not decompress") == true }
+        }
+    }
+
     @Test("a frame cut at any byte waits for more and never yields garbage")
     func truncated() throws {
         var encoder = WireEncoder(compress: true)
