@@ -307,7 +307,6 @@ public final class PeerConnection: @unchecked Sendable {
     public var queued: Int { lock.withLock { queuedBytes } }
 
     private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
-        var readBuffer = [UInt8](repeating: 0, count: 64 << 10)
         var wantWriteForRead = false
         while true {
             if lock.withLock({ isClosed }) { return "closed locally" }
@@ -356,14 +355,19 @@ public final class PeerConnection: @unchecked Sendable {
             var reads = 0
             while readProgress && reads < 16 {
                 reads += 1
-                let r = sslLock.withLock { readBuffer.withUnsafeMutableBytes { stream.read(into: $0) } }
+                // Decrypted straight into the decoder's memory (a large frame's own body).
+                var r = TLSStream.IOResult.done(0)
+                decoder.receive(atMost: 64 << 10) { room in
+                    r = sslLock.withLock { stream.read(into: room) }
+                    if case let .done(n) = r { return n }
+                    return 0
+                }
                 switch r {
-                case let .done(n):
+                case .done:
                     // Something arrived: a write that waited for a read may go on.
                     sslLock.withLock { wantReadForWrite = false }
                     let now = monotonicNanoseconds()
                     lock.withLock { lastReceived = now }
-                    readBuffer.withUnsafeBytes { decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
                     do {
                         while let frame = try decoder.next() {
                             if frame.type == .goodbye { return "the peer said goodbye" }

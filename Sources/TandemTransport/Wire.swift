@@ -380,42 +380,123 @@ public struct WireLimits: Hashable, Sendable {
 
 /// Turns a byte stream into frames, refusing anything malformed or oversized with a
 /// reason (the caller then closes the connection). Never reads past what it was given.
+///
+/// Small frames are gathered in a buffer and copied out. A frame of more than
+/// `directBodyBytes` (a catch-up batch, a snapshot chunk) is received straight into an
+/// array of its own once its header has arrived: `receive` hands out the rest of that
+/// array, so a megabyte decrypted by OpenSSL lands where the message decoder reads it,
+/// without two more copies.
 public struct FrameDecoder: Sendable {
     public let limits: WireLimits
+    /// Received bytes are `buffer[start..<end]`; the rest of `buffer` is spare room.
     private var buffer: [UInt8] = []
     private var start = 0
+    private var end = 0
+    /// The frame being received into its own body array, ahead of what `buffer` holds.
+    private var large: (type: Wire.FrameType, body: [UInt8], filled: Int)?
+
+    /// Frames with bodies larger than this are received into an array of their own.
+    public static let directBodyBytes = 64 << 10
 
     public init(limits: WireLimits = WireLimits()) { self.limits = limits }
 
     /// Bytes received but not yet consumed.
-    public var buffered: Int { buffer.count - start }
+    public var buffered: Int { (end - start) + (large.map { 5 + $0.filled } ?? 0) }
 
     public mutating func feed(_ bytes: UnsafeRawBufferPointer) {
-        if start > 0 && start == buffer.count {
-            buffer.removeAll(keepingCapacity: true)
-            start = 0
+        var rest = bytes
+        while !rest.isEmpty {
+            let n = receive(atMost: min(rest.count, 64 << 10)) { dst in
+                let k = min(dst.count, rest.count)
+                dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: rest[..<k]))
+                return k
+            }
+            rest = UnsafeRawBufferPointer(rebasing: rest[n...])
         }
-        buffer.append(contentsOf: bytes)
     }
 
     public mutating func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }
 
+    /// Lets `read` write up to `atMost` received bytes (fewer when a large frame's body
+    /// needs fewer) into the decoder's memory; `read` returns how many it wrote.
+    @discardableResult
+    public mutating func receive(atMost: Int, _ read: (UnsafeMutableRawBufferPointer) -> Int) -> Int {
+        if large == nil { startLargeFrame() }
+        if var l = large, l.filled < l.body.count {
+            large = nil  // so that `l.body` is the array's only reference: no copy on write
+            let n = l.body.withUnsafeMutableBytes { all in
+                let room = UnsafeMutableRawBufferPointer(rebasing: all[l.filled..<min(all.count, l.filled + max(atMost, 0))])
+                return min(max(read(room), 0), room.count)
+            }
+            l.filled += n
+            large = l
+            return n
+        }
+        if end + atMost > buffer.count {
+            if start > 0 {
+                // Move the unconsumed bytes (at most a small frame) to the front.
+                buffer.withUnsafeMutableBytes { b in
+                    guard let base = b.baseAddress else { return }
+                    base.copyMemory(from: base + start, byteCount: end - start)
+                }
+                end -= start
+                start = 0
+            }
+            if end + atMost > buffer.count {
+                buffer.append(contentsOf: repeatElement(0, count: max(end + atMost, 2 * buffer.count) - buffer.count))
+            }
+        }
+        let n = buffer.withUnsafeMutableBytes { b in
+            let room = UnsafeMutableRawBufferPointer(rebasing: b[end..<(end + max(atMost, 0))])
+            return min(max(read(room), 0), room.count)
+        }
+        end += n
+        return n
+    }
+
+    /// When the buffer starts with the header of an incomplete frame that is large and
+    /// within the limits, moves what arrived of its body into an array of the body's size.
+    /// Anything wrong with the header is left for `next` to report.
+    private mutating func startLargeFrame() {
+        guard end - start >= 5 else { return }
+        let length = Int(buffer.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: start, as: UInt32.self)) })
+        guard length - 1 > Self.directBodyBytes, length <= limits.maxFrameBytes, end - start < 4 + length,
+              let type = Wire.FrameType(rawValue: buffer[start + 4]) else { return }
+        let have = end - start - 5
+        // Every byte is written before the body is read: the received part here, the rest
+        // by `receive`.
+        let body = [UInt8](unsafeUninitializedCapacity: length - 1) { b, count in
+            buffer.withUnsafeBytes { src in
+                UnsafeMutableRawBufferPointer(b).copyMemory(from: UnsafeRawBufferPointer(rebasing: src[(start + 5)..<end]))
+            }
+            count = length - 1
+        }
+        large = (type, body, have)
+        start = 0
+        end = 0
+    }
+
     /// The next complete frame, nil if more bytes are needed.
     public mutating func next() throws(WireError) -> (type: Wire.FrameType, body: [UInt8])? {
-        guard buffer.count - start >= 4 else { return nil }
+        if let l = large {
+            guard l.filled == l.body.count else { return nil }
+            large = nil
+            return (l.type, l.body)
+        }
+        guard end - start >= 4 else { return nil }
         let length = Int(buffer.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: start, as: UInt32.self)) })
         guard length >= 1 else { throw WireError("empty frame") }
         guard length <= limits.maxFrameBytes else {
             throw WireError("frame of \(length) bytes exceeds the limit of \(limits.maxFrameBytes)")
         }
-        guard buffer.count - start >= 4 + length else { return nil }
+        guard end - start >= 4 + length else { return nil }
         let typeByte = buffer[start + 4]
         guard let type = Wire.FrameType(rawValue: typeByte) else { throw WireError("unknown frame type \(typeByte)") }
         let body = Array(buffer[(start + 5)..<(start + 4 + length)])
         start += 4 + length
-        if start > 1 << 20 && start * 2 > buffer.count {
-            buffer.removeFirst(start)
+        if start == end {
             start = 0
+            end = 0
         }
         return (type, body)
     }

@@ -73,6 +73,48 @@ struct WireTests {
         }
     }
 
+    @Test("frames large and small come out whole whatever the sizes of the reads", arguments: [11, 12, 13] as [UInt64])
+    func readsOfAnySize(seed: UInt64) throws {
+        var rng = SeededRandom(seed: seed)
+        func records(_ count: Int, bytes: Int, from lsn: UInt64) -> [LogRecord] {
+            (0..<count).map { i in
+                LogRecord(term: Term(4), lsn: LSN(lsn + UInt64(i)), kind: .changeset,
+                          payload: (0..<bytes).map { _ in UInt8(truncatingIfNeeded: rng.next() % 7) })
+            }
+        }
+        // Small, exactly at the direct-body bound, well above it, compressed and not.
+        var messages = sampleMessages()
+        for (count, bytes) in [(1, FrameDecoder.directBodyBytes - 120), (1, FrameDecoder.directBodyBytes), (40, 5000), (3, 100_000)] {
+            messages.append(Message(from: "sbg", to: "gra", term: Term(4), body: .append(Append(
+                prevLSN: LSN(9), prevTerm: Term(4), records: records(count, bytes: bytes, from: 10), commitLSN: LSN(9), round: 2))))
+        }
+        messages.shuffle(using: &rng)
+        var stream: [UInt8] = []
+        for (i, m) in messages.enumerated() {
+            var encoder = WireEncoder(compress: i % 2 == 0)
+            stream += encoder.message(m)
+            if i % 3 == 0 { stream += WireEncoder.frame(.ping, []) }
+        }
+        var decoder = FrameDecoder()
+        var got: [Message] = []
+        var offset = 0
+        while offset < stream.count {
+            let want = Int(rng.next() % 3 == 0 ? 1 + rng.next() % 16 : 1 + rng.next() % 150_000)
+            let n = decoder.receive(atMost: want) { room in
+                let k = min(room.count, stream.count - offset)
+                stream.withUnsafeBytes { room.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + k)])) }
+                return k
+            }
+            #expect(n <= want)
+            offset += n
+            while let f = try decoder.next() {
+                if f.type == .message { got.append(try decoder.message(f.body)) }
+            }
+        }
+        #expect(got == messages)
+        #expect(decoder.buffered == 0)
+    }
+
     @Test("a frame cut at any byte waits for more and never yields garbage")
     func truncated() throws {
         var encoder = WireEncoder(compress: true)
