@@ -30,8 +30,10 @@ public struct ByteWriter: Sendable {
 
     /// Appends what `fill` writes into at most `maxCount` bytes of uninitialized memory
     /// (it returns how many it wrote), sparing the zero-filling of a large block that is
-    /// about to be overwritten, such as a compressor's output.
+    /// about to be overwritten, such as a compressor's output. It copies the bytes already
+    /// written into a new array: call it once per buffer, not in a loop.
     public mutating func append(atMost maxCount: Int, _ fill: (UnsafeMutableRawBufferPointer) -> Int) {
+        let maxCount = max(maxCount, 0)
         let old = bytes
         bytes = [UInt8](unsafeUninitializedCapacity: old.count + maxCount) { buffer, count in
             let all = UnsafeMutableRawBufferPointer(buffer)

@@ -137,7 +137,10 @@ public final class PeerConnection: @unchecked Sendable {
         let stream = try TLSStream(context: context, fd: fd, isServer: isServer, expectedPeer: expectedPeer)
         do throws(TransportError) {
             try stream.handshake(deadline: deadline)
-            var decoder = FrameDecoder(limits: expect.limits)
+            // Until the hellos are exchanged no frame may be larger than a hello can be,
+            // so a client that never says hello cannot make this side reserve a body of
+            // maxFrameBytes.
+            var decoder = FrameDecoder(limits: expect.limits.forHandshake)
             let remote: Hello
             if isServer {
                 remote = try readHello(stream, &decoder, deadline: deadline)
@@ -156,6 +159,7 @@ public final class PeerConnection: @unchecked Sendable {
                 remote = try readHello(stream, &decoder, deadline: deadline)
                 try check(remote, expect: expect, expectedPeer: expectedPeer)
             }
+            decoder.limits = expect.limits
             let compress = expect.compress && remote.features & Wire.featureLZ4 != 0
             let mine = UInt64(expect.peerTimeoutMilliseconds), theirs = UInt64(remote.peerTimeoutMilliseconds)
             let keepalive = mine > 0 && theirs > 0
@@ -243,8 +247,6 @@ public final class PeerConnection: @unchecked Sendable {
         thread.start()
     }
 
-    /// Queues a frame. False when the peer's queue is full (back-pressure: the message is
-    /// dropped, the protocol sends what matters again) or the connection is closed.
     /// Frames up to this size may be written on the caller's thread when the stream is
     /// idle (a commit's append or acknowledgement saves waking the I/O thread). Larger
     /// ones, catch-up batches and snapshot chunks, always go to the I/O thread: encrypting
@@ -252,6 +254,8 @@ public final class PeerConnection: @unchecked Sendable {
     /// the caller can encode and compress the next one.
     static let directWriteLimit = 64 << 10
 
+    /// Queues a frame. False when the peer's queue is full (back-pressure: the message is
+    /// dropped, the protocol sends what matters again) or the connection is closed.
     @discardableResult
     public func send(_ frame: [UInt8]) -> Bool {
         if frame.count <= Self.directWriteLimit && sslLock.try() {
@@ -306,8 +310,31 @@ public final class PeerConnection: @unchecked Sendable {
     /// Bytes waiting to be written to this peer.
     public var queued: Int { lock.withLock { queuedBytes } }
 
+    /// Hands every complete frame to `onFrame`; the reason to close, if one is malformed
+    /// or the peer said goodbye.
+    private func deliverFrames(at now: UInt64, _ onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String? {
+        do {
+            while let frame = try decoder.next() {
+                if frame.type == .goodbye { return "the peer said goodbye" }
+                if frame.type == .ping {
+                    // Its bytes already counted as hearing the peer's socket.
+                    guard frame.body.isEmpty else { return "malformed frame from \(peer): a ping with a body" }
+                    continue
+                }
+                lock.withLock { lastFrame = now }
+                metrics.received()
+                onFrame(frame.type, frame.body)
+            }
+        } catch {
+            return "malformed frame from \(peer): \(error)"
+        }
+        return nil
+    }
+
     private func ioLoop(onFrame: @Sendable (Wire.FrameType, [UInt8]) -> Void) -> String {
         var wantWriteForRead = false
+        // Frames that arrived with the peer's hello are not left waiting for more bytes.
+        if let why = deliverFrames(at: monotonicNanoseconds(), onFrame) { return why }
         while true {
             if lock.withLock({ isClosed }) { return "closed locally" }
             if let why = sslLock.withLock({ directFailure }) { return why }
@@ -368,21 +395,7 @@ public final class PeerConnection: @unchecked Sendable {
                     sslLock.withLock { wantReadForWrite = false }
                     let now = monotonicNanoseconds()
                     lock.withLock { lastReceived = now }
-                    do {
-                        while let frame = try decoder.next() {
-                            if frame.type == .goodbye { return "the peer said goodbye" }
-                            if frame.type == .ping {
-                                // Its bytes already counted as hearing the peer's socket.
-                                guard frame.body.isEmpty else { return "malformed frame from \(peer): a ping with a body" }
-                                continue
-                            }
-                            lock.withLock { lastFrame = now }
-                            metrics.received()
-                            onFrame(frame.type, frame.body)
-                        }
-                    } catch {
-                        return "malformed frame from \(peer): \(error)"
-                    }
+                    if let why = deliverFrames(at: now, onFrame) { return why }
                 case let .wouldBlock(readable):
                     wantWriteForRead = !readable
                     readProgress = false

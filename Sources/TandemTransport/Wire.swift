@@ -271,7 +271,7 @@ public struct WireEncoder: Sendable {
     }
 
     public mutating func message(_ m: Message) -> [UInt8] {
-        var capacity = 128
+        var capacity = 128 + m.from.name.utf8.count + m.to.name.utf8.count
         var recordBytes = 0
         if case let .append(a) = m.body { recordBytes = a.records.reduce(0) { $0 + 21 + $1.payload.count } }
         if case let .fetchResponse(f) = m.body { recordBytes = f.records.reduce(0) { $0 + 21 + $1.payload.count } }
@@ -376,6 +376,14 @@ public struct WireLimits: Hashable, Sendable {
     public var maxRecords: Int = 1_000_000
 
     public init() {}
+
+    /// The limits before the hellos are exchanged: no frame larger than a hello can be
+    /// (a site id is at most 65,535 bytes).
+    public var forHandshake: WireLimits {
+        var l = self
+        l.maxFrameBytes = min(maxFrameBytes, 1 << 17)
+        return l
+    }
 }
 
 /// Turns a byte stream into frames, refusing anything malformed or oversized with a
@@ -387,7 +395,7 @@ public struct WireLimits: Hashable, Sendable {
 /// array, so a megabyte decrypted by OpenSSL lands where the message decoder reads it,
 /// without two more copies.
 public struct FrameDecoder: Sendable {
-    public let limits: WireLimits
+    public var limits: WireLimits
     /// Received bytes are `buffer[start..<end]`; the rest of `buffer` is spare room.
     private var buffer: [UInt8] = []
     private var start = 0
@@ -402,6 +410,9 @@ public struct FrameDecoder: Sendable {
 
     /// Bytes received but not yet consumed.
     public var buffered: Int { (end - start) + (large.map { 5 + $0.filled } ?? 0) }
+
+    /// Whether a large frame is being received into its own body array (for tests).
+    var isReceivingLargeFrame: Bool { large != nil }
 
     public mutating func feed(_ bytes: UnsafeRawBufferPointer) {
         var rest = bytes
@@ -421,11 +432,15 @@ public struct FrameDecoder: Sendable {
     /// needs fewer) into the decoder's memory; `read` returns how many it wrote.
     @discardableResult
     public mutating func receive(atMost: Int, _ read: (UnsafeMutableRawBufferPointer) -> Int) -> Int {
+        // Nothing to offer for a non-positive count (an empty read would look like a closed
+        // stream to OpenSSL), and no more than a frame can hold at once.
+        let atMost = min(atMost, limits.maxFrameBytes + 4)
+        guard atMost > 0 else { return 0 }
         if large == nil { startLargeFrame() }
         if var l = large, l.filled < l.body.count {
             large = nil  // so that `l.body` is the array's only reference: no copy on write
             let n = l.body.withUnsafeMutableBytes { all in
-                let room = UnsafeMutableRawBufferPointer(rebasing: all[l.filled..<min(all.count, l.filled + max(atMost, 0))])
+                let room = UnsafeMutableRawBufferPointer(rebasing: all[l.filled..<min(all.count, l.filled + atMost)])
                 return min(max(read(room), 0), room.count)
             }
             l.filled += n
@@ -447,7 +462,7 @@ public struct FrameDecoder: Sendable {
             }
         }
         let n = buffer.withUnsafeMutableBytes { b in
-            let room = UnsafeMutableRawBufferPointer(rebasing: b[end..<(end + max(atMost, 0))])
+            let room = UnsafeMutableRawBufferPointer(rebasing: b[end..<(end + atMost)])
             return min(max(read(room), 0), room.count)
         }
         end += n
@@ -463,8 +478,9 @@ public struct FrameDecoder: Sendable {
         guard length - 1 > Self.directBodyBytes, length <= limits.maxFrameBytes, end - start < 4 + length,
               let type = Wire.FrameType(rawValue: buffer[start + 4]) else { return }
         let have = end - start - 5
-        // Every byte is written before the body is read: the received part here, the rest
-        // by `receive`.
+        // The array's count is the body's size from the start, its tail not yet written:
+        // harmless for bytes while this decoder holds the only reference and hands the
+        // array out (in `next`) only once `receive` has written every byte.
         let body = [UInt8](unsafeUninitializedCapacity: length - 1) { b, count in
             buffer.withUnsafeBytes { src in
                 UnsafeMutableRawBufferPointer(b).copyMemory(from: UnsafeRawBufferPointer(rebasing: src[(start + 5)..<end]))
@@ -489,9 +505,11 @@ public struct FrameDecoder: Sendable {
         guard length <= limits.maxFrameBytes else {
             throw WireError("frame of \(length) bytes exceeds the limit of \(limits.maxFrameBytes)")
         }
-        guard end - start >= 4 + length else { return nil }
+        // The type is judged as soon as it is here, before the body is gathered.
+        guard end - start >= 5 else { return nil }
         let typeByte = buffer[start + 4]
         guard let type = Wire.FrameType(rawValue: typeByte) else { throw WireError("unknown frame type \(typeByte)") }
+        guard end - start >= 4 + length else { return nil }
         let body = Array(buffer[(start + 5)..<(start + 4 + length)])
         start += 4 + length
         if start == end {

@@ -82,6 +82,7 @@ struct WALBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "wal", abstract: "Group commit: 256-byte records with 1, 16 and 64 concurrent appenders.")
     @OptionGroup var common: CommonOptions
     @Option(help: "Seconds per concurrency level.") var seconds: Double = 3
+    @Flag(help: "Segments not preallocated with zeros (to measure what the preallocation costs).") var noPreallocate = false
     @Flag(help: "Only the callback (event-loop) appenders.")
     var callbacks = false
     @Flag(help: "Only the async-task appenders.")
@@ -101,7 +102,9 @@ struct WALBench: AsyncParsableCommand {
         for callbacks in styles {
         for appenders in [1, 16, 64] {
             let dir = base + "/log-\(callbacks ? "callback" : "task")-\(appenders)"
-            let log = try WriteAheadLog.create(directory: dir, clusterID: .random())
+            var options = WALOptions()
+            options.preallocate = !noPreallocate
+            let log = try WriteAheadLog.create(directory: dir, clusterID: .random(), options: options)
             let deadline = monotonicNanoseconds() + UInt64(duration * 1e9)
             let start = monotonicNanoseconds()
             let latencies = callbacks ? try await callbackAppenders(log: log, appenders: appenders, deadline: deadline, payload: payload)

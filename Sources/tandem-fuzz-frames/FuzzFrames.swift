@@ -11,17 +11,31 @@ public func fuzzFrames(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     limits.maxFrameBytes = 1 << 20
     limits.maxRecordBlockBytes = 4 << 20
     var decoder = FrameDecoder(limits: limits)
-    decoder.feed(UnsafeRawBufferPointer(start: data, count: size))
+    guard size > 0 else { return 0 }
+    // Received in reads of a size the input's first byte picks, frames taken out after
+    // each, as a connection does: a large frame's header then arrives before its body,
+    // which the decoder receives into an array of its own.
+    let read = 1 + Int(data[0]) * 16
+    let input = UnsafeRawBufferPointer(start: data + 1, count: size - 1)
+    var offset = 0
     do {
-        while let frame = try decoder.next() {
-            switch frame.type {
-            case .hello: _ = try FrameDecoder.hello(frame.body)
-            case .message: _ = try decoder.message(frame.body)
-            case .goodbye, .ping: break
-            case .snapshot: _ = try SnapshotFrame.decode(frame.body)
-            case .forward: _ = try ForwardFrame.decode(frame.body)
+        repeat {
+            let n = decoder.receive(atMost: read) { room in
+                let k = min(room.count, input.count - offset)
+                room.copyMemory(from: UnsafeRawBufferPointer(rebasing: input[offset..<(offset + k)]))
+                return k
             }
-        }
+            offset += n
+            while let frame = try decoder.next() {
+                switch frame.type {
+                case .hello: _ = try FrameDecoder.hello(frame.body)
+                case .message: _ = try decoder.message(frame.body)
+                case .goodbye, .ping: break
+                case .snapshot: _ = try SnapshotFrame.decode(frame.body)
+                case .forward: _ = try ForwardFrame.decode(frame.body)
+                }
+            }
+        } while offset < input.count
     } catch {
         // Refusing malformed input is the expected outcome.
     }

@@ -82,7 +82,8 @@ struct WireTests {
                           payload: (0..<bytes).map { _ in UInt8(truncatingIfNeeded: rng.next() % 7) })
             }
         }
-        // Small, exactly at the direct-body bound, well above it, compressed and not.
+        // Small frames, frames just under and just over the direct-body bound, and large ones;
+        // every other frame compressed.
         var messages = sampleMessages()
         for (count, bytes) in [(1, FrameDecoder.directBodyBytes - 120), (1, FrameDecoder.directBodyBytes), (40, 5000), (3, 100_000)] {
             messages.append(Message(from: "sbg", to: "gra", term: Term(4), body: .append(Append(
@@ -98,6 +99,7 @@ struct WireTests {
         var decoder = FrameDecoder()
         var got: [Message] = []
         var offset = 0
+        var sawLargeMode = false
         while offset < stream.count {
             let want = Int(rng.next() % 3 == 0 ? 1 + rng.next() % 16 : 1 + rng.next() % 150_000)
             let n = decoder.receive(atMost: want) { room in
@@ -107,12 +109,67 @@ struct WireTests {
             }
             #expect(n <= want)
             offset += n
+            sawLargeMode = sawLargeMode || decoder.isReceivingLargeFrame
             while let f = try decoder.next() {
                 if f.type == .message { got.append(try decoder.message(f.body)) }
             }
         }
         #expect(got == messages)
         #expect(decoder.buffered == 0)
+        #expect(sawLargeMode, "large frames were received into their own arrays")
+    }
+
+    @Test("a large frame's header is judged before its body is gathered; a reader returning nothing, too little or too much changes nothing")
+    func largeHeadersAndOddReaders() throws {
+        // An unknown type or an oversized length in a large frame's header: refused with
+        // its five bytes, before any body arrives.
+        var limits = WireLimits()
+        limits.maxFrameBytes = 1 << 20
+        for (header, reason) in [([0, 0, 2, 0, 77] as [UInt8], "unknown frame type"), ([0, 0, 0x20, 0, 2], "exceeds the limit")] {
+            var d = FrameDecoder(limits: limits)
+            for b in header {
+                d.receive(atMost: 1) { room in
+                    room[0] = b
+                    return 1
+                }
+            }
+            #expect(!d.isReceivingLargeFrame)
+            #expect { _ = try d.next() } throws: { ($0 as? WireError)?.reason.contains(reason) == true }
+        }
+        // Before the hellos, no frame larger than a hello is taken.
+        var h = FrameDecoder(limits: WireLimits().forHandshake)
+        h.feed([0, 0, 0, 1, 2])
+        #expect(!h.isReceivingLargeFrame)
+        #expect { _ = try h.next() } throws: { ($0 as? WireError)?.reason.contains("exceeds the limit") == true }
+
+        // Readers that write nothing, claim a negative count, or claim more than the room.
+        var encoder = WireEncoder(compress: false)
+        let m = Message(from: "sbg", to: "gra", term: Term(1), body: .append(Append(
+            prevLSN: .zero, prevTerm: .zero,
+            records: [LogRecord(term: Term(1), lsn: LSN(1), kind: .changeset, payload: [UInt8](repeating: 9, count: 100_000))],
+            commitLSN: .zero, round: 1)))
+        let frame = encoder.message(m)
+        var d = FrameDecoder()
+        #expect(d.receive(atMost: 0) { _ in Issue.record("called for no room"); return 0 } == 0)
+        var offset = 0, round = 0
+        while offset < frame.count {
+            round += 1
+            let n = d.receive(atMost: 7_000) { room in
+                switch round % 4 {
+                case 0: return 0
+                case 1: return -5
+                default:
+                    let k = min(room.count, frame.count - offset)
+                    frame.withUnsafeBytes { room.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + k)])) }
+                    // Claiming more than the room is taken as the room.
+                    return round % 4 == 3 && k == room.count ? room.count + 1_000 : k
+                }
+            }
+            #expect(n >= 0 && n <= 7_000)
+            offset += n
+        }
+        let f = try #require(try d.next())
+        #expect(try d.message(f.body) == m)
     }
 
     @Test("a frame cut at any byte waits for more and never yields garbage")
