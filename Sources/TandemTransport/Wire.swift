@@ -271,14 +271,9 @@ public struct WireEncoder: Sendable {
     }
 
     public mutating func message(_ m: Message) -> [UInt8] {
-        var capacity = 128 + m.from.name.utf8.count + m.to.name.utf8.count
-        var recordBytes = 0
-        if case let .append(a) = m.body { recordBytes = a.records.reduce(0) { $0 + 21 + $1.payload.count } }
-        if case let .fetchResponse(f) = m.body { recordBytes = f.records.reduce(0) { $0 + 21 + $1.payload.count } }
-        // A compressed block is appended into a buffer of its own size (`append(atMost:)`).
-        if !(compress && recordBytes >= Wire.compressionThreshold) { capacity += recordBytes }
-        // The frame is built in place: length (patched at the end), type, body.
-        var w = ByteWriter(capacity: capacity)
+        // The frame is built in place: length (patched at the end), type, body. A record
+        // block is appended into an array of the frame's final size (`append(atMost:)`).
+        var w = ByteWriter(capacity: 128 + m.from.name.utf8.count + m.to.name.utf8.count)
         w.u32(0)
         w.u8(Wire.FrameType.message.rawValue)
         Self.shortString(m.from.name, &w)
@@ -310,6 +305,27 @@ public struct WireEncoder: Sendable {
         return w.bytes
     }
 
+    /// Writes `records` as a record block (term, LSN, kind, length, payload each) into
+    /// `dst`, stopping before a record that would not fit; returns the bytes written.
+    /// One pass of stores and copies: the block of a catch-up batch is a megabyte.
+    static func write(_ records: [LogRecord], into dst: UnsafeMutableRawBufferPointer) -> Int {
+        guard let base = dst.baseAddress else { return 0 }
+        var o = 0
+        for r in records {
+            let n = r.payload.count
+            guard o + 21 + n <= dst.count else { break }
+            dst.storeBytes(of: r.term.rawValue.littleEndian, toByteOffset: o, as: UInt64.self)
+            dst.storeBytes(of: r.lsn.rawValue.littleEndian, toByteOffset: o + 8, as: UInt64.self)
+            dst.storeBytes(of: r.kind.rawValue, toByteOffset: o + 16, as: UInt8.self)
+            dst.storeBytes(of: UInt32(n).littleEndian, toByteOffset: o + 17, as: UInt32.self)
+            r.payload.withUnsafeBytes { p in
+                if let src = p.baseAddress { (base + o + 21).copyMemory(from: src, byteCount: n) }
+            }
+            o += 21 + n
+        }
+        return o
+    }
+
     mutating func records(_ records: [LogRecord], _ w: inout ByteWriter) {
         w.u32(UInt32(records.count))
         let rawCount = records.reduce(0) { $0 + 21 + $1.payload.count }
@@ -317,23 +333,13 @@ public struct WireEncoder: Sendable {
             // Plain: written straight into the frame.
             w.u8(0)
             w.u32(UInt32(rawCount))
-            for r in records {
-                w.u64(r.term.rawValue)
-                w.u64(r.lsn.rawValue)
-                w.u8(r.kind.rawValue)
-                w.blob(r.payload)
-            }
+            w.append(atMost: rawCount) { Self.write(records, into: $0) }
             statistics.recordBytesRaw += rawCount
             statistics.recordBytesSent += rawCount
             return
         }
-        var raw = ByteWriter(capacity: rawCount)
-        for r in records {
-            raw.u64(r.term.rawValue)
-            raw.u64(r.lsn.rawValue)
-            raw.u8(r.kind.rawValue)
-            raw.blob(r.payload)
-        }
+        var raw = ByteWriter()
+        raw.append(atMost: rawCount) { Self.write(records, into: $0) }
         statistics.recordBytesRaw += raw.count
         // Compressed straight into the frame: no zeroed scratch buffer and no second copy.
         let start = w.count
