@@ -44,8 +44,11 @@ let package = Package(
             name: "CCRC32C", path: "Sources/CCRC32C",
             cSettings: [.unsafeFlags(["-O3"])]),
 
+        // File-system constants Swift's Glibc module leaves out (O_DIRECT).
+        .target(name: "CFileIO", path: "Sources/CFileIO"),
+
         .target(name: "TandemModel", dependencies: ["CCRC32C"], swiftSettings: strict),
-        .target(name: "TandemWAL", dependencies: ["TandemModel"], swiftSettings: strict),
+        .target(name: "TandemWAL", dependencies: ["TandemModel", "CFileIO"], swiftSettings: strict),
         // The pure protocol core: no I/O, clock, thread, lock or random number inside.
         .target(name: "TandemCore", dependencies: ["TandemModel"], swiftSettings: strict),
         // Peer transport: mutual TLS (system OpenSSL), framing, LZ4 record batches.

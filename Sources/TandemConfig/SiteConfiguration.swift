@@ -48,6 +48,8 @@ public struct SiteConfiguration: Sendable {
     public var hookTimeoutMilliseconds: Int
     /// Size of a log segment file, bytes.
     public var segmentBytes: Int
+    /// Log batches written with O_DIRECT past the page cache (where the file system takes it).
+    public var directIO: Bool
     /// A local snapshot every this many applied records (0: never); the log it covers is
     /// then removed as far as the retention allows.
     public var snapshotEveryRecords: Int
@@ -242,7 +244,7 @@ struct ConfigReader {
         try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes", "max_document_bytes",
                                         "wait_for_primary_ms", "read_wait_ms", "tls"])
         let storage = try table(top, "storage")
-        try check(storage, "storage", allowed: ["segment_bytes", "snapshot_every_records", "retain_log_bytes", "retain_log_hours"])
+        try check(storage, "storage", allowed: ["segment_bytes", "direct_io", "snapshot_every_records", "retain_log_bytes", "retain_log_hours"])
         let hooks = try table(top, "hooks")
         try check(hooks, "hooks", allowed: ["command", "timeout_ms"])
         let maxBody = Int(try integer(api, "api", "max_body_bytes", default: 20 << 20, min: 1024, max: 30 << 20))
@@ -291,6 +293,7 @@ struct ConfigReader {
             hookCommand: try optionalString(hooks, "hooks", "command"),
             hookTimeoutMilliseconds: Int(try integer(hooks, "hooks", "timeout_ms", default: 5000, min: 10, max: 600_000)),
             segmentBytes: Int(try integer(storage, "storage", "segment_bytes", default: 64 << 20, min: 64 << 10, max: 1 << 30)),
+            directIO: try bool(storage, "storage", "direct_io", default: true),
             snapshotEveryRecords: Int(try integer(storage, "storage", "snapshot_every_records", default: 100_000, min: 0, max: 1_000_000_000)),
             retainLogBytes: Int(try integer(storage, "storage", "retain_log_bytes", default: 1 << 30, min: 0, max: 1 << 40)),
             retainLogHours: try double(storage, "storage", "retain_log_hours", default: 24, min: 0, max: 24 * 365))

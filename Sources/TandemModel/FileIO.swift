@@ -36,6 +36,13 @@ public final class FileDescriptor: @unchecked Sendable {
         self.path = path
     }
 
+    /// Takes ownership of a descriptor opened elsewhere (with flags `init(path:)` does not
+    /// cover); it is closed when this object goes away.
+    public init(adopting fd: Int32, path: String) {
+        self.fd = fd
+        self.path = path
+    }
+
     deinit { close(fd) }
 
     public func size() throws -> Int {

@@ -13,6 +13,13 @@ public struct WALOptions: Sendable {
     public var maxQueuedBytes: Int = 256 << 20
     /// Fill new segments with zeros before use (faster fdatasync; see docs/ARCHITECTURE.md).
     public var preallocate: Bool = true
+    /// Write batches into preallocated segments with O_DIRECT, past the page cache
+    /// (`DirectBatchWriter`); recent batches are kept in memory for readers instead.
+    /// Ignored where the file system refuses O_DIRECT.
+    public var directIO: Bool = true
+    /// Bytes of the most recent batches kept in memory, so that a replica applying what it
+    /// just logged, or a peer just behind, does not read them back from the disk.
+    public var recentBatchBytes: Int = 16 << 20
     /// Testing seam: called before each fdatasync of a segment; an errno it returns is
     /// treated exactly as if fdatasync had failed with it.
     public var fsyncFault: (@Sendable (_ path: String) -> Int32?)? = nil

@@ -56,6 +56,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// offset arrays (see `Segment.add`).
     struct TailPosition {
         var fd: FileDescriptor
+        var name: String
         var path: String
         var end: Int
         var chainCRC: UInt32
@@ -64,6 +65,7 @@ public final class WriteAheadLog: @unchecked Sendable {
 
         init(_ s: Segment) {
             fd = s.fd
+            name = s.name
             path = s.path
             end = s.end
             chainCRC = s.chainCRC
@@ -77,6 +79,11 @@ public final class WriteAheadLog: @unchecked Sendable {
     struct WrittenBatch {
         var offset: Int
         var byteCount: Int
+        /// The batch as written (kept among the recent batches for readers; empty when
+        /// found by recovery).
+        var bytes: [UInt8] = []
+        /// Written with O_DIRECT.
+        var direct = false
         var bodyCRC: UInt32
         var firstLSN: LSN
         var lastLSN: LSN
@@ -121,8 +128,55 @@ public final class WriteAheadLog: @unchecked Sendable {
         public var fsyncNanoseconds: UInt64 = 0
         /// Batches written on an appender's thread (`appendInline`) rather than the writer's.
         public var inlineBatches = 0
+        /// Batches written with O_DIRECT (`WALOptions.directIO`).
+        public var directBatches = 0
     }
     private var stats = Statistics()
+
+    /// The live segment's direct writer; touched only by the thread that set `writing`
+    /// (or a maintenance call, with the writer paused).
+    private var direct: DirectBatchWriter?
+    private var directRefused = false
+    /// The segment and the file range a direct write is rewriting now (under `lock`).
+    /// Readers wait instead of reading that range from the disk: a page read in the
+    /// middle of a direct write could stay in the page cache with the old bytes.
+    private var rewriting: (segment: String, from: Int, to: Int)?
+    private var rewriteWaiters = 0
+
+    /// The most recent batches by segment and offset, oldest first in `recentOrder`
+    /// (from `recentHead`), at most `options.recentBatchBytes` in all. Under `lock`.
+    private struct BatchKey: Hashable {
+        var segment: String
+        var offset: Int
+    }
+    private var recent: [BatchKey: [UInt8]] = [:]
+    private var recentOrder: [BatchKey] = []
+    private var recentHead = 0
+    private var recentBytes = 0
+
+    /// Keeps a written batch for readers, dropping the oldest beyond the limit. Caller holds lock.
+    private func remember(_ bytes: [UInt8], segment: String, offset: Int) {
+        guard options.recentBatchBytes > 0, bytes.count <= options.recentBatchBytes else { return }
+        let key = BatchKey(segment: segment, offset: offset)
+        if let old = recent.updateValue(bytes, forKey: key) { recentBytes -= old.count } else { recentOrder.append(key) }
+        recentBytes += bytes.count
+        while recentBytes > options.recentBatchBytes, recentHead < recentOrder.count {
+            if let dropped = recent.removeValue(forKey: recentOrder[recentHead]) { recentBytes -= dropped.count }
+            recentHead += 1
+        }
+        if recentHead > 4096 && recentHead * 2 > recentOrder.count {
+            recentOrder.removeFirst(recentHead)
+            recentHead = 0
+        }
+    }
+
+    /// Forgets the recent batches (the segments are about to change). Caller holds lock.
+    private func forgetRecent() {
+        recent.removeAll()
+        recentOrder.removeAll()
+        recentHead = 0
+        recentBytes = 0
+    }
     public var statistics: Statistics { lock.withLock { stats } }
 
     /// A zero-filled file prepared in the background for the next segment, so rolling
@@ -495,6 +549,10 @@ public final class WriteAheadLog: @unchecked Sendable {
                 }
             }
             stats.batches += 1
+            if let written {
+                if written.batch.direct { stats.directBatches += 1 }
+                remember(written.batch.bytes, segment: segments[segments.count - 1].name, offset: written.batch.offset)
+            }
             stats.fsyncNanoseconds += lastFsyncNanoseconds
             options.fsyncObserver?(lastFsyncNanoseconds)
             stats.bytes += WALFormat.batchHeaderSize
@@ -571,19 +629,52 @@ public final class WriteAheadLog: @unchecked Sendable {
             target = TailPosition(segment)
             batch = WALFormat.encodeBatch(records, previousCRC: target.chainCRC)
         }
+        var wroteDirect = false
         do {
-            try target.fd.write(batch.bytes, at: target.end)
+            wroteDirect = try writeDirect(batch.bytes, at: target)
+            if !wroteDirect { try target.fd.write(batch.bytes, at: target.end) }
             if let code = options.fsyncFault?(target.path) { throw SystemError("fdatasync", path: target.path, code: code) }
             let t = monotonicNanoseconds()
             try target.fd.syncData()
             lastFsyncNanoseconds = monotonicNanoseconds() - t
         } catch {
             // Whatever reached the file is not durable and never will be reported so.
+            direct = nil
             throw WALError.failed("\(error)")
         }
         let last = records[records.endIndex - 1]
-        return (WrittenBatch(offset: target.end, byteCount: batch.bytes.count, bodyCRC: batch.bodyCRC,
+        return (WrittenBatch(offset: target.end, byteCount: batch.bytes.count, bytes: batch.bytes, direct: wroteDirect, bodyCRC: batch.bodyCRC,
                              firstLSN: records[records.startIndex].lsn, lastLSN: last.lsn, lastTerm: last.term), fresh)
+    }
+
+    /// Writes a batch at `target`'s end with O_DIRECT when the segment allows it; false
+    /// when the caller must write it through the page cache.
+    private func writeDirect(_ bytes: [UInt8], at target: TailPosition) throws -> Bool {
+        guard options.directIO && options.preallocate && !directRefused else { return false }
+        if let d = direct, d.segment !== target.fd || d.end != target.end { direct = nil }
+        if direct == nil {
+            guard let d = try DirectBatchWriter(segment: target.fd, path: target.path, end: target.end) else {
+                directRefused = true
+                return false
+            }
+            direct = d
+        }
+        guard let d = direct else { return false }
+        let blockStart = target.end / DirectBatchWriter.alignment * DirectBatchWriter.alignment
+        lock.withLock { rewriting = (target.name, blockStart, target.end + bytes.count + DirectBatchWriter.alignment) }
+        defer {
+            lock.lock()
+            rewriting = nil
+            // Only when a reader waits: a broadcast would also wake the writer thread.
+            if rewriteWaiters > 0 { lock.broadcast() }
+            lock.unlock()
+        }
+        guard try d.write(bytes) else {
+            // Past the preallocation: through the page cache, and a fresh writer next time.
+            direct = nil
+            return false
+        }
+        return true
     }
 
     // MARK: Reading
@@ -614,25 +705,22 @@ public final class WriteAheadLog: @unchecked Sendable {
             while bi < seg.batchOffsets.count {
                 let start = seg.batchOffsets[bi]
                 let end = bi + 1 < seg.batchOffsets.count ? seg.batchOffsets[bi + 1] : seg.end
-                let raw = try readChecked(seg, offset: start, length: end - start)
-                let done: Bool = raw.withUnsafeBytes { buf in
-                    var off = WALFormat.batchHeaderSize
-                    while off < buf.count {
-                        guard let (rec, next) = WALFormat.decodeRecord(buf, at: off, end: buf.count, verify: true) else {
-                            return true
-                        }
-                        off = next
-                        if rec.lsn < lsn { continue }
-                        out.append(rec)
-                        bytes += WALFormat.recordHeaderSize + rec.payload.count
-                        lsn = rec.lsn.next
-                        if bytes >= maxBytes { return true }
-                    }
-                    return false
+                var records = Self.decodeBatch(try readChecked(seg, offset: start, length: end - start), from: lsn)
+                if records == nil && options.directIO {
+                    // A page read from the disk while a direct write rewrote it may linger
+                    // in the page cache with the old bytes: drop it and read once more
+                    // before calling this corruption.
+                    _ = posix_fadvise(seg.fd.fd, off_t(start), off_t(end - start), Int32(POSIX_FADV_DONTNEED))
+                    records = Self.decodeBatch(try readChecked(seg, offset: start, length: end - start, fromDisk: true), from: lsn)
                 }
-                if bytes >= maxBytes { return out }
-                if done {
+                guard let records else {
                     throw WALError.corruption(segment: seg.name, offset: start, lsn: lsn, reason: "record checksum mismatch on read")
+                }
+                for rec in records {
+                    out.append(rec)
+                    bytes += WALFormat.recordHeaderSize + rec.payload.count
+                    lsn = rec.lsn.next
+                    if bytes >= maxBytes { return out }
                 }
                 bi += 1
             }
@@ -641,7 +729,28 @@ public final class WriteAheadLog: @unchecked Sendable {
         return out
     }
 
-    private func readChecked(_ seg: Segment, offset: Int, length: Int) throws -> [UInt8] {
+    /// The records of a batch (its bytes from the batch header on) from LSN `from` on,
+    /// each checksum verified; nil when one does not verify.
+    private static func decodeBatch(_ raw: [UInt8], from: LSN) -> [LogRecord]? {
+        raw.withUnsafeBytes { buf in
+            var out: [LogRecord] = []
+            var off = WALFormat.batchHeaderSize
+            while off < buf.count {
+                guard let (rec, next) = WALFormat.decodeRecord(buf, at: off, end: buf.count, verify: true) else { return nil }
+                off = next
+                if rec.lsn >= from { out.append(rec) }
+            }
+            return out
+        }
+    }
+
+    private func readChecked(_ seg: Segment, offset: Int, length: Int, fromDisk: Bool = false) throws -> [UInt8] {
+        if !fromDisk, let kept = recent[BatchKey(segment: seg.name, offset: offset)], kept.count == length { return kept }
+        while let r = rewriting, r.segment == seg.name, offset < r.to, offset + length > r.from {
+            rewriteWaiters += 1
+            lock.wait()
+            rewriteWaiters -= 1
+        }
         let raw: [UInt8]
         do { raw = try seg.fd.read(count: length, at: offset) } catch { throw WALError.io("\(error)") }
         guard raw.count == length else {
@@ -661,6 +770,9 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         if isClosed { lock.unlock(); throw WALError.closed }
         maintenance = true
+        // Segments may be cut, rewritten (a new file under the same name) or removed.
+        forgetRecent()
+        direct = nil
         lock.unlock()
         defer {
             lock.lock()

@@ -19,6 +19,7 @@ struct ClusterBench: AsyncParsableCommand {
     @Option(help: "The Deploy directory (make-certs.sh).") var deploy = "Deploy"
     @Option(name: .customLong("snapshot-mib"), help: "Database sizes in MiB for the snapshot path (create, transfer, install), comma-separated.")
     var snapshotMiB = "100,1024"
+    @Option(help: "Extra TOML for every site's [storage] table, to compare settings (e.g. \"direct_io = false\").") var storage: String = ""
     @Option(help: "Which figures to measure, comma-separated (latency, throughput, mix, reads, documents, catchup, failover, snapshot, five), or all. The floor is always measured.")
     var figures = "all"
 
@@ -61,6 +62,7 @@ struct ClusterBench: AsyncParsableCommand {
         options.heartbeatMilliseconds = TimingDefaults.heartbeatMilliseconds
         options.jitterMilliseconds = TimingDefaults.electionJitterMilliseconds
         options.transferTimeoutMilliseconds = 4000
+        options.storage = storage
         let c = try LocalCluster(options: options, binDirectory: bin, deployDirectory: deploy, dir: dir + "/three")
         defer { c.stopAll() }
         try c.startAll()

@@ -83,6 +83,7 @@ struct WALBench: AsyncParsableCommand {
     @OptionGroup var common: CommonOptions
     @Option(help: "Seconds per concurrency level.") var seconds: Double = 3
     @Flag(help: "Segments not preallocated with zeros (to measure what the preallocation costs).") var noPreallocate = false
+    @Flag(help: "Batches written through the page cache instead of with O_DIRECT (to measure what direct I/O buys).") var noDirectIO = false
     @Flag(help: "Only the callback (event-loop) appenders.")
     var callbacks = false
     @Flag(help: "Only the async-task appenders.")
@@ -104,6 +105,7 @@ struct WALBench: AsyncParsableCommand {
             let dir = base + "/log-\(callbacks ? "callback" : "task")-\(appenders)"
             var options = WALOptions()
             options.preallocate = !noPreallocate
+            options.directIO = !noDirectIO
             let log = try WriteAheadLog.create(directory: dir, clusterID: .random(), options: options)
             let deadline = monotonicNanoseconds() + UInt64(duration * 1e9)
             let start = monotonicNanoseconds()

@@ -75,6 +75,7 @@ struct Tandemd: AsyncParsableCommand {
             }
             var wal = WALOptions()
             wal.segmentSize = c.segmentBytes
+            wal.directIO = c.directIO
             try SiteRuntime.bootstrap(dataDirectory: c.dataDirectory, clusterID: c.clusterID, walOptions: wal, rejoining: rejoin)
             log.emit("event=site_created data_directory=\(c.dataDirectory) rejoining=\(rejoin)")
         }
@@ -151,6 +152,7 @@ struct Tandemd: AsyncParsableCommand {
         settings.onProposal = { metrics.proposed(writes: $0) }
         settings.schemaMigrations = TelehealthSchema.migrations
         settings.walOptions.segmentSize = c.segmentBytes
+        settings.walOptions.directIO = c.directIO
         settings.snapshotEveryRecords = c.snapshotEveryRecords
         settings.retention = RetentionPolicy(maxBytes: c.retainLogBytes, maxAgeSeconds: c.retainLogHours * 3600)
         settings.onRoleChange = { change in

@@ -113,6 +113,9 @@ struct SiteConfigurationTests {
         #expect(bare.timing.leaseDuration == .milliseconds(1500))
         #expect(c.sites[2].role == .witness)
         #expect(c.cluster.placementWarnings.isEmpty)
+        #expect(c.directIO, "log batches are written with O_DIRECT unless the file says otherwise")
+        let buffered = try SiteConfiguration.parse(sample.replacingOccurrences(of: caLine, with: caLine + "\n\n[storage]\ndirect_io = false"), file: "sbg.toml")
+        #expect(!buffered.directIO)
     }
 
     @Test("an environment variable overrides a single key")
@@ -145,6 +148,7 @@ struct SiteConfigurationTests {
         (caLine, caLine + "\n\n[hooks]\ncommand = \"/usr/local/bin/notify\"\ntimeout = 5", "hooks.timeout", 22, "one of the known keys"),
         (caLine, caLine + "\n\n[hooks]\ntimeout_ms = 1", "hooks.timeout_ms", 21, "between 10"),
         (caLine, caLine + "\n\n[logging]\nformat = \"xml\"", "logging.format", 21, "\"keyvalue\" or \"json\""),
+        (caLine, caLine + "\n\n[storage]\ndirect_io = \"yes\"", "storage.direct_io", 21, "true or false"),
     ] as [(String, String, String, Int?, String)])
     func badFiles(replace: String, with: String, key: String, line: Int?, expected: String) {
         let text = sample.replacingOccurrences(of: replace, with: with)
