@@ -35,8 +35,14 @@ final class DirectBatchWriter {
     private var capacity = 0
     private(set) var writes = 0
 
-    /// Nil when the file system refuses O_DIRECT (tmpfs, some FUSE file systems): the
-    /// caller then writes through the page cache.
+    /// Why a direct write was refused before it wrote anything.
+    enum Refusal: Error {
+        /// EINVAL on the first write: the device wants a larger alignment than 4 KiB.
+        case alignment
+    }
+
+    /// Nil when the file system refuses O_DIRECT (some FUSE file systems, tmpfs before
+    /// Linux 6.6): the caller then writes through the page cache.
     init?(segment: FileDescriptor, path: String, end: Int) throws {
         let raw = open(path, O_RDWR | O_CLOEXEC | tandem_o_direct())
         if raw < 0 {
@@ -45,6 +51,14 @@ final class DirectBatchWriter {
         }
         // A descriptor object that closes `raw` however this initializer ends.
         let direct = FileDescriptor(adopting: raw, path: path)
+        // The same file as the segment's descriptor, not another one put under its name
+        // (a rewrite renamed over it whose directory fsync then failed): writing the
+        // segment's tail into another file would overwrite durable bytes there.
+        var a = stat(), b = stat()
+        guard fstat(raw, &a) == 0, fstat(segment.fd, &b) == 0 else { throw SystemError("fstat", path: path) }
+        guard a.st_dev == b.st_dev, a.st_ino == b.st_ino else {
+            throw SystemError("open (O_DIRECT): another file under the segment's name", path: path, code: ESTALE)
+        }
         self.fd = direct
         self.path = path
         self.segment = segment
@@ -99,6 +113,7 @@ final class DirectBatchWriter {
             let n = pwrite(fd.fd, buffer + done, length - done, off_t(start + done))
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EINVAL && done == 0 && writes == 0 { throw Refusal.alignment }
                 throw SystemError("pwrite (O_DIRECT)", path: path)
             }
             // A short direct write that is not whole blocks cannot be resumed aligned.

@@ -137,11 +137,13 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// (or a maintenance call, with the writer paused).
     private var direct: DirectBatchWriter?
     private var directRefused = false
-    /// The segment and the file range a direct write is rewriting now (under `lock`).
-    /// Readers wait instead of reading that range from the disk: a page read in the
-    /// middle of a direct write could stay in the page cache with the old bytes.
+    /// The segment and the file range a direct write is rewriting now (under
+    /// `rewriteLock`, its own, so that a write never waits for a reader holding `lock`).
+    /// Readers wait instead of reading that range from the disk, a precaution: a page
+    /// read in the middle of a direct write could otherwise stay cached with old bytes if
+    /// the kernel failed to drop it. Lock order: `lock`, then `rewriteLock`.
+    private let rewriteLock = NSCondition()
     private var rewriting: (segment: String, from: Int, to: Int)?
-    private var rewriteWaiters = 0
 
     /// The most recent batches by segment and offset, oldest first in `recentOrder`
     /// (from `recentHead`), at most `options.recentBatchBytes` in all. Under `lock`.
@@ -653,25 +655,38 @@ public final class WriteAheadLog: @unchecked Sendable {
         guard options.directIO && options.preallocate && !directRefused else { return false }
         if let d = direct, d.segment !== target.fd || d.end != target.end { direct = nil }
         if direct == nil {
-            guard let d = try DirectBatchWriter(segment: target.fd, path: target.path, end: target.end) else {
-                directRefused = true
+            // Nothing is written yet: any failure to set up (a file system that refuses
+            // O_DIRECT, out of descriptors, another file under the name) means this batch
+            // goes through the page cache.
+            do {
+                guard let d = try DirectBatchWriter(segment: target.fd, path: target.path, end: target.end) else {
+                    directRefused = true
+                    return false
+                }
+                direct = d
+            } catch {
                 return false
             }
-            direct = d
         }
         guard let d = direct else { return false }
         let blockStart = target.end / DirectBatchWriter.alignment * DirectBatchWriter.alignment
-        lock.withLock { rewriting = (target.name, blockStart, target.end + bytes.count + DirectBatchWriter.alignment) }
+        rewriteLock.withLock { rewriting = (target.name, blockStart, target.end + bytes.count + DirectBatchWriter.alignment) }
         defer {
-            lock.lock()
+            rewriteLock.lock()
             rewriting = nil
-            // Only when a reader waits: a broadcast would also wake the writer thread.
-            if rewriteWaiters > 0 { lock.broadcast() }
-            lock.unlock()
+            rewriteLock.broadcast()
+            rewriteLock.unlock()
         }
-        guard try d.write(bytes) else {
-            // Past the preallocation: through the page cache, and a fresh writer next time.
+        do {
+            guard try d.write(bytes) else {
+                // Past the preallocation: through the page cache, and a fresh writer next time.
+                direct = nil
+                return false
+            }
+        } catch DirectBatchWriter.Refusal.alignment {
+            // EINVAL before a byte was written: the device wants another alignment.
             direct = nil
+            directRefused = true
             return false
         }
         return true
@@ -746,10 +761,8 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     private func readChecked(_ seg: Segment, offset: Int, length: Int, fromDisk: Bool = false) throws -> [UInt8] {
         if !fromDisk, let kept = recent[BatchKey(segment: seg.name, offset: offset)], kept.count == length { return kept }
-        while let r = rewriting, r.segment == seg.name, offset < r.to, offset + length > r.from {
-            rewriteWaiters += 1
-            lock.wait()
-            rewriteWaiters -= 1
+        rewriteLock.withLock {
+            while let r = rewriting, r.segment == seg.name, offset < r.to, offset + length > r.from { rewriteLock.wait() }
         }
         let raw: [UInt8]
         do { raw = try seg.fd.read(count: length, at: offset) } catch { throw WALError.io("\(error)") }
@@ -840,7 +853,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     private func rewriteSegment(_ s: inout Segment, batchIndex bi: Int, keepThrough lsn: LSN) throws {
         let batchStart = s.batchOffsets[bi]
         let batchEnd = bi + 1 < s.batchOffsets.count ? s.batchOffsets[bi + 1] : s.end
-        let raw = try readChecked(s, offset: batchStart, length: batchEnd - batchStart)
+        let raw = try readChecked(s, offset: batchStart, length: batchEnd - batchStart, fromDisk: true)
         var kept: [LogRecord] = []
         raw.withUnsafeBytes { buf in
             var off = WALFormat.batchHeaderSize
@@ -849,7 +862,7 @@ public final class WriteAheadLog: @unchecked Sendable {
                 off = next
             }
         }
-        let prefix = try readChecked(s, offset: 0, length: batchStart)
+        let prefix = try readChecked(s, offset: 0, length: batchStart, fromDisk: true)
         let previousCRC = bi == 0 ? s.headerCRC : Self.bodyCRC(ofBatchAt: s.batchOffsets[bi - 1], in: s)
         let batch = WALFormat.encodeBatch(kept[...], previousCRC: previousCRC)
         let tmp = s.path + ".tmp"
@@ -882,7 +895,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             s.lastTerm = s.previousTerm
             return
         }
-        let raw = try readChecked(s, offset: lastOffset, length: s.end - lastOffset)
+        let raw = try readChecked(s, offset: lastOffset, length: s.end - lastOffset, fromDisk: true)
         var lastRecord: LogRecord?
         let header: WALFormat.BatchHeader? = raw.withUnsafeBytes { buf in
             var off = WALFormat.batchHeaderSize
