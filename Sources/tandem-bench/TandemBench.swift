@@ -97,6 +97,8 @@ struct WALBench: AsyncParsableCommand {
         emit(["bench": "wal.fsync", "fdatasync_p50_us": round3(fsync.p50), "fdatasync_p99_us": round3(fsync.p99)])
         note("raw fdatasync: p50 \(Int(fsync.p50)) µs, p99 \(Int(fsync.p99)) µs")
         let payload = [UInt8](repeating: 0x5A, count: 256)
+        // The raw fsync measured just before each level (the previous level's "after").
+        var before = fsync
         var styles: [Bool] = []
         if !tasks { styles.append(true) }
         if !callbacks { styles.append(false) }
@@ -132,7 +134,8 @@ struct WALBench: AsyncParsableCommand {
             // The raw fsync again, right after this level: this shared machine's disk
             // latency drifts, and the efficiency compares figures taken together.
             let after = try measureFsync(dir: base, samples: common.quick ? 20 : 200)
-            let raw = (fsync.p50 + after.p50) / 2
+            let raw = (before.p50 + after.p50) / 2
+            before = after
             let rate = Double(latencies.count) / elapsed
             let efficiency = rate * (raw / 1e6) / Double(appenders)
             emit(["bench": "wal.append", "appender_style": callbacks ? "callback" : "task", "appenders": appenders, "record_bytes": 256, "records": latencies.count,
