@@ -793,7 +793,20 @@ public final class WriteAheadLog: @unchecked Sendable {
             lock.broadcast()
             lock.unlock()
         }
-        return try body()
+        do {
+            return try body()
+        } catch let error as WALError {
+            // An I/O error midway, or a segment unreadable after the change, leaves the files
+            // and what this object knows of them apart: the log stops, as after a failed
+            // fdatasync, instead of appending at a position it no longer knows to be right.
+            switch error {
+            case .failed, .corruption:
+                lock.withLock { if failure == nil { failure = error.asFailStop } }
+            default:
+                break
+            }
+            throw error
+        }
     }
 
     /// Removes every record after `lsn`, crash-safely: after a crash the log holds either

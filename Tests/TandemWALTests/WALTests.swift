@@ -268,6 +268,35 @@ struct WALTests {
         #expect(files[true] == files[false], "the on-disk format does not depend on how batches are written")
     }
 
+    @Test("a truncation that fails midway stops the log; reopened, it holds the records as they were")
+    func failedTruncationStops() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        var records: [LogRecord] = []
+        for b in 0..<10 {
+            let batch = (1...10).map { record(UInt64(b * 10 + $0), size: 100) }
+            records.append(contentsOf: batch)
+            try await log.append(batch)
+        }
+        // A cut inside a batch rewrites the segment through "<segment>.tmp": a directory
+        // there makes that rewrite fail.
+        let last = try #require(try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".wal") }.sorted().last)
+        try FileManager.default.createDirectory(atPath: dir.file(last + ".tmp"), withIntermediateDirectories: false)
+        #expect { try log.truncateSuffix(after: LSN(95)) } throws: { error in
+            if case .failed = error as? WALError { return true }
+            return false
+        }
+        await #expect { try await log.append([record(101)]) } throws: { error in
+            if case .failed = error as? WALError { return true }
+            return false
+        }
+        log.close()
+        try FileManager.default.removeItem(atPath: dir.file(last + ".tmp"))
+        let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { again.close() }
+        #expect(try readAll(again) == records)
+    }
+
     @Test("prefix removal honours snapshot coverage and retention; reset restarts after a snapshot")
     func prefixAndReset() async throws {
         let dir = TempDir(); defer { dir.cleanup() }
