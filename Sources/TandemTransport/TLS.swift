@@ -288,14 +288,19 @@ final class TLSStream: @unchecked Sendable {
 
     /// Reads one frame (handshake phase).
     func readFrame(_ decoder: inout FrameDecoder, deadline: UInt64) throws(TransportError) -> (type: Wire.FrameType, body: [UInt8]) {
-        var buf = [UInt8](repeating: 0, count: 16 << 10)
         while true {
             do {
                 if let f = try decoder.next() { return f }
             } catch { throw TransportError(.other, "malformed frame: \(error)") }
-            let r = buf.withUnsafeMutableBytes { read(into: $0) }
+            // Straight into the decoder's memory, as the connection's I/O loop reads.
+            var r = IOResult.done(0)
+            decoder.receive(atMost: 16 << 10) { room in
+                r = read(into: room)
+                if case let .done(n) = r { return n }
+                return 0
+            }
             switch r {
-            case let .done(n): buf.withUnsafeBytes { decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            case .done: break
             case let .wouldBlock(readable): try wait(events: Int16(readable ? POLLIN : POLLOUT), deadline: deadline)
             case let .closed(why):
                 // TLS 1.3: a client learns here that the server refused its certificate.

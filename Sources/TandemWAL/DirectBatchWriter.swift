@@ -85,14 +85,21 @@ final class DirectBatchWriter {
         return true
     }
 
+    /// The file range a write of `count` bytes at the end covers: from the start of the
+    /// block holding the end to the block boundary after the new end.
+    func range(forAppending count: Int) -> Range<Int> {
+        let start = end - tail.count
+        return start..<(start + (tail.count + count + Self.alignment - 1) / Self.alignment * Self.alignment)
+    }
+
     /// Writes `bytes` at the segment's end. False, with nothing written, when the aligned
     /// write would run past the preallocated file (the caller writes through the page
     /// cache instead and drops this writer, whose `tail` no longer matches the file).
     func write(_ bytes: [UInt8]) throws -> Bool {
-        let start = end - tail.count
+        let range = range(forAppending: bytes.count)
+        let start = range.lowerBound, length = range.count
         let total = tail.count + bytes.count
-        let length = (total + Self.alignment - 1) / Self.alignment * Self.alignment
-        guard start + length <= limit else { return false }
+        guard range.upperBound <= limit else { return false }
         if capacity < length {
             free(buffer)
             buffer = nil

@@ -669,8 +669,8 @@ public final class WriteAheadLog: @unchecked Sendable {
             }
         }
         guard let d = direct else { return false }
-        let blockStart = target.end / DirectBatchWriter.alignment * DirectBatchWriter.alignment
-        rewriteLock.withLock { rewriting = (target.name, blockStart, target.end + bytes.count + DirectBatchWriter.alignment) }
+        let range = d.range(forAppending: bytes.count)
+        rewriteLock.withLock { rewriting = (target.name, range.lowerBound, range.upperBound) }
         defer {
             rewriteLock.lock()
             rewriting = nil
