@@ -20,6 +20,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.0.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.70.0"),
+        .package(url: "https://github.com/apple/swift-nio-extras", from: "1.20.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
@@ -59,8 +60,10 @@ let package = Package(
         .target(name: "TandemNode", dependencies: ["TandemCore", "TandemStore", "TandemWAL", "TandemTransport"], swiftSettings: strict),
         // The site's HTTP API (Hummingbird): health probes and status.
         .target(name: "TandemHTTP", dependencies: ["TandemNode", "TandemStore", .product(name: "Hummingbird", package: "hummingbird"),
+                                                   .product(name: "HummingbirdCore", package: "hummingbird"),
                                                    .product(name: "NIOCore", package: "swift-nio"),
                                                    .product(name: "HTTPTypes", package: "swift-http-types"),
+                                                   .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
                                                    .product(name: "Logging", package: "swift-log"),
                                                    .product(name: "CoreMetrics", package: "swift-metrics"),
                                                    .product(name: "Prometheus", package: "swift-prometheus")], swiftSettings: strict),

@@ -43,6 +43,14 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# Starts a PostgreSQL data directory; when it does not come up, shows why (its log).
+pg_start() {
+  if ! as_pg pg_ctl -D "$1" -l "$1.log" -w start >/dev/null; then
+    echo "compare: PostgreSQL in $1 did not start; the end of its log:" >&2
+    tail -n 20 "$1.log" >&2 || true
+    exit 1
+  fi
+}
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- env PATH="/usr/lib/postgresql/15/bin:$PATH" "$@"; else env PATH="/usr/lib/postgresql/15/bin:$PATH" "$@"; fi; }
 value=$(head -c 192 /dev/urandom | base64 -w0)   # 256 characters
 
@@ -132,14 +140,14 @@ fsync = on
 CONF
   echo "host replication bench 127.0.0.1/32 trust" >> "$work/pg-primary/pg_hba.conf"
   pgdirs+=("$work/pg-primary")
-  as_pg pg_ctl -D "$work/pg-primary" -l "$work/pg-primary.log" -w start >/dev/null
+  pg_start "$work/pg-primary"
   as_pg pg_basebackup -h 127.0.0.1 -p 35432 -U bench -D "$work/pg-standby" -R >/dev/null
   cat >> "$work/pg-standby/postgresql.conf" <<CONF
 port = 35433
 primary_conninfo = 'host=127.0.0.1 port=35432 user=bench application_name=standby1'
 CONF
   pgdirs+=("$work/pg-standby")
-  as_pg pg_ctl -D "$work/pg-standby" -l "$work/pg-standby.log" -w start >/dev/null
+  pg_start "$work/pg-standby"
   as_pg timeout 60 psql -h 127.0.0.1 -p 35432 -U bench -d postgres -qc "CREATE TABLE bench (id bigserial PRIMARY KEY, v text NOT NULL)"
   echo "INSERT INTO bench (v) VALUES ('$value');" > "$work/insert.sql"
   for mode in on remote_apply; do

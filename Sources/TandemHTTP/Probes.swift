@@ -119,10 +119,10 @@ func json(_ object: [String: Any], status: HTTPResponse.Status, bodyless: Bodyle
 }
 
 /// The site's HTTP routes: health probes (GET with a JSON body; HEAD and OPTIONS with the
-/// status only, as HAProxy's `option httpchk` sends), /status, /metrics, and the data API
-/// under /v1 when `api` is given.
+/// status only, as HAProxy's `option httpchk` sends), /status and /metrics. The data API
+/// under /v1 is served ahead of the router (`siteHTTPServer`).
 public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThreshold, sites: [SiteDescriptor],
-                       api: DataAPI? = nil, metrics: SiteMetrics? = nil, maxBodyBytes: Int = 20 << 20) -> Router<BasicRequestContext> {
+                       metrics: SiteMetrics? = nil) -> Router<BasicRequestContext> {
     let router = Router()
     for probe in Probe.allCases {
         for path in probe.paths {
@@ -153,83 +153,7 @@ public func makeRouter(runtime: SiteRuntime, site: SiteID, defaultLag: LagThresh
             return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))
         }
     }
-    if let api {
-        @Sendable func dataCall(_ request: Request) async -> Response {
-            let call: ForwardedCall
-            let scope: Scope
-            var held = 0
-            do throws(APIError) {
-                scope = try api.authenticate(authorization: request.headers[.authorization])
-                try api.admitCall()
-            } catch {
-                return response(error.answer)
-            }
-            defer { api.releaseCall(bytes: held) }
-            do throws(APIError) {
-                // Within what a forwarded call may carry between sites (docs/WIRE.md).
-                let path = request.uri.path, query = request.uri.query ?? "", type = request.headers[.contentType] ?? ""
-                guard path.utf8.count <= 4096, query.utf8.count <= 8192 else {
-                    throw APIError(status: 414, code: "uri_too_long", message: "the path may have 4096 bytes and the query 8192")
-                }
-                guard type.utf8.count <= 256 else { throw APIError.badRequest("bad_header", "Content-Type is longer than 256 bytes") }
-                let wanted = ["Tandem-Patient", "Tandem-Document-Kind", "Tandem-Appointment", "Tandem-SHA256"]
-                var headers: [ForwardedHeader] = []
-                for name in wanted {
-                    if let field = HTTPField.Name(name), let v = request.headers[field] {
-                        guard v.utf8.count <= 1024 else {
-                            throw APIError(status: 431, code: "header_too_large", message: "\(name) is longer than 1024 bytes")
-                        }
-                        headers.append(ForwardedHeader(name: name, value: v))
-                    }
-                }
-                let body = try await collect(request, limit: maxBodyBytes) { n throws(APIError) in
-                    try api.reserve(bytes: n)
-                    held += n
-                }
-                call = ForwardedCall(method: request.method.rawValue, path: path, query: query, contentType: type, headers: headers, body: body,
-                                     deadlineMilliseconds: api.settings.waitForPrimaryMilliseconds)
-            } catch {
-                return response(error.answer)
-            }
-            return response(await api.handle(call, scope: scope))
-        }
-        for method in [HTTPRequest.Method.get, .post, .put, .delete, .patch] {
-            router.on("v1/**", method: method) { request, _ in await dataCall(request) }
-        }
-    }
     return router
-}
-
-/// Reads a request body, refusing (413) one larger than `limit` before holding it all;
-/// `reserve` is told each chunk's size first (it may refuse: the site's budget).
-func collect(_ request: Request, limit: Int, reserve: (Int) throws(APIError) -> Void) async throws(APIError) -> [UInt8] {
-    let tooLarge = APIError(status: 413, code: "too_large", message: "the request body exceeds the limit of \(limit) bytes")
-    if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit { throw tooLarge }
-    var bytes: [UInt8] = []
-    do {
-        for try await var chunk in request.body {
-            guard bytes.count + chunk.readableBytes <= limit else { throw tooLarge }
-            try reserve(chunk.readableBytes)
-            bytes.append(contentsOf: chunk.readBytes(length: chunk.readableBytes) ?? [])
-        }
-    } catch let e as APIError {
-        throw e
-    } catch {
-        throw APIError.badRequest("bad_body", "the request body could not be read: \(error)")
-    }
-    return bytes
-}
-
-func response(_ a: ForwardedAnswer) -> Response {
-    var headers = HTTPFields()
-    for h in a.headers {
-        if let name = HTTPField.Name(h.name) { headers[name] = h.value }
-    }
-    headers[.cacheControl] = "no-store"
-    // A status from a peer's answer outside HTTP's range must not reach the precondition.
-    let code = (100...599).contains(Int(a.status)) ? Int(a.status) : 502
-    return Response(status: HTTPResponse.Status(code: code), headers: headers,
-                    body: ResponseBody(byteBuffer: ByteBuffer(bytes: a.body)))
 }
 
 /// GET /status: this site, every other site as seen from here, and where the data lives.
@@ -288,9 +212,10 @@ public func statusDocument(runtime: SiteRuntime, site: SiteID, sites: [SiteDescr
 
 /// Runs the HTTP server until the task is cancelled (tests; tandemd runs the application
 /// in its service group). Cancellation makes the server log errors: only critical ones show.
-public func runHTTP(router: Router<BasicRequestContext>, host: String, port: Int) async throws {
+public func runHTTP(router: Router<BasicRequestContext>, api: DataAPI? = nil, host: String, port: Int) async throws {
     var logger = Logger(label: "tandem-http")
     logger.logLevel = .critical
-    let app = Application(router: router, configuration: .init(address: .hostname(host, port: port), serverName: "tandemd"), logger: logger)
+    let app = Application(router: router, server: siteHTTPServer(api: api),
+                          configuration: .init(address: .hostname(host, port: port), serverName: "tandemd"), logger: logger)
     try await app.runService(gracefulShutdownSignals: [])
 }

@@ -360,6 +360,12 @@ public final class SiteRuntime: @unchecked Sendable {
         return out
     }
 
+    /// Runs a write batch on this site if it is the primary; `completion` runs on the
+    /// site's loop thread once it committed (or failed), so it must be quick.
+    public func write(_ batch: WriteBatch, completion: @escaping @Sendable (Result<Execution, WriteError>) -> Void) {
+        enqueue(.write(batch, completion))
+    }
+
     /// Runs a write batch on this site if it is the primary, and returns once committed.
     public func write(_ batch: WriteBatch) async throws(WriteError) -> Execution {
         let result: Result<Execution, WriteError> = await withCheckedContinuation { c in

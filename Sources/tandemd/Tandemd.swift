@@ -95,8 +95,7 @@ struct Tandemd: AsyncParsableCommand {
         apiSettings.waitForPrimaryMilliseconds = UInt32(c.waitForPrimaryMilliseconds)
         apiSettings.readWaitMilliseconds = UInt32(c.readWaitMilliseconds)
         let api = DataAPI(runtime: runtime, settings: apiSettings, tokens: tokens, metrics: metrics)
-        let router = makeRouter(runtime: runtime, site: c.siteID, defaultLag: lag, sites: c.cluster.sites, api: api, metrics: metrics,
-                                maxBodyBytes: c.maxBodyBytes)
+        let router = makeRouter(runtime: runtime, site: c.siteID, defaultLag: lag, sites: c.cluster.sites, metrics: metrics)
         let parts = c.listenHTTP.split(separator: ":")
         var httpLogger = Logger(label: "tandemd.http")
         httpLogger.logLevel = .warning
@@ -120,7 +119,8 @@ struct Tandemd: AsyncParsableCommand {
                                              allowTLS12: c.allowTLS12),
                              log: log.emit)
             : nil
-        let app = Application(router: router, configuration: .init(address: .hostname(httpHost, port: httpPort), serverName: "tandemd"),
+        let app = Application(router: router, server: siteHTTPServer(api: api),
+                              configuration: .init(address: .hostname(httpHost, port: httpPort), serverName: "tandemd"),
                               logger: httpLogger)
         let site = SiteService(runtime: runtime, config: c, log: log)
         let reload = ReloadOnHangup(runtime: runtime, tokens: tokens, https: https, config: c, log: log)

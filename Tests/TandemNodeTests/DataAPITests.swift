@@ -47,6 +47,7 @@ final class APICluster: @unchecked Sendable {
     let tokens = TokenStore(entries: [:])
     static let writer = "tdm_writer-token", reader = "tdm_reader-token", admin = "tdm_admin-token"
     var waitForPrimaryMilliseconds: UInt32 = 6_000
+    var maxCallsInFlight = 512
 
     init() throws {
         c = try TestCluster()
@@ -72,12 +73,13 @@ final class APICluster: @unchecked Sendable {
         settings.waitForPrimaryMilliseconds = waitForPrimaryMilliseconds
         settings.maxBodyBytes = 4 << 20
         settings.maxDocumentBytes = 2 << 20
+        settings.maxCallsInFlight = maxCallsInFlight
         let api = DataAPI(runtime: runtime, settings: settings, tokens: try tokenStore())
         let port = try http[id] ?? Int(Transport.freeLoopbackPort())
         http[id] = port
         let router = makeRouter(runtime: runtime, site: id, defaultLag: LagThreshold(records: 1000), sites: c.config.sites,
-                                api: api, metrics: api.metrics, maxBodyBytes: settings.maxBodyBytes)
-        servers[id] = Task { try? await runHTTP(router: router, host: "127.0.0.1", port: port) }
+                                metrics: api.metrics)
+        servers[id] = Task { try? await runHTTP(router: router, api: api, host: "127.0.0.1", port: port) }
         for _ in 0..<200 {
             if (try? await httpStatus("GET", url(id, "/liveness"))) == 200 { return }
             try await Task.sleep(for: .milliseconds(50))

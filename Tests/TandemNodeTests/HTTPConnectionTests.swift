@@ -1,0 +1,170 @@
+import Foundation
+import Glibc
+import Testing
+import TandemHTTP
+import TandemModel
+@testable import TandemNode
+
+/// A blocking HTTP/1.1 connection that sends raw bytes: pipelined requests, bodies that
+/// lie about their size, chunked bodies, closes. Answers are read by Content-Length.
+/// Its reads block, so tests call them through `off` (never on Swift's cooperative pool,
+/// whose few threads the servers under test need).
+final class RawHTTPConnection: @unchecked Sendable {
+    let fd: Int32
+    var buffer: [UInt8] = []
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var tv = timeval(tv_sec: 20, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard r == 0 else { throw POSIXError(.ECONNREFUSED) }
+    }
+
+    deinit { close(fd) }
+
+    func send(_ text: String) { send(Array(text.utf8)) }
+
+    func send(_ bytes: [UInt8]) {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return }  // the server may close first (a refused body): the test reads its answer
+            off += n
+        }
+    }
+
+    /// The next answer: status, headers (lowercased names), body; nil when the server
+    /// closed the connection before a whole answer.
+    func answer() -> (status: Int, headers: [String: String], body: String)? {
+        while true {
+            if let end = headerEnd() {
+                let head = String(decoding: buffer[0..<end], as: UTF8.self).components(separatedBy: "\r\n")
+                let status = Int(head[0].split(separator: " ")[1]) ?? 0
+                var headers: [String: String] = [:]
+                for line in head.dropFirst() where !line.isEmpty {
+                    let kv = line.split(separator: ":", maxSplits: 1)
+                    headers[kv[0].lowercased()] = kv.count > 1 ? kv[1].trimmingCharacters(in: .whitespaces) : ""
+                }
+                let length = Int(headers["content-length"] ?? "0") ?? 0
+                if buffer.count >= end + 4 + length {
+                    let body = String(decoding: buffer[(end + 4)..<(end + 4 + length)], as: UTF8.self)
+                    buffer.removeFirst(end + 4 + length)
+                    return (status, headers, body)
+                }
+            }
+            guard readMore() > 0 else { return nil }
+        }
+    }
+
+    /// Whether the server closed the connection: the end of the stream, or a reset (a
+    /// server that closes with unread bytes from us resets the connection).
+    func isClosedByServer() -> Bool {
+        while true {
+            let n = readMore()
+            if n == 0 { return true }
+            if n < 0 { return errno == ECONNRESET }
+        }
+    }
+
+    private func readMore() -> Int {
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        if n > 0 { buffer.append(contentsOf: chunk[0..<n]) }
+        return n
+    }
+
+    private func headerEnd() -> Int? {
+        guard buffer.count >= 4 else { return nil }
+        for i in 0...(buffer.count - 4) where buffer[i] == 13 && buffer[i + 1] == 10 && buffer[i + 2] == 13 && buffer[i + 3] == 10 { return i }
+        return nil
+    }
+}
+
+/// Runs blocking work on a Dispatch thread and awaits it.
+func off<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { c in DispatchQueue.global().async { c.resume(returning: work()) } }
+}
+
+func request(_ method: String, _ path: String, token: String? = APICluster.writer, body: String = "", extra: String = "") -> String {
+    var r = "\(method) \(path) HTTP/1.1\r\nHost: test\r\n"
+    if let token { r += "Authorization: Bearer \(token)\r\n" }
+    if !body.isEmpty || method == "POST" { r += "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n" }
+    return r + extra + "\r\n" + body
+}
+
+@Suite("The data API on the connection", .serialized)
+struct HTTPConnectionTests {
+    static let insert = #"{"statements":[{"sql":"INSERT INTO patients (reference) VALUES (?)","params":["PAT-PIPE"]}]}"#
+
+    @Test("pipelined requests are answered in order, data calls and probes mixed, on the primary and on a replica")
+    func pipelined() async throws {
+        let a = try APICluster()
+        defer { a.stopAll() }
+        try await a.startAll()
+        let primary = try await a.ready()
+        let replica = try #require(a.c.ids.first { $0 != primary })
+        for (n, site) in [primary, replica].enumerated() {
+            let c = try RawHTTPConnection(port: a.http[site]!)
+            let insert = Self.insert.replacingOccurrences(of: "PAT-PIPE", with: "PAT-PIPE-\(n)")
+            // One write carries all four: a write, a probe (the router's), a bad call, a read.
+            c.send(request("POST", "/v1/execute", body: insert)
+                + request("GET", "/liveness", token: nil)
+                + request("POST", "/v1/execute", body: "{\"statements\": [")
+                + request("POST", "/v1/query", token: APICluster.reader,
+                          body: #"{"sql":"SELECT count(*) FROM patients WHERE reference = ?","params":["PAT-PIPE-\#(n)"]}"#))
+            let w = try #require((await off { c.answer() }))
+            #expect(w.status == 200 && w.body.contains("\"lsn\""), "\(site): \(w.body)")
+            #expect(w.headers["tandem-lsn"] != nil && w.headers["date"] != nil && w.headers["server"] == "tandemd")
+            let probe = try #require((await off { c.answer() }))
+            #expect(probe.status == 200 && probe.body.contains("\"site\":\"\(site.name)\""), "\(site): \(probe.body)")
+            let bad = try #require((await off { c.answer() }))
+            #expect(bad.status == 400 && bad.body.contains("malformed_json"), "\(site): \(bad.body)")
+            let read = try #require((await off { c.answer() }))
+            #expect(read.status == 200 && read.body.contains("[[1]]"), "\(site): \(read.body)")
+        }
+    }
+
+    @Test("a body over the limit is refused with 413 before it is read (stated or chunked), the connection closes, and the call's slot is given back")
+    func refusedBodies() async throws {
+        let a = try APICluster()
+        a.maxCallsInFlight = 3
+        defer { a.stopAll() }
+        try await a.startAll()
+        let primary = try await a.ready()
+        let port = a.http[primary]!
+        // More refusals than slots: a slot kept by any of them would refuse the last call.
+        for _ in 0..<4 {
+            let stated = try RawHTTPConnection(port: port)
+            stated.send("POST /v1/execute HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \(APICluster.writer)\r\nContent-Length: \(5 << 20)\r\n\r\n{")
+            let s = try #require((await off { stated.answer() }))
+            #expect(s.status == 413 && s.body.contains("too_large"), "\(s.body)")
+            #expect(await off { stated.isClosedByServer() })
+
+            let chunked = try RawHTTPConnection(port: port)
+            chunked.send("POST /v1/execute HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \(APICluster.writer)\r\nTransfer-Encoding: chunked\r\n\r\n")
+            let piece = String(repeating: "x", count: 1 << 20)
+            await off { for _ in 0..<5 { chunked.send(String(1 << 20, radix: 16) + "\r\n" + piece + "\r\n") } }
+            let c = try #require((await off { chunked.answer() }))
+            #expect(c.status == 413 && c.body.contains("too_large"), "\(c.body)")
+            #expect(await off { chunked.isClosedByServer() })
+
+            // Refused on the primary's fast path (bad JSON, a read-only token): answered, kept open.
+            let kept = try RawHTTPConnection(port: port)
+            kept.send(request("POST", "/v1/execute", body: "[1,"))
+            #expect((await off { kept.answer() })?.status == 400)
+            kept.send(request("POST", "/v1/execute", token: APICluster.reader, body: Self.insert))
+            #expect((await off { kept.answer() })?.status == 403)
+        }
+        let c = try RawHTTPConnection(port: port)
+        c.send(request("POST", "/v1/execute", body: Self.insert, extra: "Connection: close\r\n"))
+        let w = try #require((await off { c.answer() }))
+        #expect(w.status == 200, "every slot was given back: \(w.body)")
+        #expect(w.headers["connection"] == "close")
+        #expect(await off { c.isClosedByServer() }, "Connection: close is honoured")
+    }
+}
