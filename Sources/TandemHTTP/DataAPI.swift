@@ -173,12 +173,31 @@ public final class DataAPI: Sendable {
     }
 
     /// Carries out a call from a client and hands its answer to `completion`, which runs
-    /// through `answerOn` (the connection's event loop). A write on the primary goes
-    /// straight to the site's loop and its outcome straight back, with no Swift task
-    /// between: two thread hand-offs fewer per write. Other calls run as a task.
+    /// through `answerOn` (the connection's event loop). A write or a query this site
+    /// serves itself (a write or linearizable read on the primary, a local read anywhere)
+    /// goes straight to the site's loop and its outcome straight back, with no Swift task
+    /// between: two thread hand-offs fewer per call. Other calls run as a task.
     public func handle(_ call: ForwardedCall, scope: Scope, answerOn: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void,
                        completion: @escaping @Sendable (ForwardedAnswer) -> Void) {
-        if let route = try? Route(call), case .execute = route, scope >= route.scope, runtime.status.role == .primary {
+        /// Runs `call` the general way, as a task.
+        @Sendable func asTask() {
+            Task {
+                let answer = await self.handle(call, scope: scope)
+                answerOn { completion(answer) }
+            }
+        }
+        /// Answers from the outcome; a 421 (this site stopped being the primary: nothing
+        /// was carried out) goes the general way, which waits for the next primary.
+        @Sendable func finish(_ answer: () throws(APIError) -> ForwardedAnswer) {
+            do throws(APIError) { completion(try answer()) } catch where error.status == 421 { asTask() } catch { completion(error.answer) }
+        }
+        // Large bodies are parsed in a task: the event loop also answers the probes.
+        guard call.body.count <= Self.maxInlineBody, let route = try? Route(call), scope >= route.scope else { return asTask() }
+        let status = runtime.status
+        // A failed site answers through the general path (503 site_failed).
+        let primary = status.role == .primary && !status.failed
+        switch route {
+        case .execute where primary:
             let batch: WriteBatch
             do throws(APIError) { batch = try executeBatch(call) } catch {
                 let answer = error.answer
@@ -187,28 +206,24 @@ public final class DataAPI: Sendable {
             let start = SiteRuntime.now
             runtime.write(batch) { result in
                 // On the site's loop: the answer is built on the event loop instead.
-                answerOn {
-                    do throws(APIError) {
-                        completion(self.executeAnswer(try self.writeOutcome(result, start: start)))
-                    } catch where error.status == 421 {
-                        // Not carried out (this site stopped being the primary): the general
-                        // path waits for the next primary and sends the call there.
-                        Task {
-                            let answer = await self.handle(call, scope: scope)
-                            answerOn { completion(answer) }
-                        }
-                    } catch {
-                        completion(error.answer)
-                    }
-                }
+                answerOn { finish { () throws(APIError) in self.executeAnswer(try self.writeOutcome(result, start: start)) } }
             }
-            return
-        }
-        Task {
-            let answer = await self.handle(call, scope: scope)
-            answerOn { completion(answer) }
+        case .query where primary || (try? route.needsPrimary(call)) == false:
+            let request: ReadRequest
+            do throws(APIError) { request = try queryRequest(call) } catch {
+                let answer = error.answer
+                return answerOn { completion(answer) }
+            }
+            runtime.read(request) { result in
+                answerOn { finish { () throws(APIError) in self.queryAnswer(try self.readOutcome(result), consistency: request.consistency) } }
+            }
+        default:
+            asTask()
         }
     }
+
+    /// Largest body a call may have to be parsed on the connection's event loop.
+    static let maxInlineBody = 64 << 10
 
     /// Runs a call that needs the primary: here if this site is primary, otherwise on the
     /// primary over the peer link; while there is none it heard within a lease, waits up
@@ -317,9 +332,22 @@ public final class DataAPI: Sendable {
 
     /// Runs a read; `linearizable` here means this site is the primary under its lease.
     func read(_ statement: SQLStatement, consistency: ReadConsistency, minLSN: LSN, waitMilliseconds: UInt32? = nil) async throws(APIError) -> QueryResult {
+        let request = readRequest(statement, consistency: consistency, minLSN: minLSN, waitMilliseconds: waitMilliseconds)
+        let r: Result<QueryResult, ReadError>
+        do { r = .success(try await runtime.read(request)) } catch { r = .failure(error) }
+        return try readOutcome(r)
+    }
+
+    func readRequest(_ statement: SQLStatement, consistency: ReadConsistency, minLSN: LSN, waitMilliseconds: UInt32?) -> ReadRequest {
         let wait = UInt64(waitMilliseconds ?? settings.readWaitMilliseconds)
-        let request = ReadRequest(statement: statement, consistency: consistency, minLSN: minLSN, deadline: SiteRuntime.now + wait * 1_000_000)
-        do { return try await runtime.read(request) } catch {
+        return ReadRequest(statement: statement, consistency: consistency, minLSN: minLSN, deadline: SiteRuntime.now + wait * 1_000_000)
+    }
+
+    /// A read's outcome as the API reports it.
+    func readOutcome(_ r: Result<QueryResult, ReadError>) throws(APIError) -> QueryResult {
+        switch r {
+        case let .success(q): return q
+        case let .failure(error):
             switch error {
             case .notPrimary: throw APIError.misdirected("this site is not the primary under a valid lease")
             case .timedOut: throw APIError.unavailable("lsn_not_reached", error.description)
@@ -390,6 +418,14 @@ public final class DataAPI: Sendable {
     }
 
     func query(_ call: ForwardedCall) async throws(APIError) -> ForwardedAnswer {
+        let request = try queryRequest(call)
+        let r: Result<QueryResult, ReadError>
+        do { r = .success(try await runtime.read(request)) } catch { r = .failure(error) }
+        return queryAnswer(try readOutcome(r), consistency: request.consistency)
+    }
+
+    /// The read a /v1/query call asks for.
+    func queryRequest(_ call: ForwardedCall) throws(APIError) -> ReadRequest {
         let v = try JSONValue.parse(call.body)
         let f = try FieldReader(v, allowed: ["sql", "params", "consistency", "min_lsn", "timeout_ms"])
         let s = try statement(v, path: "body", extra: ["consistency", "min_lsn", "timeout_ms"])
@@ -398,7 +434,11 @@ public final class DataAPI: Sendable {
         guard minLSN >= 0 else { throw APIError.badRequest("bad_value", "min_lsn must be 0 or more") }
         let timeout = try f.integer("timeout_ms")
         if let timeout, timeout < 0 || timeout > 60_000 { throw APIError.badRequest("bad_value", "timeout_ms must be between 0 and 60000") }
-        let r = try await read(s, consistency: c, minLSN: LSN(UInt64(minLSN)), waitMilliseconds: timeout.map { UInt32($0) })
+        return readRequest(s, consistency: c, minLSN: LSN(UInt64(minLSN)), waitMilliseconds: timeout.map { UInt32($0) })
+    }
+
+    /// The answer to a /v1/query call.
+    func queryAnswer(_ r: QueryResult, consistency c: ReadConsistency) -> ForwardedAnswer {
         var body: [String: Any] = ["columns": r.columns, "rows": r.rows.map { $0.map(\.json) }, "lsn": r.appliedLSN.rawValue,
                                    "consistency": c.rawValue]
         if c == .local { body["stale"] = isStale }

@@ -42,8 +42,14 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let api: DataAPI
     private let maxBodyBytes: Int
     private var reading: Reading?
-    /// Parts of a request that must wait for the answers owed before it.
-    private var waiting = CircularBuffer<HTTPRequestPart>()
+    /// What was read, in order, waiting for the answers owed before it: request parts,
+    /// and the end of the client's input or a parse error, which must not overtake them.
+    private enum Inbound {
+        case part(HTTPRequestPart)
+        case inputClosed
+        case error(any Error)
+    }
+    private var waiting = CircularBuffer<Inbound>()
     /// A data call is being carried out: its answer is owed.
     private var answering = false
     /// Whether the request being read goes to the router (true), is ours (false), or none.
@@ -55,7 +61,18 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// The connection closes once the owed answer is out (Connection: close, a refused
     /// body left unread, or the server shutting down).
     private var closeAfterAnswer = false
+    /// The answer refuses a body that is left unread: after it, the output is closed and
+    /// what the client still sends is read and dropped for a while (a close with unread
+    /// bytes resets the connection, and the client could lose the answer).
+    private var lingerAfterAnswer = false
+    private var lingering = false
+    private var lingeredBytes = 0
+    static let lingerBytes = 4 << 20
+    static let lingerTime = TimeAmount.seconds(2)
     private var quiesceHeld = false
+    /// No more data calls start on this connection: the router is closing it (graceful
+    /// shutdown, or a request of its own with Connection: close).
+    private var routerCloses = false
     private var closed = false
     /// Inside a read from the socket (its completion follows and goes to the router).
     private var inRead = false
@@ -78,9 +95,22 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     // MARK: Inbound
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if lingering {
+            if case let .body(chunk) = unwrapInboundIn(data) { lingeredBytes += chunk.readableBytes }
+            if lingeredBytes > Self.lingerBytes { closeNow(context: context) }
+            return
+        }
         guard !closed else { return }
-        waiting.append(unwrapInboundIn(data))
+        waiting.append(.part(unwrapInboundIn(data)))
         inRead = true
+        drain(context: context)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A request that cannot be parsed, behind a call whose answer is owed: the router
+        // answers it (400, then close) only after that answer.
+        guard answering || !waiting.isEmpty, !closed else { return context.fireErrorCaught(error) }
+        waiting.append(.error(error))
         drain(context: context)
     }
 
@@ -97,12 +127,37 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         draining = true
         defer { draining = false }
         var passed = false
-        while !closed, let part = waiting.first {
+        while !closed, let next = waiting.first {
             if answering { break }
-            if case let .head(h) = part, Self.isDataCall(h), routerAnswersOwed > 0 { break }
-            waiting.removeFirst()
-            passed = take(part, context: context) || passed
+            switch next {
+            case let .part(part):
+                if case let .head(h) = part, Self.isDataCall(h) {
+                    if routerCloses {
+                        // The router closes the connection after its answer: a call
+                        // started now would lose its answer. Not started.
+                        waiting.removeAll()
+                        break
+                    }
+                    if routerAnswersOwed > 0 { return finishDrain(context: context, passed: passed) }
+                }
+                waiting.removeFirst()
+                passed = take(part, context: context) || passed
+            case .inputClosed:
+                waiting.removeFirst()
+                if passed && !inRead { context.fireChannelReadComplete() }
+                passed = false
+                context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            case let .error(error):
+                waiting.removeFirst()
+                if passed && !inRead { context.fireChannelReadComplete() }
+                passed = false
+                context.fireErrorCaught(error)
+            }
         }
+        finishDrain(context: context, passed: passed)
+    }
+
+    private func finishDrain(context: ChannelHandlerContext, passed: Bool) {
         // The router's side takes what it was given when a read completes.
         if passed && !inRead { context.fireChannelReadComplete() }
         if readHeld && waiting.isEmpty && !closed {
@@ -122,6 +177,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             passing = true
             routerAnswersOwed += 1
+            if Self.asksToClose(head) { routerCloses = true }
         case var .body(chunk):
             if passing == true { break }
             guard var r = reading else { return false }
@@ -141,6 +197,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 // The rest of a refused body is not read: answer now, then close.
                 if let refusal = r.refusal {
                     closeAfterAnswer = true
+                    lingerAfterAnswer = true
                     answer(refusal.answer, releasing: r, context: context)
                     return false
                 }
@@ -168,17 +225,18 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Starts reading a data call: who asks, whether the site takes it, its headers.
     private func begin(_ head: HTTPRequest, context: ChannelHandlerContext) {
-        let target = head.path ?? "/"
+        var target = Substring(head.path ?? "/")
+        if let hash = target.firstIndex(of: "#") { target = target[..<hash] }
         let path: String, query: String
         if let q = target.firstIndex(of: "?") {
             path = String(target[..<q])
             query = String(target[target.index(after: q)...])
         } else {
-            path = target
+            path = String(target)
             query = ""
         }
         var r = Reading(head: head, path: path, query: query)
-        if head.headerFields[.connection]?.lowercased() == "close" { closeAfterAnswer = true }
+        if Self.asksToClose(head) { closeAfterAnswer = true }
         do throws(APIError) {
             r.scope = try api.authenticate(authorization: head.headerFields[.authorization])
             try api.admitCall()
@@ -203,11 +261,23 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if error.status == 413 {
                 // A body too large to read is not read: answer now, then close.
                 closeAfterAnswer = true
+                lingerAfterAnswer = true
                 answer(error.answer, releasing: r, context: context)
                 return
             }
+            // Refused: the slot is not held while the body is read and dropped.
+            if r.admitted { api.releaseCall(bytes: r.held) }
+            r.admitted = false
+            r.held = 0
         }
         reading = r
+    }
+
+    /// Whether a request's Connection header holds the close option.
+    static func asksToClose(_ head: HTTPRequest) -> Bool {
+        head.headerFields[values: .connection].contains { value in
+            value.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces).lowercased() == "close" }
+        }
     }
 
     /// Application headers a call carries to the primary.
@@ -263,11 +333,13 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let written = context.eventLoop.makePromise(of: Void.self)
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            let linger = lingerAfterAnswer
             written.futureResult.whenComplete { _ in
                 let (handler, context) = bound.value
-                handler.closeNow(context: context)
+                if linger { handler.linger(context: context) } else { handler.closeNow(context: context) }
             }
             closed = true
+            waiting.removeAll()
             return
         }
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -302,11 +374,23 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is ChannelShouldQuiesceEvent, answering || reading != nil {
-            // The router's handlers would close at once: they do not know this call.
-            quiesceHeld = true
-            closeAfterAnswer = reading != nil || closeAfterAnswer
-            return
+        if event is ChannelShouldQuiesceEvent {
+            if answering || reading != nil {
+                // The router's handlers would close at once: they do not know this call.
+                // It is answered, then the connection closes.
+                quiesceHeld = true
+                closeAfterAnswer = true
+                return
+            }
+            routerCloses = true
+        }
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            if lingering { return closeNow(context: context) }
+            if (answering || !waiting.isEmpty) && !closed {
+                // The client sent all it will: what it sent before is answered first.
+                waiting.append(.inputClosed)
+                return drain(context: context)
+            }
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -319,11 +403,36 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
+    /// After an answer that refused an unread body: the output is closed, what still
+    /// comes is dropped (at most `lingerBytes`, for at most `lingerTime`), then the close.
+    private func linger(context: ChannelHandlerContext) {
+        lingering = true
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let outputClosed = context.eventLoop.makePromise(of: Void.self)
+        context.close(mode: .output, promise: outputClosed)
+        outputClosed.futureResult.whenFailure { _ in
+            let (handler, context) = bound.value
+            handler.closeNow(context: context)
+        }
+        context.eventLoop.scheduleTask(in: Self.lingerTime) {
+            let (handler, context) = bound.value
+            handler.closeNow(context: context)
+        }
+        context.read()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
+        reading = nil
+    }
+
     private func closeNow(context: ChannelHandlerContext) {
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         closed = true
+        lingering = false
         waiting.removeAll()
+        guard context.channel.isActive else { return }
         context.close(promise: nil)
     }
 

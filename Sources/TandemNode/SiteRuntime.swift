@@ -377,6 +377,11 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Runs a read on this site. `linearizable` needs this site to be the primary with a
     /// valid lease (callers forward it otherwise); `local` reads this site's committed
     /// state once it reaches `minLSN`, waiting until the request's deadline.
+    public func read(_ request: ReadRequest, completion: @escaping @Sendable (Result<QueryResult, ReadError>) -> Void) {
+        enqueue(.read(request, completion))
+    }
+
+    /// Runs a read on this site (see `read(_:completion:)`) and returns its result.
     public func read(_ request: ReadRequest) async throws(ReadError) -> QueryResult {
         let result: Result<QueryResult, ReadError> = await withCheckedContinuation { c in
             enqueue(.read(request, { c.resume(returning: $0) }))
