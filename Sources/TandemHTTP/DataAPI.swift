@@ -98,18 +98,20 @@ public final class DataAPI: Sendable {
         self.settings = settings
         self.tokens = tokens
         self.metrics = metrics
-        runtime.setForwardHandler { [weak self] peer, call in
-            guard let self else { return APIError.unavailable("stopping", "the site is stopping").answer }
+        runtime.setForwardHandler { [weak self] peer, call, reply in
+            guard let self else { return reply(APIError.unavailable("stopping", "the site is stopping").answer) }
             let scope = call.header("Tandem-Scope").flatMap { Scope(name: $0) } ?? .read
             self.metrics.forwardedIn()
-            let answer = await self.handle(call, scope: scope, forwardedFrom: peer)
-            // The answer travels in one frame: one too large becomes a 413 rather than a
-            // frame the peer would refuse (closing the replication link).
-            if answer.body.count > Self.maxForwardedAnswerBytes {
-                return APIError(status: 413, code: "too_large",
-                                message: "the answer has \(answer.body.count) bytes, more than \(Self.maxForwardedAnswerBytes) can be forwarded between sites; ask the primary directly or narrow the query").answer
+            // The answer is sent from whichever thread has it (the site's loop, for a write).
+            self.handle(call, scope: scope, forwardedFrom: peer, answerOn: { $0() }) { answer in
+                // The answer travels in one frame: one too large becomes a 413 rather than a
+                // frame the peer would refuse (closing the replication link).
+                if answer.body.count > Self.maxForwardedAnswerBytes {
+                    return reply(APIError(status: 413, code: "too_large",
+                                          message: "the answer has \(answer.body.count) bytes, more than \(Self.maxForwardedAnswerBytes) can be forwarded between sites; ask the primary directly or narrow the query").answer)
+                }
+                reply(answer)
             }
-            return answer
         }
     }
 
@@ -177,19 +179,23 @@ public final class DataAPI: Sendable {
     /// serves itself (a write or linearizable read on the primary, a local read anywhere)
     /// goes straight to the site's loop and its outcome straight back, with no Swift task
     /// between: two thread hand-offs fewer per call. Other calls run as a task.
-    public func handle(_ call: ForwardedCall, scope: Scope, answerOn: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void,
+    public func handle(_ call: ForwardedCall, scope: Scope, forwardedFrom: SiteID? = nil,
+                       answerOn: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void,
                        completion: @escaping @Sendable (ForwardedAnswer) -> Void) {
         /// Runs `call` the general way, as a task.
         @Sendable func asTask() {
             Task {
-                let answer = await self.handle(call, scope: scope)
+                let answer = await self.handle(call, scope: scope, forwardedFrom: forwardedFrom)
                 answerOn { completion(answer) }
             }
         }
         /// Answers from the outcome; a 421 (this site stopped being the primary: nothing
-        /// was carried out) goes the general way, which waits for the next primary.
+        /// was carried out) goes the general way, which waits for the next primary (for a
+        /// forwarded call, the site that forwarded it does that).
         @Sendable func finish(_ answer: () throws(APIError) -> ForwardedAnswer) {
-            do throws(APIError) { completion(try answer()) } catch where error.status == 421 { asTask() } catch { completion(error.answer) }
+            do throws(APIError) { completion(try answer()) } catch where error.status == 421 && forwardedFrom == nil { asTask() } catch {
+                completion(error.answer)
+            }
         }
         // Large bodies are parsed in a task: the event loop also answers the probes.
         guard call.body.count <= Self.maxInlineBody, let route = try? Route(call), scope >= route.scope else { return asTask() }
@@ -208,7 +214,7 @@ public final class DataAPI: Sendable {
                 // On the site's loop: the answer is built on the event loop instead.
                 answerOn { finish { () throws(APIError) in self.executeAnswer(try self.writeOutcome(result, start: start)) } }
             }
-        case .query where primary || (try? route.needsPrimary(call)) == false:
+        case .query where primary || forwardedFrom != nil || (try? route.needsPrimary(call)) == false:
             let request: ReadRequest
             do throws(APIError) { request = try queryRequest(call) } catch {
                 let answer = error.answer
@@ -217,8 +223,58 @@ public final class DataAPI: Sendable {
             runtime.read(request) { result in
                 answerOn { finish { () throws(APIError) in self.queryAnswer(try self.readOutcome(result), consistency: request.consistency) } }
             }
+        case .execute, .query:
+            // A call for the primary, received here: sent to it over the peer link, its
+            // answer straight back. Anything but an answer (no live primary known, a 421,
+            // a lost link) goes the general way, which waits for the next one.
+            guard forwardedFrom == nil, !status.failed, let p = status.primary, p != settings.site, runtime.heardWithinLease(p) else {
+                return asTask()
+            }
+            let deadline = SiteRuntime.now + UInt64(settings.waitForPrimaryMilliseconds) * 1_000_000
+            metrics.forwardedOut()
+            runtime.forward(forwardRequest(call, scope: scope, deadline: deadline), to: p) { result in
+                answerOn {
+                    switch self.forwardOutcome(result, route: route, primary: p) {
+                    case let .success(answer?): completion(answer)
+                    case .success(nil): asTask()
+                    case let .failure(error): completion(error.answer)
+                    }
+                }
+            }
         default:
             asTask()
+        }
+    }
+
+    /// A call as it is forwarded to the primary: its deadline, the caller's scope, and the
+    /// site the client used (bookings record it), whichever site executes.
+    func forwardRequest(_ call: ForwardedCall, scope: Scope, deadline: UInt64) -> ForwardedCall {
+        var forwarded = call
+        forwarded.deadlineMilliseconds = UInt32(max(1_000, (deadline - min(deadline, SiteRuntime.now)) / 1_000_000 + 1_000))
+        forwarded.headers.append(ForwardedHeader(name: "Tandem-Scope", value: scope.description))
+        forwarded.headers.append(ForwardedHeader(name: "Tandem-Received-By", value: settings.site.name))
+        return forwarded
+    }
+
+    /// What a forwarded call's outcome means: its answer; nil when it was not carried
+    /// out (try again); or an error (a write sent but unanswered may have committed:
+    /// retrying could apply it twice).
+    func forwardOutcome(_ result: Result<ForwardedAnswer, ForwardError>, route: Route, primary p: SiteID) -> Result<ForwardedAnswer?, APIError> {
+        switch result {
+        case let .success(answer) where answer.status != 421:
+            var a = answer
+            a.headers.append(ForwardedHeader(name: "Tandem-Served-By", value: p.name))
+            return .success(a)
+        case .success, .failure(.notConnected), .failure(.noPrimary):
+            return .success(nil)
+        case .failure(.timedOut) where route.isWrite:
+            return .failure(APIError(status: 503, code: "outcome_unknown",
+                                     message: "the primary \(p) did not answer in time; the write may or may not have committed: read it back before retrying",
+                                     retryAfter: nil))
+        case .failure(.timedOut):
+            return .success(nil)
+        case let .failure(e):
+            return .failure(APIError.unavailable("overloaded", "\(e)"))
         }
     }
 
@@ -243,28 +299,11 @@ public final class DataAPI: Sendable {
             } else if let p = s.primary, p != settings.site, runtime.heardWithinLease(p) {
                 // (A primary silent for a lease is not sent the call: it would hang there
                 // and end as "outcome unknown"; waiting here for the next one is cleaner.)
-                var forwarded = call
-                forwarded.deadlineMilliseconds = UInt32(max(1_000, (deadline - min(deadline, SiteRuntime.now)) / 1_000_000 + 1_000))
-                forwarded.headers.append(ForwardedHeader(name: "Tandem-Scope", value: scope.description))
-                // The site the client used (bookings record it), whichever site executes.
-                forwarded.headers.append(ForwardedHeader(name: "Tandem-Received-By", value: settings.site.name))
                 metrics.forwardedOut()
-                switch await runtime.forward(forwarded, to: p) {
-                case let .success(answer) where answer.status != 421:
-                    var a = answer
-                    a.headers.append(ForwardedHeader(name: "Tandem-Served-By", value: p.name))
-                    return a
-                case .success, .failure(.notConnected), .failure(.noPrimary):
-                    break  // not carried out: try again
-                case .failure(.timedOut) where route.isWrite:
-                    // Sent but unanswered: it may have committed. Retrying could apply it twice.
-                    throw APIError(status: 503, code: "outcome_unknown",
-                                   message: "the primary \(p) did not answer in time; the write may or may not have committed: read it back before retrying",
-                                   retryAfter: nil)
-                case .failure(.timedOut):
-                    break
-                case let .failure(e):
-                    throw APIError.unavailable("overloaded", "\(e)")
+                switch forwardOutcome(await runtime.forward(forwardRequest(call, scope: scope, deadline: deadline), to: p), route: route, primary: p) {
+                case let .success(answer?): return answer
+                case .success(nil): break  // not carried out: try again
+                case let .failure(error): throw error
                 }
             }
             if SiteRuntime.now >= deadline {

@@ -224,7 +224,7 @@ public final class SiteRuntime: @unchecked Sendable {
     private var forwardedInFlight = 0
     /// Set when the loop has ended: no new forward may wait for an answer that no one expires.
     private var forwardsClosed = false
-    private var forwardHandler: (@Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer)?
+    private var forwardHandler: ForwardHandler?
 
     private let cond = NSCondition()
     // Guarded by `cond`.
@@ -404,8 +404,11 @@ public final class SiteRuntime: @unchecked Sendable {
     /// The local clock, for deadlines of reads (CLOCK_BOOTTIME, nanoseconds).
     public static var now: UInt64 { clock() }
 
+    /// Serves a call another site forwarded: hands its answer to the reply closure, once.
+    public typealias ForwardHandler = @Sendable (SiteID, ForwardedCall, @escaping @Sendable (ForwardedAnswer) -> Void) -> Void
+
     /// Serves API calls other sites forward to this one (set before `start`).
-    public func setForwardHandler(_ handler: @escaping @Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer) {
+    public func setForwardHandler(_ handler: @escaping ForwardHandler) {
         forwardLock.withLock { forwardHandler = handler }
     }
 
@@ -420,24 +423,26 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Sends an API call to `peer` (the primary) over the peer TLS link and waits for its
     /// answer until the call's deadline.
     public func forward(_ call: ForwardedCall, to peer: SiteID) async -> Result<ForwardedAnswer, ForwardError> {
-        guard transport.connectedPeers.contains(peer) else { return .failure(.notConnected(peer)) }
-        return await withCheckedContinuation { c in
-            let deadline = Self.clock() + UInt64(call.deadlineMilliseconds) * 1_000_000
-            let resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void = { c.resume(returning: $0) }
-            let id: UInt64? = forwardLock.withLock {
-                guard !forwardsClosed, pendingForwards.count < settings.maxForwardedInFlight else { return nil }
-                nextForwardID += 1
-                pendingForwards[nextForwardID] = (peer, deadline, resume)
-                return nextForwardID
-            }
-            guard let id else {
-                c.resume(returning: .failure(.tooMany(limit: settings.maxForwardedInFlight)))
-                return
-            }
-            if !transport.send(.request(id: id, call: call), to: peer) {
-                let waiter = forwardLock.withLock { pendingForwards.removeValue(forKey: id) }
-                waiter?.resume(.failure(.notConnected(peer)))
-            }
+        await withCheckedContinuation { c in forward(call, to: peer) { c.resume(returning: $0) } }
+    }
+
+    /// Sends an API call to `peer` over the peer TLS link; `completion` runs once, with the
+    /// answer (on the connection's thread) or the failure (at the call's deadline at the
+    /// latest), and must be quick.
+    public func forward(_ call: ForwardedCall, to peer: SiteID,
+                        completion: @escaping @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void) {
+        guard transport.connectedPeers.contains(peer) else { return completion(.failure(.notConnected(peer))) }
+        let deadline = Self.clock() + UInt64(call.deadlineMilliseconds) * 1_000_000
+        let id: UInt64? = forwardLock.withLock {
+            guard !forwardsClosed, pendingForwards.count < settings.maxForwardedInFlight else { return nil }
+            nextForwardID += 1
+            pendingForwards[nextForwardID] = (peer, deadline, completion)
+            return nextForwardID
+        }
+        guard let id else { return completion(.failure(.tooMany(limit: settings.maxForwardedInFlight))) }
+        if !transport.send(.request(id: id, call: call), to: peer) {
+            let waiter = forwardLock.withLock { pendingForwards.removeValue(forKey: id) }
+            waiter?.resume(.failure(.notConnected(peer)))
         }
     }
 
@@ -451,7 +456,7 @@ public final class SiteRuntime: @unchecked Sendable {
             }
             waiter?.resume(.success(answer))
         case let .request(id, call):
-            let (handler, admitted): ((@Sendable (SiteID, ForwardedCall) async -> ForwardedAnswer)?, Bool) = forwardLock.withLock {
+            let (handler, admitted): (ForwardHandler?, Bool) = forwardLock.withLock {
                 guard forwardHandler != nil, forwardedInFlight < settings.maxForwardedInFlight else { return (forwardHandler, false) }
                 forwardedInFlight += 1
                 return (forwardHandler, true)
@@ -462,8 +467,7 @@ public final class SiteRuntime: @unchecked Sendable {
                 transport.send(.response(id: id, answer: ForwardedAnswer(status: 503, headers: [], body: body)), to: peer)
                 return
             }
-            Task { [weak self] in
-                let answer = await handler(peer, call)
+            handler(peer, call) { [weak self] answer in
                 transport.send(.response(id: id, answer: answer), to: peer)
                 self?.forwardLock.withLock { self?.forwardedInFlight -= 1 }
             }
