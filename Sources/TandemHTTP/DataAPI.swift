@@ -161,31 +161,37 @@ public final class DataAPI: Sendable {
 
     /// Carries out one call. `forwardedFrom`: the site that forwarded it (then this site
     /// answers 421 rather than forward again if it is not the primary).
-    public func handle(_ call: ForwardedCall, scope: Scope, forwardedFrom: SiteID? = nil) async -> ForwardedAnswer {
+    /// `receivedAt`: when the call arrived (the wait for a primary counts from then).
+    public func handle(_ call: ForwardedCall, scope: Scope, forwardedFrom: SiteID? = nil, receivedAt: UInt64? = nil) async -> ForwardedAnswer {
         do throws(APIError) {
             let route = try Route(call)
             guard scope >= route.scope else {
                 throw APIError(status: 403, code: "forbidden", message: "this call needs a token with scope \(route.scope); yours has \(scope)")
             }
             if try !route.needsPrimary(call) || forwardedFrom != nil { return try await local(route, call) }
-            return try await viaPrimary(route, call, scope: scope)
+            return try await viaPrimary(route, call, scope: scope, since: receivedAt ?? SiteRuntime.now)
         } catch {
             return error.answer
         }
     }
 
-    /// Carries out a call from a client and hands its answer to `completion`, which runs
-    /// through `answerOn` (the connection's event loop). A write or a query this site
-    /// serves itself (a write or linearizable read on the primary, a local read anywhere)
-    /// goes straight to the site's loop and its outcome straight back, with no Swift task
-    /// between: two thread hand-offs fewer per call. Other calls run as a task.
+    /// Carries out a call and hands its answer to `completion`, which runs through
+    /// `answerOn` (for a client's call the connection's event loop; for a forwarded call
+    /// whichever thread has the outcome). A write or a query this site serves itself (a
+    /// write or linearizable read on the primary, a local read anywhere), and on a replica
+    /// a write or linearizable read for the live primary, go straight to the site's loop
+    /// or the peer link and their outcome straight back, with no Swift task between: two
+    /// thread hand-offs fewer per call. Other calls, large bodies and answers with many
+    /// rows take a task.
     public func handle(_ call: ForwardedCall, scope: Scope, forwardedFrom: SiteID? = nil,
                        answerOn: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void,
                        completion: @escaping @Sendable (ForwardedAnswer) -> Void) {
-        /// Runs `call` the general way, as a task.
+        let received = SiteRuntime.now
+        /// Runs `call` the general way, as a task (its wait for a primary counted from
+        /// when the call arrived).
         @Sendable func asTask() {
             Task {
-                let answer = await self.handle(call, scope: scope, forwardedFrom: forwardedFrom)
+                let answer = await self.handle(call, scope: scope, forwardedFrom: forwardedFrom, receivedAt: received)
                 answerOn { completion(answer) }
             }
         }
@@ -197,8 +203,20 @@ public final class DataAPI: Sendable {
                 completion(error.answer)
             }
         }
-        // Large bodies are parsed in a task: the event loop also answers the probes.
-        guard call.body.count <= Self.maxInlineBody, let route = try? Route(call), scope >= route.scope else { return asTask() }
+        /// Builds the answer on `answerOn` when it is small; one with many rows is encoded
+        /// in a task (megabytes of JSON would hold the event loop, or the site's loop).
+        @Sendable func deliver(rows: Int, _ build: @escaping @Sendable () throws(APIError) -> ForwardedAnswer) {
+            guard rows > Self.maxInlineRows else { return answerOn { finish(build) } }
+            Task {
+                let answer: ForwardedAnswer
+                do throws(APIError) { answer = try build() } catch { answer = error.answer }
+                answerOn { completion(answer) }
+            }
+        }
+        // Large bodies are parsed in a task: the event loop also answers the probes, and a
+        // forwarded call is parsed on the peer link's thread, which also carries the acks.
+        let inlineBody = forwardedFrom == nil ? Self.maxInlineBody : Self.maxInlineForwardedBody
+        guard call.body.count <= inlineBody, let route = try? Route(call), scope >= route.scope else { return asTask() }
         let status = runtime.status
         // A failed site answers through the general path (503 site_failed).
         let primary = status.role == .primary && !status.failed
@@ -211,9 +229,12 @@ public final class DataAPI: Sendable {
             }
             let start = SiteRuntime.now
             runtime.write(batch) { result in
-                // On the site's loop: the answer is built on the event loop instead.
-                answerOn { finish { () throws(APIError) in self.executeAnswer(try self.writeOutcome(result, start: start)) } }
+                // On the site's loop: the answer is built elsewhere (see deliver).
+                let rows = (try? result.get())?.results.reduce(0) { $0 + $1.rows.count } ?? 0
+                deliver(rows: rows) { () throws(APIError) in self.executeAnswer(try self.writeOutcome(result, start: start)) }
             }
+        case .query where (try? route.needsPrimary(call)) == nil:
+            asTask()  // a body that does not parse: answered the general way (400)
         case .query where primary || forwardedFrom != nil || (try? route.needsPrimary(call)) == false:
             let request: ReadRequest
             do throws(APIError) { request = try queryRequest(call) } catch {
@@ -221,7 +242,8 @@ public final class DataAPI: Sendable {
                 return answerOn { completion(answer) }
             }
             runtime.read(request) { result in
-                answerOn { finish { () throws(APIError) in self.queryAnswer(try self.readOutcome(result), consistency: request.consistency) } }
+                let rows = (try? result.get())?.rows.count ?? 0
+                deliver(rows: rows) { () throws(APIError) in self.queryAnswer(try self.readOutcome(result), consistency: request.consistency) }
             }
         case .execute, .query:
             // A call for the primary, received here: sent to it over the peer link, its
@@ -230,7 +252,7 @@ public final class DataAPI: Sendable {
             guard forwardedFrom == nil, !status.failed, let p = status.primary, p != settings.site, runtime.heardWithinLease(p) else {
                 return asTask()
             }
-            let deadline = SiteRuntime.now + UInt64(settings.waitForPrimaryMilliseconds) * 1_000_000
+            let deadline = received + UInt64(settings.waitForPrimaryMilliseconds) * 1_000_000
             metrics.forwardedOut()
             runtime.forward(forwardRequest(call, scope: scope, deadline: deadline), to: p) { result in
                 answerOn {
@@ -280,12 +302,15 @@ public final class DataAPI: Sendable {
 
     /// Largest body a call may have to be parsed on the connection's event loop.
     static let maxInlineBody = 64 << 10
+    /// Largest body a forwarded call may have to be parsed on the peer link's thread.
+    static let maxInlineForwardedBody = 8 << 10
+    /// Most rows an answer may have to be encoded where the outcome arrives.
+    static let maxInlineRows = 256
 
     /// Runs a call that needs the primary: here if this site is primary, otherwise on the
     /// primary over the peer link; while there is none it heard within a lease, waits up
     /// to the deadline (PROTOCOL L6).
-    func viaPrimary(_ route: Route, _ call: ForwardedCall, scope: Scope) async throws(APIError) -> ForwardedAnswer {
-        let start = SiteRuntime.now
+    func viaPrimary(_ route: Route, _ call: ForwardedCall, scope: Scope, since start: UInt64) async throws(APIError) -> ForwardedAnswer {
         let deadline = start + UInt64(settings.waitForPrimaryMilliseconds) * 1_000_000
         var waited = false
         defer { if waited { metrics.waitedForPrimary(nanoseconds: SiteRuntime.now - start) } }

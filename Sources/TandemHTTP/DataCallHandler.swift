@@ -12,9 +12,8 @@ import TandemTransport
 /// Why not a route: a routed call runs as a Swift task, so a write crossed four threads
 /// (the event loop, a task, the site's loop, the task again, the event loop). Here the
 /// call goes from the event loop to the site's loop and its answer comes straight back:
-/// two hand-offs fewer per write, which on two vCPUs was 40% more writes per second at 64
-/// clients and a quarter off the commit latency (docs/PERFORMANCE.md). Calls other than a
-/// write on the primary still run as a task (`DataAPI.handle`).
+/// two hand-offs fewer per write (docs/PERFORMANCE.md has the figures). Which calls take
+/// that way and which still run as a task is `DataAPI.handle`'s choice.
 ///
 /// HTTP/1.1 answers in request order: while a call is under way, later requests wait
 /// here (and reading stops); a data call that follows requests handed to the router
@@ -66,10 +65,10 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// bytes resets the connection, and the client could lose the answer).
     private var lingerAfterAnswer = false
     private var lingering = false
+    private var lingerTimer: Scheduled<Void>?
     private var lingeredBytes = 0
     static let lingerBytes = 4 << 20
     static let lingerTime = TimeAmount.seconds(2)
-    private var quiesceHeld = false
     /// No more data calls start on this connection: the router is closing it (graceful
     /// shutdown, or a request of its own with Connection: close).
     private var routerCloses = false
@@ -136,7 +135,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
                         // The router closes the connection after its answer: a call
                         // started now would lose its answer. Not started.
                         waiting.removeAll()
-                        break
+                        continue
                     }
                     if routerAnswersOwed > 0 { return finishDrain(context: context, passed: passed) }
                 }
@@ -177,7 +176,8 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             passing = true
             routerAnswersOwed += 1
-            if Self.asksToClose(head) { routerCloses = true }
+            // Exactly Hummingbird's own test for closing after its answer.
+            if head.headerFields[.connection] == "close" { routerCloses = true }
         case var .body(chunk):
             if passing == true { break }
             guard var r = reading else { return false }
@@ -343,11 +343,6 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-        if quiesceHeld {
-            // The server is shutting down and this call held the connection open.
-            quiesceHeld = false
-            context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
-        }
         drain(context: context)
     }
 
@@ -378,7 +373,6 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if answering || reading != nil {
                 // The router's handlers would close at once: they do not know this call.
                 // It is answered, then the connection closes.
-                quiesceHeld = true
                 closeAfterAnswer = true
                 return
             }
@@ -414,7 +408,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let (handler, context) = bound.value
             handler.closeNow(context: context)
         }
-        context.eventLoop.scheduleTask(in: Self.lingerTime) {
+        lingerTimer = context.eventLoop.scheduleTask(in: Self.lingerTime) {
             let (handler, context) = bound.value
             handler.closeNow(context: context)
         }
@@ -431,6 +425,8 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         reading = nil
         closed = true
         lingering = false
+        lingerTimer?.cancel()
+        lingerTimer = nil
         waiting.removeAll()
         guard context.channel.isActive else { return }
         context.close(promise: nil)

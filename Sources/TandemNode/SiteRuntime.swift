@@ -428,7 +428,7 @@ public final class SiteRuntime: @unchecked Sendable {
 
     /// Sends an API call to `peer` over the peer TLS link; `completion` runs once, with the
     /// answer (on the connection's thread) or the failure (at the call's deadline at the
-    /// latest), and must be quick.
+    /// latest; at once, on the caller's thread, when it cannot be sent), and must be quick.
     public func forward(_ call: ForwardedCall, to peer: SiteID,
                         completion: @escaping @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void) {
         guard transport.connectedPeers.contains(peer) else { return completion(.failure(.notConnected(peer))) }

@@ -129,6 +129,13 @@ struct HTTPConnectionTests {
             #expect(bad.status == 400 && bad.body.contains("malformed_json"), "\(site): \(bad.body)")
             let read = try #require((await off { c.answer() }))
             #expect(read.status == 200 && read.body.contains("[[1]]"), "\(site): \(read.body)")
+            // An answer with many rows is encoded in a task, and still comes in its turn.
+            c.send(request("POST", "/v1/query", token: APICluster.reader,
+                           body: #"{"sql":"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300) SELECT x FROM c","consistency":"local"}"#)
+                + request("GET", "/liveness", token: nil))
+            let many = try #require((await off { c.answer() }))
+            #expect(many.status == 200 && many.body.contains("[300]") && many.body.contains("[1]"), "\(site): \(many.body.prefix(200))")
+            #expect((await off { c.answer() })?.body.contains("\"site\":\"\(site.name)\"") == true)
         }
         // A request that cannot be parsed, behind a write: the write's answer first, then
         // the router's 400, then the close.
