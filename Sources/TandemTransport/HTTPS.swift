@@ -118,6 +118,26 @@ public final class HTTPSTerminator: @unchecked Sendable {
         pump(tls, backend)
     }
 
+    /// After the backend's last answer: the client is told the end (close_notify, FIN),
+    /// then what it still sends is read and dropped until it closes, 4 MiB or 2 s. A close
+    /// with the client's bytes unread would reset the connection, and a client still
+    /// sending a refused upload could lose the answer (413) it has not read yet.
+    private func finish(_ tls: TLSStream, buffer: inout [UInt8]) {
+        tls.finishWriting()
+        let deadline = monotonicNanoseconds() + 2_000_000_000
+        var dropped = 0
+        while dropped < 4 << 20, monotonicNanoseconds() < deadline {
+            let r = buffer.withUnsafeMutableBytes { tls.read(into: $0) }
+            switch r {
+            case let .done(n): dropped += n
+            case .wouldBlock:
+                var p = pollfd(fd: tls.fd, events: Int16(POLLIN), revents: 0)
+                _ = poll(&p, 1, 100)
+            case .closed: return
+            }
+        }
+    }
+
     /// Moves bytes between the TLS client and the plain backend until either side closes.
     /// Each direction holds at most one buffer: a slow reader slows its writer.
     private func pump(_ tls: TLSStream, _ backend: Int32) {
@@ -168,7 +188,9 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 case .closed: return
                 }
             } else if !backendOpen {
-                return  // the backend answered and closed: done
+                // The backend answered and closed: done, once the client has it all.
+                if clientOpen { finish(tls, buffer: &up) }
+                return
             }
             // Wait for whichever side can move.
             var fds = [pollfd(fd: tls.fd, events: Int16(POLLIN) | (tlsWantsWrite || downLen > downOff ? Int16(POLLOUT) : 0), revents: 0),

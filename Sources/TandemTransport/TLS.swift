@@ -159,6 +159,14 @@ final class TLSStream: @unchecked Sendable {
 
     deinit { close() }
 
+    /// Says this side will send nothing more: TLS close_notify, then the TCP FIN. The
+    /// peer still reads what was sent, then the end; reads here go on.
+    func finishWriting() {
+        guard !closed, !fatal else { return }
+        SSL_shutdown(ssl)
+        shutdown(fd, Int32(SHUT_WR))
+    }
+
     func close() {
         guard !closed else { return }
         closed = true

@@ -404,7 +404,7 @@ func curl(_ args: [String]) throws -> (Int, Data, String) {
 
 @Suite("HTTPS for the API", .serialized)
 struct HTTPSTests {
-    @Test("the API over HTTPS with the site's certificate (system OpenSSL): probes, a 1 MiB upload and download, and no plaintext")
+    @Test("the API over HTTPS with the site's certificate (system OpenSSL): probes, a 1 MiB upload and download, an upload over the limit refused with 413, and no plaintext")
     func https() async throws {
         let a = try APICluster()
         defer { a.stopAll() }
@@ -438,6 +438,17 @@ struct HTTPSTests {
         let (down, downBody, _) = try curl(common + ["-H", "Authorization: Bearer \(APICluster.reader)", base + "/v1/documents/\(id)"])
         #expect(down == 200)
         #expect([UInt8](downBody) == document)
+
+        // An upload over the limit (4 MiB here) is refused with 413 before it is read,
+        // and the client gets that answer rather than a reset connection.
+        let big = a.c.dir + "/too-big.bin"
+        try Data(count: 6 << 20).write(to: URL(fileURLWithPath: big))
+        for _ in 0..<3 {
+            let (refused, refusedBody, refusedErr) = try curl(common + ["-X", "POST", "-H", "Expect:", "-H", "Authorization: Bearer \(APICluster.writer)",
+                                                                         "-H", "Tandem-Patient: PAT-1", "-H", "Content-Type: application/octet-stream",
+                                                                         "--data-binary", "@" + big, base + "/v1/documents"])
+            #expect(refused == 413, "\(refusedErr) \(String(decoding: refusedBody, as: UTF8.self))")
+        }
 
         // tandemctl's client (system OpenSSL): the certificate must chain to the CA and name the site.
         let (status, answer) = try HTTPSClient.request(host: "127.0.0.1", port: port, serverName: site.name,
