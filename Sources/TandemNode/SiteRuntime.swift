@@ -361,7 +361,8 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     /// Runs a write batch on this site if it is the primary; `completion` runs on the
-    /// site's loop thread once it committed (or failed), so it must be quick.
+    /// site's loop thread once it committed or failed (at once, on the caller's thread,
+    /// when the site has stopped), so it must be quick.
     public func write(_ batch: WriteBatch, completion: @escaping @Sendable (Result<Execution, WriteError>) -> Void) {
         enqueue(.write(batch, completion))
     }
@@ -376,7 +377,8 @@ public final class SiteRuntime: @unchecked Sendable {
 
     /// Runs a read on this site. `linearizable` needs this site to be the primary with a
     /// valid lease (callers forward it otherwise); `local` reads this site's committed
-    /// state once it reaches `minLSN`, waiting until the request's deadline.
+    /// state once it reaches `minLSN`, waiting until the request's deadline. `completion`
+    /// runs on the site's loop thread (or at once when the site has stopped): be quick.
     public func read(_ request: ReadRequest, completion: @escaping @Sendable (Result<QueryResult, ReadError>) -> Void) {
         enqueue(.read(request, completion))
     }
