@@ -233,9 +233,10 @@ public final class DataAPI: Sendable {
                 let rows = (try? result.get())?.results.reduce(0) { $0 + $1.rows.count } ?? 0
                 deliver(rows: rows) { () throws(APIError) in self.executeAnswer(try self.writeOutcome(result, start: start)) }
             }
-        case .query where (try? route.needsPrimary(call)) == nil:
-            asTask()  // a body that does not parse: answered the general way (400)
-        case .query where primary || forwardedFrom != nil || (try? route.needsPrimary(call)) == false:
+        case .query:
+            // A body that does not parse is answered the general way (400).
+            guard let needsPrimary = try? route.needsPrimary(call) else { return asTask() }
+            guard primary || forwardedFrom != nil || !needsPrimary else { return forwardToPrimary() }
             let request: ReadRequest
             do throws(APIError) { request = try queryRequest(call) } catch {
                 let answer = error.answer
@@ -245,10 +246,16 @@ public final class DataAPI: Sendable {
                 let rows = (try? result.get())?.rows.count ?? 0
                 deliver(rows: rows) { () throws(APIError) in self.queryAnswer(try self.readOutcome(result), consistency: request.consistency) }
             }
-        case .execute, .query:
-            // A call for the primary, received here: sent to it over the peer link, its
-            // answer straight back. Anything but an answer (no live primary known, a 421,
-            // a lost link) goes the general way, which waits for the next one.
+        case .execute:
+            forwardToPrimary()
+        default:
+            asTask()
+        }
+
+        /// A call for the primary, received here: sent to it over the peer link, its answer
+        /// straight back. Anything but an answer (no live primary known, a 421, a lost
+        /// link) goes the general way, which waits for the next one.
+        func forwardToPrimary() {
             guard forwardedFrom == nil, !status.failed, let p = status.primary, p != settings.site, runtime.heardWithinLease(p) else {
                 return asTask()
             }
@@ -263,8 +270,6 @@ public final class DataAPI: Sendable {
                     }
                 }
             }
-        default:
-            asTask()
         }
     }
 
@@ -396,7 +401,10 @@ public final class DataAPI: Sendable {
 
     /// Runs a read; `linearizable` here means this site is the primary under its lease.
     func read(_ statement: SQLStatement, consistency: ReadConsistency, minLSN: LSN, waitMilliseconds: UInt32? = nil) async throws(APIError) -> QueryResult {
-        let request = readRequest(statement, consistency: consistency, minLSN: minLSN, waitMilliseconds: waitMilliseconds)
+        try await read(readRequest(statement, consistency: consistency, minLSN: minLSN, waitMilliseconds: waitMilliseconds))
+    }
+
+    func read(_ request: ReadRequest) async throws(APIError) -> QueryResult {
         let r: Result<QueryResult, ReadError>
         do { r = .success(try await runtime.read(request)) } catch { r = .failure(error) }
         return try readOutcome(r)
@@ -483,9 +491,7 @@ public final class DataAPI: Sendable {
 
     func query(_ call: ForwardedCall) async throws(APIError) -> ForwardedAnswer {
         let request = try queryRequest(call)
-        let r: Result<QueryResult, ReadError>
-        do { r = .success(try await runtime.read(request)) } catch { r = .failure(error) }
-        return queryAnswer(try readOutcome(r), consistency: request.consistency)
+        return queryAnswer(try await read(request), consistency: request.consistency)
     }
 
     /// The read a /v1/query call asks for.
