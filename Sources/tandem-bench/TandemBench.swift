@@ -455,7 +455,11 @@ struct TransportBench: AsyncParsableCommand {
             let batch = batches[i % batches.count]
             let m = Message(from: "a", to: "b", term: Term(1),
                             body: .append(Append(prevLSN: batch[0].lsn.previous, prevTerm: Term(1), records: batch, commitLSN: .zero, round: 1)))
-            // Back-pressure: wait while the peer's queue is full.
+            // Back-pressure: wait for room in the peer's queue before encoding, as a
+            // primary's flow control does; a refused send would have encoded (and
+            // compressed) the message for nothing.
+            let room = sa.maxQueuedBytesPerPeer - (2 << 20)
+            while a.queuedBytes(to: "b") > room { usleep(200) }
             while !a.send(m) { usleep(200) }
             sentBytes += batch.reduce(0) { $0 + $1.payload.count }
             sentRecords += batch.count
