@@ -174,7 +174,7 @@ public struct Core: Sendable {
     /// Proposes a record of `kind` at the next LSN in this primary's term. The record is
     /// in the returned Ready's `append`; it commits when the commit policy is met.
     public mutating func propose(kind: RecordKind, payload: [UInt8], at time: Instant) throws(ProposalError) -> (LSN, Ready) {
-        let (first, ready) = try propose([(kind, payload)], at: time)
+        let (first, ready) = try propose([(kind, payload[...])], at: time)
         return (first, ready)
     }
 
@@ -182,7 +182,7 @@ public struct Core: Sendable {
     /// (each refusal reason holds for the whole group). They travel in one Ready: one
     /// append to the log, and one message per peer where they fit, instead of one of each
     /// per record; the caller groups the writes that arrived together.
-    public mutating func propose(_ records: [(kind: RecordKind, payload: [UInt8])], at time: Instant) throws(ProposalError) -> (LSN, Ready) {
+    public mutating func propose(_ records: [(kind: RecordKind, payload: ArraySlice<UInt8>)], at time: Instant) throws(ProposalError) -> (LSN, Ready) {
         now = max(now, time)
         if let refusal = proposalRefusal(count: records.count, at: now) { throw refusal }
         let first = log.lastLSN.next
@@ -521,7 +521,7 @@ public struct Core: Sendable {
 
     // MARK: Replication (primary)
 
-    private mutating func appendLocal(kind: RecordKind, payload: [UInt8]) -> LSN {
+    private mutating func appendLocal(kind: RecordKind, payload: ArraySlice<UInt8>) -> LSN {
         let record = LogRecord(term: hardState.term, lsn: log.lastLSN.next, kind: kind, payload: payload)
         log.append([record], maxCachedBytes: config.limits.maxCachedBytes)
         ready.append.append(record)

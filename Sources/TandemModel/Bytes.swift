@@ -122,6 +122,21 @@ public struct ByteReader {
         return Array(bytes[offset..<(offset + n)])
     }
 
+    /// `n` bytes as a slice that shares the reader's array: no copy, no allocation.
+    public mutating func slice(_ n: Int, _ what: @autoclosure () -> String = "bytes") throws -> ArraySlice<UInt8> {
+        try need(n, what)
+        defer { offset += n }
+        return bytes[offset..<(offset + n)]
+    }
+
+    /// A length-prefixed (u32) byte string as a slice of the reader's array, refusing
+    /// lengths above `limit`.
+    public mutating func blobSlice(_ what: @autoclosure () -> String = "blob", limit: Int = Int(Int32.max)) throws -> ArraySlice<UInt8> {
+        let n = Int(try u32("\(what()) length"))
+        guard n <= limit else { throw DecodingError("\(what()) of \(n) bytes exceeds the limit of \(limit)", offset: offset) }
+        return try slice(n, what())
+    }
+
     /// A length-prefixed (u32) byte string, refusing lengths above `limit`.
     public mutating func blob(_ what: @autoclosure () -> String = "blob", limit: Int = Int(Int32.max)) throws -> [UInt8] {
         let n = Int(try u32("\(what()) length"))

@@ -21,12 +21,19 @@ public struct LogRecord: Hashable, Sendable {
     public var term: Term
     public var lsn: LSN
     public var kind: RecordKind
-    public var payload: [UInt8]
+    /// The record's bytes. A slice, so that records decoded from one received frame share
+    /// its memory instead of each taking a copy: a receiving peer spent a fifth of its time
+    /// allocating and freeing per-record arrays.
+    public var payload: ArraySlice<UInt8>
 
-    public init(term: Term, lsn: LSN, kind: RecordKind, payload: [UInt8]) {
+    public init(term: Term, lsn: LSN, kind: RecordKind, payload: ArraySlice<UInt8>) {
         self.term = term
         self.lsn = lsn
         self.kind = kind
         self.payload = payload
+    }
+
+    public init(term: Term, lsn: LSN, kind: RecordKind, payload: [UInt8]) {
+        self.init(term: term, lsn: lsn, kind: kind, payload: payload[...])
     }
 }

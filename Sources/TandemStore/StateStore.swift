@@ -514,7 +514,7 @@ public final class StateStore: @unchecked Sendable {
         }
     }
 
-    private func invert(_ changeset: [UInt8], lsn: LSN) throws(StoreError) -> [UInt8] {
+    private func invert(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) -> [UInt8] {
         guard !changeset.isEmpty else { return [] }
         var n: Int32 = 0
         var p: UnsafeMutableRawPointer?
@@ -606,7 +606,7 @@ public final class StateStore: @unchecked Sendable {
                     throw StoreError.needsRebuild("the uncommitted tail holds a schema change at LSN \(l)")
                 }
                 if case let .blob(inverse) = row[3], !inverse.isEmpty {
-                    try applyChangeset(inverse, lsn: LSN(UInt64(l)))
+                    try applyChangeset(inverse[...], lsn: LSN(UInt64(l)))
                 }
                 previousTerm = Term(UInt64(pt))
             }
@@ -697,7 +697,7 @@ public final class StateStore: @unchecked Sendable {
                 guard !groupLSNs.isEmpty else { return }
                 let merged = try group.output(firstLSN: groupLSNs[0])
                 group = ChangesetGroup()
-                if !merged.isEmpty { try applyChangeset(merged, lsn: groupLSNs[groupLSNs.count - 1]) }
+                if !merged.isEmpty { try applyChangeset(merged[...], lsn: groupLSNs[groupLSNs.count - 1]) }
                 for l in groupLSNs { try crashPointAfterChangeset?(l) }
                 groupLSNs.removeAll(keepingCapacity: true)
             }
@@ -718,7 +718,7 @@ public final class StateStore: @unchecked Sendable {
                     try flush()
                     transactionChangedSchema = true
                     let batch: WriteBatch
-                    do { batch = try SchemaPayload.decode(r.payload) } catch {
+                    do { batch = try SchemaPayload.decode(Array(r.payload)) } catch {
                         throw StoreError.badRecord(lsn: r.lsn, reason: "\(error)")
                     }
                     var ignored = 0
@@ -765,7 +765,7 @@ public final class StateStore: @unchecked Sendable {
 
     /// Applies a changeset; any conflict aborts it: on a replica applying the committed
     /// log in order, a conflict means divergence, never something to paper over.
-    private func applyChangeset(_ changeset: [UInt8], lsn: LSN) throws {
+    private func applyChangeset(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws {
         let conflicts = ConflictRecorder()
         authorizer.mode = .internal
         let rc = changeset.withUnsafeBytes { buf in
@@ -955,7 +955,7 @@ struct ChangesetGroup: ~Copyable {
 
     deinit { if let handle { sqlite3changegroup_delete(handle) } }
 
-    mutating func add(_ changeset: [UInt8], lsn: LSN) throws(StoreError) {
+    mutating func add(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
         guard let handle else { throw .badRecord(lsn: lsn, reason: "cannot allocate a changegroup") }
         let rc = changeset.withUnsafeBytes { sqlite3changegroup_add(handle, Int32($0.count), UnsafeMutableRawPointer(mutating: $0.baseAddress)) }
         guard rc == SQLITE_OK else { throw .badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(rc))") }

@@ -647,7 +647,7 @@ public struct FrameDecoder: Sendable {
             let lsn = LSN(try rr.u64("record LSN"))
             let kindByte = try rr.u8("record kind")
             guard let kind = RecordKind(rawValue: kindByte) else { throw WireError("unknown record kind \(kindByte)") }
-            let payload = try rr.blob("record payload", limit: limits.maxRecordBlockBytes)
+            let payload = try rr.blobSlice("record payload", limit: limits.maxRecordBlockBytes)
             if let last = records.last, last.lsn.rawValue == .max || lsn != last.lsn.next {
                 throw WireError("records out of sequence: \(lsn) after \(last.lsn)")
             }

@@ -58,7 +58,7 @@ struct CoreTests {
         let p = try #require(c.primaries.first)
         var core = try #require(c.cores[p])
         let before = core.log.lastLSN
-        let (first, ready) = try core.propose((1...5).map { (RecordKind.changeset, Array("booking \($0)".utf8)) }, at: c.now)
+        let (first, ready) = try core.propose((1...5).map { (RecordKind.changeset, Array("booking \($0)".utf8)[...]) }, at: c.now)
         c.cores[p] = core
         #expect(first == before.next)
         #expect(ready.append.map(\.lsn) == (1...5).map { LSN(before.rawValue + UInt64($0)) }, "one durable append for the group")
@@ -80,13 +80,13 @@ struct CoreTests {
         var primary = try #require(small.cores[q])
         let last = primary.log.lastLSN
         #expect(throws: ProposalError.tooManyUncommitted(limit: 4)) {
-            _ = try primary.propose((1...5).map { (RecordKind.changeset, Array("w\($0)".utf8)) }, at: small.now)
+            _ = try primary.propose((1...5).map { (RecordKind.changeset, Array("w\($0)".utf8)[...]) }, at: small.now)
         }
         #expect(primary.log.lastLSN == last, "no record of the refused group was appended")
         #expect(primary.uncommittedRoom == 4)
         #expect(primary.proposalRefusal(count: 5, at: small.now) == .tooManyUncommitted(limit: 4))
         #expect(primary.proposalRefusal(count: 4, at: small.now) == nil, "the driver may ask before it executes")
-        let (_, ready) = try primary.propose((1...4).map { (RecordKind.changeset, Array("w\($0)".utf8)) }, at: small.now)
+        let (_, ready) = try primary.propose((1...4).map { (RecordKind.changeset, Array("w\($0)".utf8)[...]) }, at: small.now)
         #expect(ready.append.count == 4, "a group within the limit is taken")
         #expect(primary.uncommittedRoom == 0)
         #expect(primary.proposalRefusal(count: 1, at: small.now) == .tooManyUncommitted(limit: 4))
