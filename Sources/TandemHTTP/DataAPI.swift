@@ -517,9 +517,17 @@ public final class DataAPI: Sendable {
 
     // MARK: Operations
 
+    /// Where state hashes are computed, one at a time: off the site's loop (a large
+    /// database takes seconds, and a loop held that long stops heartbeats and sets off
+    /// elections), and off Swift's cooperative threads (it blocks).
+    private static let stateHashQueue = DispatchQueue(label: "tandem.state-hash")
+
     func stateHash() async throws(APIError) -> ForwardedAnswer {
         do {
-            let (lsn, hash) = try await runtime.withStore { store in (store.appliedLSN, try store.stateHash()) }
+            let file = try await runtime.withStore { $0.databaseFile }
+            let (lsn, hash) = try await withCheckedThrowingContinuation { (c: CheckedContinuation<(lsn: LSN, hash: String), any Error>) in
+                Self.stateHashQueue.async { c.resume(with: Result { () throws(StoreError) in try StateStore.stateHash(ofFile: file) }.mapError { $0 as any Error }) }
+            }
             return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: lsn),
                                    body: encodeJSON(["site": settings.site.name, "lsn": lsn.rawValue, "state_hash": hash] as [String: Any]))
         } catch {

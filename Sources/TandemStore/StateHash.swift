@@ -59,6 +59,34 @@ extension StateStore {
     /// A hash of the replicated state: every user table's schema and rows in primary-key
     /// order. Sites with equal applied LSN must have equal hashes.
     public func stateHash() throws(StoreError) -> String {
+        try Self.stateHash(of: db)
+    }
+
+    /// The database file this store works on (it changes when a snapshot is installed).
+    public var databaseFile: String { databasePath }
+
+    /// The applied LSN and state hash of the database in `file`, read on a connection of
+    /// its own in one read transaction (a consistent snapshot of the last commit), so the
+    /// store's owner goes on meanwhile: hashing a gigabyte takes seconds, and a site's loop
+    /// held that long stops its heartbeats and sets off elections. Sites with equal applied
+    /// LSN must have equal hashes, as with `stateHash()`.
+    public static func stateHash(ofFile file: String) throws(StoreError) -> (lsn: LSN, hash: String) {
+        do {
+            let db = try SQLiteConnection(path: file, create: false, readOnly: true)
+            try db.exec("BEGIN")
+            defer { try? db.exec("COMMIT") }
+            guard let row = try db.rows("SELECT applied_lsn FROM tandem_meta WHERE id = 1").first,
+                  case let .integer(lsn) = row[0]
+            else { throw StoreError.io("\(file): the tandem_meta row is missing or malformed") }
+            return (LSN(UInt64(lsn)), try stateHash(of: db))
+        } catch let e as StoreError {
+            throw e
+        } catch {
+            throw storeError(error)
+        }
+    }
+
+    static func stateHash(of db: SQLiteConnection) throws(StoreError) -> String {
         var h = SHA256Hasher()
         do {
             let tables = try db.rows("""

@@ -32,6 +32,31 @@ struct StateStoreTests {
         #expect(q.appliedLSN == replica.appliedLSN)
     }
 
+    @Test("the state hash read beside the store, on a connection of its own, is the store's, and sees only what was committed")
+    func stateHashBesideTheStore() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let store = try telehealthStore(dir.sub("p"))
+        _ = try seedPeople(store)
+        _ = try store.execute(booking(1), lsn: store.appliedLSN.next, term: Term(1))
+        let beside = try StateStore.stateHash(ofFile: store.databaseFile)
+        #expect(beside.lsn == store.appliedLSN)
+        #expect(beside.hash == (try store.stateHash()))
+        // The owner in the middle of a transaction (as its loop is while it applies): the
+        // reader neither waits for it nor sees its rows.
+        try store.db.exec("BEGIN IMMEDIATE")
+        try store.db.exec("INSERT INTO patients (id, reference) VALUES (99, 'IPP-99')")
+        try store.db.exec("UPDATE tandem_meta SET applied_lsn = applied_lsn + 1 WHERE id = 1")
+        let during = try StateStore.stateHash(ofFile: store.databaseFile)
+        #expect(during.lsn == beside.lsn && during.hash == beside.hash)
+        try store.db.exec("ROLLBACK")
+        // A change the store commits shows.
+        _ = try store.execute(booking(2), lsn: store.appliedLSN.next, term: Term(1))
+        let after = try StateStore.stateHash(ofFile: store.databaseFile)
+        let own = try store.stateHash()
+        #expect(after.lsn == store.appliedLSN && after.hash == own && after.hash != beside.hash)
+        #expect(throws: StoreError.self) { _ = try StateStore.stateHash(ofFile: dir.sub("missing.db")) }
+    }
+
     /// Re-creates, from the primary's schema migrations, the records it logged for them.
     func replayable(_ primary: StateStore) throws -> [LogRecord] {
         TelehealthSchema.migrations.enumerated().map { i, m in
