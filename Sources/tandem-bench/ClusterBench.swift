@@ -227,7 +227,7 @@ struct ClusterBench: AsyncParsableCommand {
         // No acknowledged write lost: once the sites stand at one LSN with one state hash,
         // each holds every id it was told was written (those of the latency, throughput
         // and failover figures above).
-        let (converged, _) = try await DrillCheck.converged(c, sites: c.options.sites, seconds: 60)
+        let (converged, standing) = try await DrillCheck.converged(c, sites: c.options.sites, seconds: 60)
         var lost = 0
         let ids = acked.all
         for site in c.options.sites {
@@ -238,6 +238,20 @@ struct ClusterBench: AsyncParsableCommand {
               "p99_s": round3(percentile(times, 0.99)), "lease_ms": options.leaseMilliseconds,
               "acknowledged_writes": ids.count, "lost_acknowledged": lost, "converged": converged])
         note("failover: \(ids.count) acknowledged writes checked on every site after \(times.count) kills: \(lost) missing, sites \(converged ? "converged" : "did NOT converge")")
+        if !converged {
+            // Where each site stood (LSN:state hash), for the operator to tell a lagging
+            // site from a diverged one.
+            note("sites apart: " + standing.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+            for site in c.options.sites {
+                let st = (try? await HTTP.json("GET", c.url(site) + "/status")) ?? [:]
+                let data = (try? JSONSerialization.data(withJSONObject: st, options: [.sortedKeys])) ?? Data()
+                note("status of \(site): \(String(decoding: data, as: UTF8.self))")
+            }
+            if ProcessInfo.processInfo.environment["TANDEM_BENCH_HOLD_ON_FAILURE"] != nil {
+                note("holding the cluster for inspection (TANDEM_BENCH_HOLD_ON_FAILURE): \(c.options.sites.map { c.url($0) })")
+                try await Task.sleep(nanoseconds: 900_000_000_000)
+            }
+        }
         c.stopAll()
         guard lost == 0 && converged else { throw DrillError("acknowledged writes lost (\(lost)) or sites apart after the failovers") }
 
