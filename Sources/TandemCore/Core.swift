@@ -812,6 +812,12 @@ public struct Core: Sendable {
             toAppend.append(r)
         }
         if !toAppend.isEmpty {
+            if toAppend.count < records.count {
+                // An append that overlaps what this site holds (a re-send): the records
+                // kept get bytes of their own, or each would keep the whole re-sent frame
+                // alive in the cache for the sake of a few new records.
+                toAppend = toAppend.map { LogRecord(term: $0.term, lsn: $0.lsn, kind: $0.kind, payload: Array($0.payload)) }
+            }
             log.append(toAppend, maxCachedBytes: config.limits.maxCachedBytes)
             ready.append.append(contentsOf: toAppend)
         }

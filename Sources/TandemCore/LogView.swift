@@ -64,6 +64,11 @@ public struct LogView: Hashable, Sendable {
         term > lastTerm || (term == lastTerm && lsn >= lastLSN)
     }
 
+    /// What the cache counts for a record beyond its payload: the record itself in memory,
+    /// and its share of the frame it arrived in (21 bytes of header; a received record's
+    /// payload shares that frame's memory, see docs/ARCHITECTURE.md).
+    static let recordOverheadBytes = MemoryLayout<LogRecord>.stride + 24
+
     /// Appends contiguous records.
     mutating func append(_ records: [LogRecord], maxCachedBytes: Int) {
         for r in records {
@@ -72,7 +77,7 @@ public struct LogView: Hashable, Sendable {
             lastLSN = r.lsn
             lastTerm = r.term
             cache.append(r)
-            cacheBytes += r.payload.count + 32
+            cacheBytes += r.payload.count + Self.recordOverheadBytes
         }
         trimCache(maxCachedBytes)
     }
@@ -82,7 +87,7 @@ public struct LogView: Hashable, Sendable {
         guard lsn < lastLSN else { return }
         while let last = runs.last, last.lsn > lsn { runs.removeLast() }
         while let last = cache.last, last.lsn > lsn {
-            cacheBytes -= last.payload.count + 32
+            cacheBytes -= last.payload.count + Self.recordOverheadBytes
             cache.removeLast()
         }
         lastLSN = lsn
@@ -99,7 +104,7 @@ public struct LogView: Hashable, Sendable {
         if lsn == lastLSN { runs.removeAll() }
         if let first = cache.first, first.lsn <= lsn {
             let drop = cache.prefix { $0.lsn <= lsn }
-            cacheBytes -= drop.reduce(0) { $0 + $1.payload.count + 32 }
+            cacheBytes -= drop.reduce(0) { $0 + $1.payload.count + Self.recordOverheadBytes }
             cache.removeFirst(drop.count)
         }
     }
@@ -114,7 +119,7 @@ public struct LogView: Hashable, Sendable {
         var drop = 0
         var bytes = cacheBytes
         while drop < cache.count - 1, bytes > maxBytes {
-            bytes -= cache[drop].payload.count + 32
+            bytes -= cache[drop].payload.count + Self.recordOverheadBytes
             drop += 1
         }
         cache.removeFirst(drop)
