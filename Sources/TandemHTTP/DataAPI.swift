@@ -88,6 +88,10 @@ public struct DataAPISettings: Sendable {
 public final class DataAPI: Sendable {
     /// Calls and request bytes in progress (the memory the API may hold is bounded).
     let inFlight = Mutex<(calls: Int, bytes: Int)>((0, 0))
+    /// State hashes asked and not yet answered (one computed at a time, the rest waiting).
+    let stateHashesWaiting = Mutex(0)
+    /// More than this many state hashes waiting are refused: each reads every row.
+    static let maxStateHashesWaiting = 4
     public let runtime: SiteRuntime
     public let settings: DataAPISettings
     public let tokens: TokenStore
@@ -523,6 +527,15 @@ public final class DataAPI: Sendable {
     private static let stateHashQueue = DispatchQueue(label: "tandem.state-hash")
 
     func stateHash() async throws(APIError) -> ForwardedAnswer {
+        let admitted = stateHashesWaiting.withLock { n in
+            guard n < Self.maxStateHashesWaiting else { return false }
+            n += 1
+            return true
+        }
+        guard admitted else {
+            throw .unavailable("busy", "\(Self.maxStateHashesWaiting) state hashes are being computed or waiting; ask again later", retryAfter: 5)
+        }
+        defer { stateHashesWaiting.withLock { $0 -= 1 } }
         do {
             let file = try await runtime.withStore { $0.databaseFile }
             let (lsn, hash) = try await withCheckedThrowingContinuation { (c: CheckedContinuation<(lsn: LSN, hash: String), any Error>) in

@@ -32,7 +32,7 @@ struct StateStoreTests {
         #expect(q.appliedLSN == replica.appliedLSN)
     }
 
-    @Test("the state hash read beside the store, on a connection of its own, is the store's, and sees only what was committed")
+    @Test("the state hash read beside the store, on a connection of its own, is the store's, and sees only what SQLite committed")
     func stateHashBesideTheStore() throws {
         let dir = TempDir(); defer { dir.cleanup() }
         let store = try telehealthStore(dir.sub("p"))
