@@ -227,7 +227,16 @@ struct ClusterBench: AsyncParsableCommand {
         // No acknowledged write lost: once the sites stand at one LSN with one state hash,
         // each holds every id it was told was written (those of the latency, throughput
         // and failover figures above).
+        // Elections while nothing is killed (the check itself reads every row of every
+        // site's database): there should be none.
+        func highestTerm() async -> Int {
+            var t = 0
+            for site in c.options.sites { t = max(t, (await c.status(site))?["term"] as? Int ?? 0) }
+            return t
+        }
+        let termBefore = await highestTerm()
         let (converged, standing) = try await DrillCheck.converged(c, sites: c.options.sites, seconds: 60)
+        let electionsDuringCheck = max(0, await highestTerm() - termBefore)
         var lost = 0
         let ids = acked.all
         for site in c.options.sites {
@@ -236,8 +245,9 @@ struct ClusterBench: AsyncParsableCommand {
         }
         emit(["bench": "cluster", "figure": "failover", "rounds": times.count, "p50_s": round3(percentile(times, 0.5)),
               "p99_s": round3(percentile(times, 0.99)), "lease_ms": options.leaseMilliseconds,
-              "acknowledged_writes": ids.count, "lost_acknowledged": lost, "converged": converged])
-        note("failover: \(ids.count) acknowledged writes checked on every site after \(times.count) kills: \(lost) missing, sites \(converged ? "converged" : "did NOT converge")")
+              "acknowledged_writes": ids.count, "lost_acknowledged": lost, "converged": converged,
+              "elections_during_convergence_check": electionsDuringCheck])
+        note("failover: \(ids.count) acknowledged writes checked on every site after \(times.count) kills: \(lost) missing, sites \(converged ? "converged" : "did NOT converge"), \(electionsDuringCheck) elections while the check ran")
         if !converged {
             // Where each site stood (LSN:state hash), for the operator to tell a lagging
             // site from a diverged one.
@@ -247,7 +257,7 @@ struct ClusterBench: AsyncParsableCommand {
                 let data = (try? JSONSerialization.data(withJSONObject: st, options: [.sortedKeys])) ?? Data()
                 note("status of \(site): \(String(decoding: data, as: UTF8.self))")
             }
-            if ProcessInfo.processInfo.environment["TANDEM_BENCH_HOLD_ON_FAILURE"] != nil {
+            if ProcessInfo.processInfo.environment["TANDEM_BENCH_HOLD_ON_FAILURE"] == "1" {
                 note("holding the cluster for inspection (TANDEM_BENCH_HOLD_ON_FAILURE): \(c.options.sites.map { c.url($0) })")
                 try await Task.sleep(nanoseconds: 900_000_000_000)
             }

@@ -459,8 +459,16 @@ struct TransportBench: AsyncParsableCommand {
             // primary's flow control does; a refused send would have encoded (and
             // compressed) the message for nothing.
             let room = sa.maxQueuedBytesPerPeer - (2 << 20)
-            while a.queuedBytes(to: "b") > room { usleep(200) }
-            while !a.send(m) { usleep(200) }
+            // Bounded: a peer that stops reading fails the run instead of hanging it.
+            let giveUp = end + 30_000_000_000
+            while a.queuedBytes(to: "b") > room {
+                guard monotonicNanoseconds() < giveUp else { throw ValidationError("the receiving transport stopped reading") }
+                usleep(200)
+            }
+            while !a.send(m) {
+                guard monotonicNanoseconds() < giveUp else { throw ValidationError("the receiving transport stopped reading") }
+                usleep(200)
+            }
             sentBytes += batch.reduce(0) { $0 + $1.payload.count }
             sentRecords += batch.count
             i += 1
