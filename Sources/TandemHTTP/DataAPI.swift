@@ -539,7 +539,7 @@ public final class DataAPI: Sendable {
         do {
             let file = try await runtime.withStore { $0.databaseFile }
             let (lsn, hash) = try await withCheckedThrowingContinuation { (c: CheckedContinuation<(lsn: LSN, hash: String), any Error>) in
-                Self.stateHashQueue.async { c.resume(with: Result { () throws(StoreError) in try StateStore.stateHash(ofFile: file) }.mapError { $0 as any Error }) }
+                Self.stateHashQueue.async { c.resume(with: Result { () throws(StoreError) in try StateStore.stateHash(ofFile: file) }) }
             }
             return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: lsn),
                                    body: encodeJSON(["site": settings.site.name, "lsn": lsn.rawValue, "state_hash": hash] as [String: Any]))

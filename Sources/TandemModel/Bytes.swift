@@ -117,9 +117,7 @@ public struct ByteReader {
     public mutating func i64(_ what: @autoclosure () -> String = "i64") throws -> Int64 { Int64(bitPattern: try u64(what())) }
 
     public mutating func raw(_ n: Int, _ what: @autoclosure () -> String = "bytes") throws -> [UInt8] {
-        try need(n, what)
-        defer { offset += n }
-        return Array(bytes[offset..<(offset + n)])
+        Array(try slice(n, what()))
     }
 
     /// `n` bytes as a slice that shares the reader's array: no copy, no allocation.
@@ -139,9 +137,7 @@ public struct ByteReader {
 
     /// A length-prefixed (u32) byte string, refusing lengths above `limit`.
     public mutating func blob(_ what: @autoclosure () -> String = "blob", limit: Int = Int(Int32.max)) throws -> [UInt8] {
-        let n = Int(try u32("\(what()) length"))
-        guard n <= limit else { throw DecodingError("\(what()) of \(n) bytes exceeds the limit of \(limit)", offset: offset) }
-        return try raw(n, what())
+        Array(try blobSlice(what(), limit: limit))
     }
 
     public mutating func string(_ what: @autoclosure () -> String = "string", limit: Int = Int(Int32.max)) throws -> String {

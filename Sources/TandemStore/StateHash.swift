@@ -67,11 +67,10 @@ extension StateStore {
 
     /// The applied LSN and state hash of the database in `file`, read on a connection of
     /// its own in one read transaction (a consistent snapshot of SQLite's last commit,
-    /// which on a primary includes writes a quorum has not yet confirmed, as
-    /// `appliedLSN` does), so the
-    /// store's owner goes on meanwhile: hashing a gigabyte takes seconds, and a site's loop
-    /// held that long stops its heartbeats and sets off elections. Sites with equal applied
-    /// LSN must have equal hashes, as with `stateHash()`.
+    /// which on a primary includes writes a quorum has not yet confirmed, as `appliedLSN`
+    /// does), so the store's owner goes on meanwhile: hashing a gigabyte takes seconds,
+    /// and a site's loop held that long stops its heartbeats and sets off elections. Sites
+    /// with equal applied LSN must have equal hashes, as with `stateHash()`.
     public static func stateHash(ofFile file: String) throws(StoreError) -> (lsn: LSN, hash: String) {
         do {
             let db = try SQLiteConnection(path: file, create: false, readOnly: true)
