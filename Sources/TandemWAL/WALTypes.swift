@@ -73,6 +73,8 @@ public enum WALError: Error, CustomStringConvertible, Sendable, Equatable {
     case termRegression(lsn: LSN, term: Term, previous: Term)
     case recordTooLarge(size: Int, limit: Int)
     case queueFull(queuedBytes: Int, limit: Int)
+    /// An append of no records: it has no last LSN to report.
+    case noRecords
     case unavailable(requested: LSN, first: LSN, last: LSN)
     case invalidOptions(String)
     case alreadyExists(String)
@@ -92,6 +94,7 @@ public enum WALError: Error, CustomStringConvertible, Sendable, Equatable {
         case let .termRegression(lsn, term, previous): "record \(lsn) has term \(term), lower than the previous record's \(previous)"
         case let .recordTooLarge(size, limit): "record payload of \(size) bytes exceeds the limit of \(limit)"
         case let .queueFull(queued, limit): "log write queue full: \(queued) bytes queued, limit \(limit)"
+        case .noRecords: "an append must carry at least one record"
         case let .unavailable(requested, first, last): "LSN \(requested) is not in the retained log (\(first)...\(last))"
         case let .invalidOptions(why): "invalid log settings: \(why)"
         case let .alreadyExists(path): "a log already exists at \(path)"

@@ -112,6 +112,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     private var writer: Thread?
     /// Written only by the thread that set `writing` (the writer or an inline appender), read under `lock` after publishing.
     private var lastFsyncNanoseconds: UInt64 = 0
+    /// The last batch's write call, as `lastFsyncNanoseconds`.
+    private var lastWriteNanoseconds: UInt64 = 0
     /// Appends in the last batch: how many the writer expects back for the next one.
     private var expectedAppends = 1
     private let writerDone = NSCondition()
@@ -126,6 +128,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         public var records = 0
         public var bytes = 0
         public var fsyncNanoseconds: UInt64 = 0
+        /// Time in the batches' write calls (before their fdatasync).
+        public var writeNanoseconds: UInt64 = 0
         /// Batches written on an appender's thread (`appendInline`) rather than the writer's.
         public var inlineBatches = 0
         /// Batches written with O_DIRECT (`WALOptions.directIO`).
@@ -379,6 +383,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     private func admissionError(_ records: [LogRecord]) -> WALError? {
         if isClosed { return .closed }
         if let failure { return failure }
+        if records.isEmpty { return .noRecords }
         var expected = queuedNextLSN
         var term = queuedLastTerm
         var bytes = 0
@@ -445,13 +450,17 @@ public final class WriteAheadLog: @unchecked Sendable {
                 lock.unlock()
                 break
             }
-            // Take as many queued appends as fit in one batch (at least one).
-            var taken: [Pending] = []
+            // Take as many queued appends as fit in one batch (at least one), in one move:
+            // removing them one at a time shifted the rest each time.
+            var count = 0
             var bytes = 0
-            while let first = pending.first, taken.isEmpty || bytes + first.bytes <= options.maxBatchBytes {
-                taken.append(pending.removeFirst())
-                bytes += first.bytes
+            for p in pending {
+                guard count == 0 || bytes + p.bytes <= options.maxBatchBytes else { break }
+                count += 1
+                bytes += p.bytes
             }
+            let taken = Array(pending[..<count])
+            pending.removeFirst(count)
             pendingBytes -= bytes
             expectedAppends = taken.count
             writing = true
@@ -528,8 +537,9 @@ public final class WriteAheadLog: @unchecked Sendable {
             records.reserveCapacity(taken.reduce(0) { $0 + $1.records.count })
             for p in taken { records.append(contentsOf: p.records) }
             do {
-                written = try writeBatch(records[...], at: tail)
-                result = .success(records[records.count - 1].lsn)
+                let batch = try writeBatch(records[...], at: tail)
+                written = batch
+                result = .success(batch.batch.lastLSN)
             } catch let error as WALError {
                 result = .failure(error)
             } catch {
@@ -556,6 +566,7 @@ public final class WriteAheadLog: @unchecked Sendable {
                 remember(written.batch.bytes, segment: segments[segments.count - 1].name, offset: written.batch.offset)
             }
             stats.fsyncNanoseconds += lastFsyncNanoseconds
+            stats.writeNanoseconds += lastWriteNanoseconds
             options.fsyncObserver?(lastFsyncNanoseconds)
             stats.bytes += WALFormat.batchHeaderSize
             for p in taken {
@@ -614,6 +625,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Writes and fdatasyncs one batch at `tail`, or at the start of a new segment (returned
     /// as `fresh`) when it does not fit. The caller publishes it in `segments`.
     private func writeBatch(_ records: ArraySlice<LogRecord>, at tail: TailPosition) throws -> (batch: WrittenBatch, fresh: Segment?) {
+        // Every append holds at least one record (`admissionError`).
+        guard let first = records.first, let last = records.last else { throw WALError.noRecords }
         var fresh: Segment?
         var target = tail
         var batch = WALFormat.encodeBatch(records, previousCRC: tail.chainCRC)
@@ -621,7 +634,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             let segment: Segment
             do {
                 segment = try Self.createSegment(directory: directory, clusterID: clusterID, options: options,
-                                                 firstLSN: records[records.startIndex].lsn, previousTerm: tail.lastTerm,
+                                                 firstLSN: first.lsn, previousTerm: tail.lastTerm,
                                                  isReset: false, spare: takeSpare())
             } catch let e as SystemError where e.isDiskFull {
                 throw WALError.diskFull("creating a new log segment: \(e)")
@@ -633,10 +646,12 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         var wroteDirect = false
         do {
+            let w = monotonicNanoseconds()
             wroteDirect = try writeDirect(batch.bytes, at: target)
             if !wroteDirect { try target.fd.write(batch.bytes, at: target.end) }
             if let code = options.fsyncFault?(target.path) { throw SystemError("fdatasync", path: target.path, code: code) }
             let t = monotonicNanoseconds()
+            lastWriteNanoseconds = t - w
             try target.fd.syncData()
             lastFsyncNanoseconds = monotonicNanoseconds() - t
         } catch {
@@ -644,9 +659,8 @@ public final class WriteAheadLog: @unchecked Sendable {
             direct = nil
             throw WALError.failed("\(error)")
         }
-        let last = records[records.endIndex - 1]
         return (WrittenBatch(offset: target.end, byteCount: batch.bytes.count, bytes: batch.bytes, direct: wroteDirect, bodyCRC: batch.bodyCRC,
-                             firstLSN: records[records.startIndex].lsn, lastLSN: last.lsn, lastTerm: last.term), fresh)
+                             firstLSN: first.lsn, lastLSN: last.lsn, lastTerm: last.term), fresh)
     }
 
     /// Writes a batch at `target`'s end with O_DIRECT when the segment allows it; false

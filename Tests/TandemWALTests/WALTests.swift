@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import TandemModel
 @testable import TandemWAL
@@ -148,7 +149,14 @@ struct WALTests {
             try await log.append([record(2, term: 1)])
         }
         await #expect(throws: WALError.recordTooLarge(size: 101, limit: 100)) { try await log.append([record(2, term: 2, size: 101)]) }
+        // An empty append has no last LSN to report: refused, not a crash of the writer
+        // (it indexed its appends' last record), and the log goes on.
+        await #expect(throws: WALError.noRecords) { try await log.append([LogRecord]()) }
+        let inline = Mutex<Result<LSN, WALError>?>(nil)
+        log.appendInline([]) { r in inline.withLock { $0 = r } }
+        #expect(inline.withLock { $0 } == .failure(.noRecords))
         #expect(log.lastLSN == LSN(1))
+        #expect(try await log.append([record(2, term: 2)]) == LSN(2))
     }
 
     @Test("a log from another cluster is refused")
