@@ -31,6 +31,8 @@ public final class StateStore: @unchecked Sendable {
     private var deleteCommittedUndo: PreparedStatement
     /// Captures each write's changeset and inverse (SQLite's pre-update hook).
     private var capture: ChangesetCapture
+    /// Applies replicated and undo changesets with statements kept prepared.
+    private var applier: ChangesetApplier
     /// The open transaction ran a schema statement: rolling it back may restore an older
     /// schema under a schema version the capture has already seen.
     private var transactionChangedSchema = false
@@ -122,6 +124,7 @@ public final class StateStore: @unchecked Sendable {
             insertUndo = try db.prepare("INSERT INTO tandem_undo (lsn, kind, previous_term, inverse) VALUES (?, ?, ?, ?)")
             deleteCommittedUndo = try db.prepare("DELETE FROM tandem_undo WHERE lsn <= ?")
             capture = ChangesetCapture(db: db, byteLimit: limits.maxChangesetBytes)
+            applier = ChangesetApplier(db: db)
             if let minUndo = try db.rows("SELECT min(lsn) FROM tandem_undo").first?.first, case let .integer(m) = minUndo {
                 committedLSN = LSN(UInt64(m - 1))
                 prunedThrough = committedLSN
@@ -679,6 +682,8 @@ public final class StateStore: @unchecked Sendable {
         let rc = tandem_sqlite_enable_triggers(db.handle, on ? 1 : 0)
         guard rc == SQLITE_OK else { throw .sqlite(db.lastError, statement: nil) }
         actionsOn = on
+        // SQLite compiles both settings into statements prepared under them.
+        applier.invalidate()
     }
 
     private func apply(_ records: ArraySlice<LogRecord>, merging: Bool, keepUndo: Bool = false) throws(StoreError) {
@@ -764,22 +769,19 @@ public final class StateStore: @unchecked Sendable {
     }
 
     /// Applies a changeset; any conflict aborts it: on a replica applying the committed
-    /// log in order, a conflict means divergence, never something to paper over.
+    /// log in order, a conflict means divergence, never something to paper over. The
+    /// caller's transaction is rolled back on any error (the changes are partial).
     private func applyChangeset(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws {
-        let conflicts = ConflictRecorder()
         authorizer.mode = .internal
-        let rc = changeset.withUnsafeBytes { buf in
-            sqlite3changeset_apply(db.handle, Int32(buf.count), UnsafeMutableRawPointer(mutating: buf.baseAddress),
-                                   nil, conflictCallback, Unmanaged.passUnretained(conflicts).toOpaque())
+        let failure: ChangesetApplier.Failure? = changeset.withUnsafeBytes { buf in
+            do throws(ChangesetApplier.Failure) { try applier.apply(buf) } catch { return error }
+            return nil
         }
-        if let c = conflicts.first {
-            throw StoreError.conflict(lsn: lsn, table: c.table, reason: c.reason)
-        }
-        guard rc == SQLITE_OK else {
-            if rc == SQLITE_CORRUPT || rc == SQLITE_MISUSE {
-                throw StoreError.badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(rc))")
-            }
-            throw StoreError.sqlite(db.lastError, statement: nil)
+        switch failure {
+        case nil: return
+        case let .conflict(table, reason): throw StoreError.conflict(lsn: lsn, table: table, reason: reason)
+        case let .malformed(code): throw StoreError.badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(code))")
+        case let .sqlite(e): throw StoreError.sqlite(e, statement: nil)
         }
     }
 
@@ -915,35 +917,6 @@ private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32,
 }
 
 /// The first conflict met while applying a changeset.
-final class ConflictRecorder {
-    var first: (table: String, reason: String)?
-}
-
-private let conflictCallback: @convention(c) (UnsafeMutableRawPointer?, Int32, OpaquePointer?) -> Int32 = { ctx, type, iter in
-    guard let ctx else { return SQLITE_CHANGESET_ABORT }
-    let recorder = Unmanaged<ConflictRecorder>.fromOpaque(ctx).takeUnretainedValue()
-    if recorder.first == nil {
-        var table = "?"
-        if type != SQLITE_CHANGESET_FOREIGN_KEY, let iter {
-            var name: UnsafePointer<CChar>?
-            var columns: Int32 = 0
-            var op: Int32 = 0
-            var indirect: Int32 = 0
-            if sqlite3changeset_op(iter, &name, &columns, &op, &indirect) == SQLITE_OK, let name { table = String(cString: name) }
-        }
-        let reason = switch type {
-        case SQLITE_CHANGESET_DATA: "the row holds other values than the change expects"
-        case SQLITE_CHANGESET_NOTFOUND: "the row to change does not exist"
-        case SQLITE_CHANGESET_CONFLICT: "a row with this primary key already exists"
-        case SQLITE_CHANGESET_CONSTRAINT: "a constraint fails"
-        case SQLITE_CHANGESET_FOREIGN_KEY: "a foreign key constraint fails"
-        default: "conflict type \(type)"
-        }
-        recorder.first = (table, reason)
-    }
-    return SQLITE_CHANGESET_ABORT
-}
-
 /// Merges consecutive changesets into one (sqlite3changegroup).
 struct ChangesetGroup: ~Copyable {
     private var handle: OpaquePointer?

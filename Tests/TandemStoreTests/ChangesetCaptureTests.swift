@@ -164,10 +164,16 @@ struct ChangesetCaptureTests {
         let captured = try SQLiteConnection(path: dir.sub("captured.sqlite"), create: true)
         let sessioned = try SQLiteConnection(path: dir.sub("sessioned.sqlite"), create: true)
         let replica = try SQLiteConnection(path: dir.sub("replica.sqlite"), create: true)
-        for db in [captured, sessioned, replica] { try db.exec(Self.schema) }
+        // A second replica applies with the store's own applier (statements kept
+        // prepared), the first with sqlite3changeset_apply: both must end equal.
+        let applied = try SQLiteConnection(path: dir.sub("applied.sqlite"), create: true)
+        for db in [captured, sessioned, replica, applied] { try db.exec(Self.schema) }
         // The changeset already holds what the primary's foreign key actions did; the
         // replica must not do it again (as the store applies changesets).
         try replica.exec("PRAGMA foreign_keys = OFF")
+        try applied.exec("PRAGMA foreign_keys = OFF")
+        let applier = ChangesetApplier(db: applied)
+        var undone = 0
         let capture = ChangesetCapture(db: captured)
         var random = SeededRandom(seed: seed)
         var compared = 0, updates = 0, indirect = 0, moved = 0
@@ -224,7 +230,19 @@ struct ChangesetCaptureTests {
                     }
                 }
                 #expect(rc == SQLITE_OK, "apply: \(rc), conflict kind \(conflict), changes \(a.changes)")
+                try applied.exec("BEGIN")
+                try ours.changeset.withUnsafeBytes { try applier.apply($0) }
+                // Now and then undo it with its inverse and apply it again, as a deposed
+                // primary's rollback does: the inverse's updates, deletes and inserts.
+                if compared % 5 == 0 {
+                    try ours.inverse.withUnsafeBytes { try applier.apply($0) }
+                    try ours.changeset.withUnsafeBytes { try applier.apply($0) }
+                    undone += 1
+                }
+                try applied.exec("COMMIT")
             }
+            let kept = try Self.dump(applied)
+            #expect(kept == (try Self.dump(replica)), "the store's applier and sqlite3changeset_apply disagree after \(a.changes)")
             let r = try Self.dump(replica), c = try Self.dump(captured)
             #expect(r == c, "after \(statements.map { "\($0.sql) \($0.params)" }): replica only \(Set(r).subtracting(c)), primary only \(Set(c).subtracting(r)), changes \(a.changes)")
             if r != c { return }
@@ -234,6 +252,7 @@ struct ChangesetCaptureTests {
         #expect(updates > 50)
         #expect(indirect > 5)
         #expect(moved > 20)
+        #expect(undone > 20)
     }
 
     @Test("the comparison notices a changed value, a lost change and a flipped indirect flag")
