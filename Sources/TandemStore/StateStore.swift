@@ -519,6 +519,10 @@ public final class StateStore: @unchecked Sendable {
 
     private func invert(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) -> [UInt8] {
         guard !changeset.isEmpty else { return [] }
+        // SQLite's changeset readers may never return on malformed input.
+        guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
+            throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
+        }
         var n: Int32 = 0
         var p: UnsafeMutableRawPointer?
         let rc = changeset.withUnsafeBytes { sqlite3changeset_invert(Int32($0.count), $0.baseAddress, &n, &p) }
@@ -930,6 +934,10 @@ struct ChangesetGroup: ~Copyable {
 
     mutating func add(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
         guard let handle else { throw .badRecord(lsn: lsn, reason: "cannot allocate a changegroup") }
+        // SQLite's changeset readers may never return on malformed input.
+        guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
+            throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
+        }
         let rc = changeset.withUnsafeBytes { sqlite3changegroup_add(handle, Int32($0.count), UnsafeMutableRawPointer(mutating: $0.baseAddress)) }
         guard rc == SQLITE_OK else { throw .badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(rc))") }
     }
