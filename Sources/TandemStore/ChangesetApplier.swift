@@ -10,17 +10,24 @@ import CSQLite
 /// and statements until the schema changes, and otherwise does what that function does
 /// when every conflict aborts (the only way the store uses it):
 ///
-/// - INSERT: `INSERT INTO t VALUES (...)`; a constraint failure (the row exists, NOT
-///   NULL, CHECK, UNIQUE) is a conflict.
+/// - INSERT: `INSERT INTO t VALUES (...)`; a row with that primary key already there is
+///   a conflict.
 /// - DELETE: deletes the row by primary key only if every column still holds the old
 ///   value (`IS`); no row deleted is a conflict.
 /// - UPDATE: sets the changed columns of the row with that primary key only if each
 ///   changed column still holds its old value; no row changed is a conflict.
+/// - Any other constraint failure (UNIQUE, NOT NULL, CHECK) is retried after the table's
+///   other changes, round after round while a round makes progress, and only then is a
+///   conflict: a change may need a later one first (a write that moves a UNIQUE value
+///   from one row to another, or its inverse, lists the rows in either order, and a
+///   merged changeset lists them in hash order).
 ///
 /// Stricter in one way: `sqlite3changeset_apply` skips, without an error, the changes to a
-/// table this database lacks or whose columns or primary key differ from the changeset's
-/// header. Here that is a conflict: a replica whose schema differs from the primary's has
-/// diverged, and silently dropping rows would hide it.
+/// table this database lacks or whose primary key differs from the changeset's header,
+/// and fills the missing columns of a changeset with fewer columns than the table with
+/// their defaults. Here each is a conflict: a replica whose schema differs from the
+/// primary's has diverged, and the store replicates schema changes in log order, so its
+/// own changesets always match.
 ///
 /// Foreign keys and triggers must be off (`StateStore.setActions`), as they are for
 /// `sqlite3changeset_apply` in the store: the changeset already holds their effects.
@@ -43,10 +50,15 @@ final class ChangesetApplier {
         let quotedName: String
         var insert: PreparedStatement?
         var delete: PreparedStatement?
+        var exists: PreparedStatement?
         /// UPDATE statements by the set of columns they change.
         var updates: [[Bool]: PreparedStatement] = [:]
 
-        init(name: String, columns: [(name: String, pk: Int)]) {
+        /// A rowid table (not WITHOUT ROWID): a row put back keeps its rowid.
+        let hasRowid: Bool
+
+        init(name: String, columns: [(name: String, pk: Int)], hasRowid: Bool) {
+            self.hasRowid = hasRowid
             func quoted(_ s: String) -> String { "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" }
             self.name = name
             columnCount = columns.count
@@ -67,6 +79,9 @@ final class ChangesetApplier {
 
     private let db: SQLiteConnection
     private var tables: [String: Table] = [:]
+    /// Changes that failed a constraint and were tried again later, since this applier
+    /// was made (tests read it).
+    private(set) var retriedChanges = 0
     /// SQLite's schema cookie when `tables` was filled: any schema change empties it.
     private var cookie: Int64 = -1
     private var cookieStatement: PreparedStatement?
@@ -74,7 +89,8 @@ final class ChangesetApplier {
     init(db: SQLiteConnection) { self.db = db }
 
     /// Forgets every kept statement (a change of the foreign key or trigger setting, which
-    /// SQLite compiles into statements).
+    /// SQLite compiles into statements, or a schema change rolled back, after which SQLite
+    /// may reuse its schema version number).
     func invalidate() {
         tables.removeAll()
         cookie = -1
@@ -83,30 +99,155 @@ final class ChangesetApplier {
     /// Applies `changeset` inside the caller's transaction.
     func apply(_ changeset: UnsafeRawBufferPointer) throws(Failure) {
         guard changeset.count > 0 else { return }
-        // SQLite 3.40's iterator never returns on some malformed input (a lone table
-        // header byte spins in sqlite3changeset_next): its structure is checked first.
+        guard changeset.count <= Int(Int32.max) else { throw .malformed(code: SQLITE_TOOBIG) }
+        // SQLite 3.40's changeset readers never return on some malformed input (a lone
+        // table header byte spins in sqlite3changeset_next): its structure is checked first.
         guard Self.isWellFormed(changeset) else { throw .malformed(code: SQLITE_CORRUPT) }
         try checkSchema()
         var iterator: OpaquePointer?
         var rc = sqlite3changeset_start(&iterator, Int32(changeset.count), UnsafeMutableRawPointer(mutating: changeset.baseAddress))
         guard rc == SQLITE_OK, let iterator else { throw .malformed(code: rc) }
         var failure: Failure?
+        var deferred: [Deferred] = []
+        var current: Table?
         while failure == nil {
             rc = sqlite3changeset_next(iterator)
             guard rc == SQLITE_ROW else { break }
-            do { try applyOne(iterator) } catch { failure = error }
+            do throws(Failure) {
+                let (op, table) = try change(iterator)
+                // As SQLite does: what failed a constraint is retried before the next table.
+                if let current, current !== table { try retry(&deferred) }
+                current = table
+                let row = try Row(iterator, op: op, columns: table.columnCount)
+                if case let .constraint(error) = try execute(op, table, row) {
+                    try deferOrFail(Deferred(op: op, table: table, row: try row.owningCopy()), error, into: &deferred)
+                }
+            } catch {
+                failure = error
+            }
         }
         let end = sqlite3changeset_finalize(iterator)
         if let failure { throw failure }
         // A corrupt changeset shows as an error from `next` or from `finalize`.
         if rc != SQLITE_DONE { throw .malformed(code: rc) }
         if end != SQLITE_OK { throw .malformed(code: end) }
+        try retry(&deferred)
+    }
+
+    /// A change's values: borrowed from the iterator while it stands on the change, or
+    /// copies (`sqlite3_value_dup`) for a change retried later.
+    private final class Row {
+        let old: [OpaquePointer?]
+        let new: [OpaquePointer?]
+        private let owned: Bool
+
+        init(old: [OpaquePointer?], new: [OpaquePointer?], owned: Bool) {
+            self.old = old
+            self.new = new
+            self.owned = owned
+        }
+
+        /// The iterator's values for the change it stands on (nil where undefined).
+        convenience init(_ it: OpaquePointer, op: Int32, columns: Int) throws(Failure) {
+            var old = [OpaquePointer?](repeating: nil, count: columns)
+            var new = [OpaquePointer?](repeating: nil, count: columns)
+            for i in 0..<columns {
+                if op != SQLITE_INSERT {
+                    guard sqlite3changeset_old(it, Int32(i), &old[i]) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
+                }
+                if op != SQLITE_DELETE {
+                    guard sqlite3changeset_new(it, Int32(i), &new[i]) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
+                }
+            }
+            self.init(old: old, new: new, owned: false)
+        }
+
+        deinit {
+            if owned { for v in old + new { sqlite3_value_free(v) } }
+        }
+
+        func owningCopy() throws(Failure) -> Row {
+            func dup(_ values: [OpaquePointer?]) throws(Failure) -> [OpaquePointer?] {
+                var out: [OpaquePointer?] = []
+                for v in values {
+                    let copy = sqlite3_value_dup(v)
+                    if v != nil && copy == nil {
+                        for c in out { sqlite3_value_free(c) }
+                        throw .sqlite(SQLiteError(code: SQLITE_NOMEM, extendedCode: SQLITE_NOMEM, message: "out of memory copying a change to retry it"))
+                    }
+                    out.append(copy)
+                }
+                return out
+            }
+            let old = try dup(self.old)
+            do {
+                return Row(old: old, new: try dup(self.new), owned: true)
+            } catch {
+                for v in old { sqlite3_value_free(v) }
+                throw error
+            }
+        }
+    }
+
+    /// A change that failed a constraint, to be tried again after the table's others.
+    private struct Deferred {
+        let op: Int32
+        let table: Table
+        let row: Row
+    }
+
+    /// What running one change came to, short of a conflict (which throws).
+    private enum Outcome {
+        case applied
+        case constraint(SQLiteError)
+    }
+
+    private static func verb(_ op: Int32) -> String {
+        op == SQLITE_INSERT ? "the row cannot be inserted" : op == SQLITE_DELETE ? "the row cannot be deleted" : "the row cannot be updated"
+    }
+
+    /// A constraint failure: an INSERT whose key is taken is a conflict at once; anything
+    /// else waits for a retry.
+    private func deferOrFail(_ change: Deferred, _ error: SQLiteError, into deferred: inout [Deferred]) throws(Failure) {
+        if change.op == SQLITE_INSERT, try rowExists(change.table, key: change.row.new) {
+            throw .conflict(table: change.table.name, reason: "a row with this primary key already exists (\(error.message))")
+        }
+        deferred.append(change)
+        retriedChanges += 1
+    }
+
+    /// Retries the deferred changes, round after round while a round applies at least one.
+    /// After a round without progress the rest is applied by replacing rows (`replace`);
+    /// what fails even then is a conflict.
+    private func retry(_ deferred: inout [Deferred]) throws(Failure) {
+        while !deferred.isEmpty {
+            var still: [Deferred] = []
+            var first: SQLiteError?
+            for change in deferred {
+                if case let .constraint(error) = try execute(change.op, change.table, change.row) {
+                    try deferOrFail(change, error, into: &still)
+                    if first == nil { first = error }
+                }
+            }
+            if still.count == deferred.count {
+                // No order works: the changes form a cycle (two rows trading a UNIQUE
+                // value), which sqlite3changeset_apply cannot apply either.
+                deferred = []
+                try replace(still, first)
+                return
+            }
+            deferred = still
+        }
     }
 
     /// Whether `buf` is a sequence of table headers ('T', the column count, one key byte
     /// per column, the name and a NUL), each followed by changes (an op byte, an indirect
-    /// byte, then the old and new values the op carries), every value complete. The
-    /// session extension's format; patchsets are not accepted.
+    /// byte, then the old and new values the op carries), every value complete, and every
+    /// row the op must hold whole: an INSERT's new row and a DELETE's old row have a value
+    /// for every column, and the key of an INSERT's new row, a DELETE's old row and an
+    /// UPDATE's old row is never NULL (SQLite's changegroup reads a key's length from the
+    /// bytes after it otherwise, past the buffer). The session extension's format;
+    /// patchsets are not accepted.
     static func isWellFormed(_ buf: UnsafeRawBufferPointer) -> Bool {
         var at = 0
         /// SQLite's varint (big-endian groups of 7 bits, at most 9 bytes), as a length.
@@ -123,27 +264,41 @@ final class ChangesetApplier {
             }
             return nil
         }
-        func skipValue() -> Bool {
-            guard at < buf.count else { return false }
+        /// Skips one value; returns its type (0 undefined, 1 integer, 2 real, 3 text,
+        /// 4 blob, 5 NULL), or nil when it is incomplete or of no known type.
+        func value() -> UInt8? {
+            guard at < buf.count else { return nil }
             let type = buf[at]
             at += 1
             switch type {
-            case 0, 5: return true                       // undefined, NULL
-            case 1, 2: at += 8; return at <= buf.count   // integer, real
-            case 3, 4:                                    // text, blob
-                guard let n = varint(), n >= 0, n <= buf.count - at else { return false }
+            case 0, 5: return type
+            case 1, 2:
+                at += 8
+                return at <= buf.count ? type : nil
+            case 3, 4:
+                guard let n = varint(), n >= 0, n <= buf.count - at else { return nil }
                 at += n
-                return true
-            default: return false
+                return type
+            default: return nil
             }
         }
-        var columns = -1
+        /// Skips a row of `keys.count` values: `whole`, every one defined; the key columns
+        /// always defined and not NULL, unless `keysFree` (an UPDATE's new row).
+        func row(_ keys: [Bool], whole: Bool, keysFree: Bool = false) -> Bool {
+            for key in keys {
+                guard let type = value() else { return false }
+                if whole && type == 0 { return false }
+                if key && !keysFree && (type == 0 || type == 5) { return false }
+            }
+            return true
+        }
+        var keys: [Bool] = []
         while at < buf.count {
             let op = buf[at]
             if op == UInt8(ascii: "T") {
                 at += 1
                 guard let n = varint(), n > 0, n <= buf.count - at else { return false }
-                columns = n
+                keys = (at..<(at + n)).map { buf[$0] != 0 }
                 at += n
                 // The table name, NUL-terminated.
                 while at < buf.count && buf[at] != 0 { at += 1 }
@@ -151,15 +306,16 @@ final class ChangesetApplier {
                 at += 1
                 continue
             }
-            guard columns > 0, at + 2 <= buf.count else { return false }
+            guard !keys.isEmpty, at + 2 <= buf.count else { return false }
             at += 2
-            let values: Int
             switch Int32(op) {
-            case SQLITE_INSERT, SQLITE_DELETE: values = columns
-            case SQLITE_UPDATE: values = 2 * columns
-            default: return false
+            case SQLITE_INSERT, SQLITE_DELETE:
+                guard row(keys, whole: true) else { return false }
+            case SQLITE_UPDATE:
+                guard row(keys, whole: false), row(keys, whole: false, keysFree: true) else { return false }
+            default:
+                return false
             }
-            for _ in 0..<values where !skipValue() { return false }
         }
         return true
     }
@@ -179,7 +335,62 @@ final class ChangesetApplier {
         }
     }
 
-    private func applyOne(_ it: OpaquePointer) throws(Failure) {
+    /// Applies changes that no order can apply one by one (a cycle of UNIQUE values
+    /// between rows): first every updated row is taken out, then each is put back with its
+    /// new values (and its rowid), and the inserted rows go in. Inside the caller's
+    /// transaction, with foreign keys and triggers off, the end state is the one the
+    /// primary reached. What still fails a constraint then is a conflict.
+    private func replace(_ changes: [Deferred], _ error: SQLiteError?) throws(Failure) {
+        guard let change = changes.first, let error else { return }
+        guard changes.allSatisfy({ $0.op != SQLITE_DELETE }) else {
+            throw .conflict(table: change.table.name, reason: "\(Self.verb(change.op)): \(error.message)")
+        }
+        var rows: [(table: Table, values: [OpaquePointer?])] = []
+        defer { for r in rows { for v in r.values { sqlite3_value_free(v) } } }
+        for c in changes where c.op == SQLITE_UPDATE {
+            let t = c.table
+            let key = (0..<t.columnCount).filter { t.keyPositions[$0] > 0 }
+            let read = try prepared("SELECT \(t.hasRowid ? "rowid, " : "")\(t.quotedColumns.joined(separator: ", ")) FROM \(t.quotedName) WHERE \(t.keyCondition)")
+            for i in key { try bind(read, i + 1, c.row.old[i]) }
+            let found: Bool
+            do { found = try read.step() } catch { throw .sqlite(error) }
+            guard found else { throw .conflict(table: t.name, reason: "the row to change does not exist") }
+            let offset = t.hasRowid ? 1 : 0
+            var values: [OpaquePointer?] = []
+            for i in 0..<(t.columnCount + offset) {
+                let column = i - offset
+                // The new value of a changed column, else what the row holds (its rowid first).
+                let source = column >= 0 && t.keyPositions[column] == 0 && c.row.new[column] != nil
+                    ? c.row.new[column] : sqlite3_column_value(read.handle, Int32(i))
+                let copy = sqlite3_value_dup(source)
+                guard copy != nil else {
+                    for v in values { sqlite3_value_free(v) }
+                    throw .sqlite(SQLiteError(code: SQLITE_NOMEM, extendedCode: SQLITE_NOMEM, message: "out of memory copying a row"))
+                }
+                values.append(copy)
+            }
+            read.reset()
+            rows.append((t, values))
+            // The old values were checked when the UPDATE failed only on a constraint.
+            let delete = try prepared("DELETE FROM \(t.quotedName) WHERE \(t.keyCondition)")
+            for i in key { try bind(delete, i + 1, c.row.old[i]) }
+            if case let .constraint(e) = try run(delete) { throw .conflict(table: t.name, reason: "the row cannot be replaced: \(e.message)") }
+        }
+        for (t, values) in rows {
+            let columns = (t.hasRowid ? ["rowid"] : []) + t.quotedColumns
+            let insert = try prepared("INSERT INTO \(t.quotedName) (\(columns.joined(separator: ", "))) VALUES (\((1...columns.count).map { "?\($0)" }.joined(separator: ", ")))")
+            for (i, v) in values.enumerated() { try bind(insert, i + 1, v) }
+            if case let .constraint(e) = try run(insert) { throw .conflict(table: t.name, reason: "the row cannot be updated: \(e.message)") }
+        }
+        for c in changes where c.op == SQLITE_INSERT {
+            if case let .constraint(e) = try insert(c.row, into: c.table) {
+                throw .conflict(table: c.table.name, reason: "the row cannot be inserted: \(e.message)")
+            }
+        }
+    }
+
+    /// The operation and table of the change the iterator stands on.
+    private func change(_ it: OpaquePointer) throws(Failure) -> (op: Int32, table: Table) {
         var namePointer: UnsafePointer<CChar>?
         var columns: Int32 = 0
         var op: Int32 = 0
@@ -192,12 +403,15 @@ final class ChangesetApplier {
         guard sqlite3changeset_pk(it, &keyFlags, &keyColumns) == SQLITE_OK, let keyFlags else {
             throw .malformed(code: SQLITE_CORRUPT)
         }
-        let table = try self.table(String(cString: namePointer), columns: Int(columns), keyFlags: keyFlags)
+        guard op == SQLITE_INSERT || op == SQLITE_DELETE || op == SQLITE_UPDATE else { throw .malformed(code: SQLITE_CORRUPT) }
+        return (op, try table(String(cString: namePointer), columns: Int(columns), keyFlags: keyFlags))
+    }
+
+    private func execute(_ op: Int32, _ table: Table, _ row: Row) throws(Failure) -> Outcome {
         switch op {
-        case SQLITE_INSERT: try insert(it, into: table)
-        case SQLITE_DELETE: try delete(it, from: table)
-        case SQLITE_UPDATE: try update(it, in: table)
-        default: throw .malformed(code: SQLITE_CORRUPT)
+        case SQLITE_INSERT: try insert(row, into: table)
+        case SQLITE_DELETE: try delete(row, from: table)
+        default: try update(row, in: table)
         }
     }
 
@@ -222,7 +436,15 @@ final class ChangesetApplier {
             guard !list.isEmpty else {
                 throw .conflict(table: name, reason: "this site has no table \(name)")
             }
-            table = Table(name: name, columns: list)
+            var hasRowid = true
+            do {
+                let s = try db.prepare("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1")
+                try s.bind([.text(name)])
+                if try s.step(), case let .integer(wr) = s.value(0) { hasRowid = wr == 0 }
+            } catch {
+                throw .sqlite(error)
+            }
+            table = Table(name: name, columns: list, hasRowid: hasRowid)
             tables[name] = table
         }
         guard table.columnCount == columns,
@@ -241,20 +463,28 @@ final class ChangesetApplier {
         guard rc == SQLITE_OK else { throw .sqlite(db.lastError) }
     }
 
-    /// Steps a write; a constraint failure is a conflict, anything else an SQLite error.
-    private func run(_ s: PreparedStatement, table: Table, constraint: String) throws(Failure) {
+    /// Binds every column's value as ?1...?n: the new row (an INSERT's) or the old one (a
+    /// DELETE's), each of which the changeset must hold in full.
+    private func bindRow(_ s: PreparedStatement, _ values: [OpaquePointer?]) throws(Failure) {
+        for (i, v) in values.enumerated() {
+            guard v != nil else { throw .malformed(code: SQLITE_CORRUPT) }
+            try bind(s, i + 1, v)
+        }
+    }
+
+    /// Steps a write: a constraint failure is returned, anything else but success throws.
+    private func run(_ s: PreparedStatement) throws(Failure) -> Outcome {
         defer { s.reset() }
         do {
             _ = try s.step()
+            return .applied
         } catch {
-            if error.code & 0xFF == SQLITE_CONSTRAINT {
-                throw .conflict(table: table.name, reason: "\(constraint): \(error.message)")
-            }
+            if error.code & 0xFF == SQLITE_CONSTRAINT { return .constraint(error) }
             throw .sqlite(error)
         }
     }
 
-    private func insert(_ it: OpaquePointer, into table: Table) throws(Failure) {
+    private func insert(_ row: Row, into table: Table) throws(Failure) -> Outcome {
         let s: PreparedStatement
         if let kept = table.insert {
             s = kept
@@ -263,15 +493,11 @@ final class ChangesetApplier {
             s = try prepared("INSERT INTO \(table.quotedName) VALUES (\(marks))")
             table.insert = s
         }
-        for i in 0..<table.columnCount {
-            var v: OpaquePointer?
-            guard sqlite3changeset_new(it, Int32(i), &v) == SQLITE_OK, v != nil else { throw .malformed(code: SQLITE_CORRUPT) }
-            try bind(s, i + 1, v)
-        }
-        try run(s, table: table, constraint: "the row cannot be inserted")
+        try bindRow(s, row.new)
+        return try run(s)
     }
 
-    private func delete(_ it: OpaquePointer, from table: Table) throws(Failure) {
+    private func delete(_ row: Row, from table: Table) throws(Failure) -> Outcome {
         let s: PreparedStatement
         if let kept = table.delete {
             s = kept
@@ -281,25 +507,17 @@ final class ChangesetApplier {
             s = try prepared("DELETE FROM \(table.quotedName) WHERE \(table.keyCondition)\(others)")
             table.delete = s
         }
-        for i in 0..<table.columnCount {
-            var v: OpaquePointer?
-            guard sqlite3changeset_old(it, Int32(i), &v) == SQLITE_OK, v != nil else { throw .malformed(code: SQLITE_CORRUPT) }
-            try bind(s, i + 1, v)
-        }
-        try run(s, table: table, constraint: "the row cannot be deleted")
-        if db.changes == 0 { throw .conflict(table: table.name, reason: missing(it, table)) }
+        try bindRow(s, row.old)
+        let outcome = try run(s)
+        if case .applied = outcome, db.changes == 0 { throw .conflict(table: table.name, reason: try missing(row, table)) }
+        return outcome
     }
 
-    private func update(_ it: OpaquePointer, in table: Table) throws(Failure) {
-        // Which columns change: those with a new value (the key never does in a changeset).
-        var changed = [Bool](repeating: false, count: table.columnCount)
-        var new = [OpaquePointer?](repeating: nil, count: table.columnCount)
-        for i in 0..<table.columnCount where table.keyPositions[i] == 0 {
-            var v: OpaquePointer?
-            guard sqlite3changeset_new(it, Int32(i), &v) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
-            if v != nil { changed[i] = true; new[i] = v }
-        }
-        guard changed.contains(true) else { return }
+    private func update(_ row: Row, in table: Table) throws(Failure) -> Outcome {
+        // Which columns change: those with a new value (a key column's new value is
+        // ignored, as sqlite3changeset_apply ignores it: the key never changes in one).
+        let changed = (0..<table.columnCount).map { table.keyPositions[$0] == 0 && row.new[$0] != nil }
+        guard changed.contains(true) else { return .applied }
         let s: PreparedStatement
         if let kept = table.updates[changed] {
             s = kept
@@ -314,27 +532,34 @@ final class ChangesetApplier {
             table.updates[changed] = s
         }
         for i in 0..<table.columnCount where table.keyPositions[i] > 0 || changed[i] {
-            var old: OpaquePointer?
-            guard sqlite3changeset_old(it, Int32(i), &old) == SQLITE_OK, old != nil else { throw .malformed(code: SQLITE_CORRUPT) }
-            try bind(s, i + 1, old)
-            if changed[i] { try bind(s, table.columnCount + i + 1, new[i]) }
+            guard row.old[i] != nil else { throw .malformed(code: SQLITE_CORRUPT) }
+            try bind(s, i + 1, row.old[i])
+            if changed[i] { try bind(s, table.columnCount + i + 1, row.new[i]) }
         }
-        try run(s, table: table, constraint: "the row cannot be updated")
-        if db.changes == 0 { throw .conflict(table: table.name, reason: missing(it, table)) }
+        let outcome = try run(s)
+        if case .applied = outcome, db.changes == 0 { throw .conflict(table: table.name, reason: try missing(row, table)) }
+        return outcome
+    }
+
+    /// Whether a row with the key in `values` exists.
+    private func rowExists(_ table: Table, key values: [OpaquePointer?]) throws(Failure) -> Bool {
+        let s: PreparedStatement
+        if let kept = table.exists {
+            s = kept
+        } else {
+            s = try prepared("SELECT 1 FROM \(table.quotedName) WHERE \(table.keyCondition)")
+            table.exists = s
+        }
+        defer { s.reset() }
+        for i in 0..<table.columnCount where table.keyPositions[i] > 0 {
+            guard values[i] != nil else { throw .malformed(code: SQLITE_CORRUPT) }
+            try bind(s, i + 1, values[i])
+        }
+        do { return try s.step() } catch { throw .sqlite(error) }
     }
 
     /// Why a DELETE or UPDATE changed no row: the row is absent, or holds other values.
-    private func missing(_ it: OpaquePointer, _ table: Table) -> String {
-        let keys = table.quotedColumns.indices.filter { table.keyPositions[$0] > 0 }
-        guard let s = try? db.prepare("SELECT 1 FROM \(table.quotedName) WHERE \(table.keyCondition)") else {
-            return "the row to change does not exist or holds other values than the change expects"
-        }
-        for i in keys {
-            var v: OpaquePointer?
-            guard sqlite3changeset_old(it, Int32(i), &v) == SQLITE_OK else { break }
-            sqlite3_bind_value(s.handle, Int32(i + 1), v)
-        }
-        let exists = (try? s.step()) ?? false
-        return exists ? "the row holds other values than the change expects" : "the row to change does not exist"
+    private func missing(_ row: Row, _ table: Table) throws(Failure) -> String {
+        try rowExists(table, key: row.old) ? "the row holds other values than the change expects" : "the row to change does not exist"
     }
 }

@@ -324,7 +324,7 @@ public final class StateStore: @unchecked Sendable {
                 }
                 do {
                     try withInternal { try db.exec("ROLLBACK TO tandem_write; RELEASE tandem_write") }
-                    if transactionChangedSchema { capture.forgetSchema() }
+                    if transactionChangedSchema { forgetSchema() }
                 } catch let undo {
                     // The transaction cannot be trusted to hold only the earlier writes.
                     rollbackTransaction()
@@ -567,8 +567,15 @@ public final class StateStore: @unchecked Sendable {
     private func rollbackTransaction() {
         authorizer.mode = .internal
         if db.inTransaction { try? db.exec("ROLLBACK") }
-        if transactionChangedSchema { capture.forgetSchema() }
+        if transactionChangedSchema { forgetSchema() }
         transactionChangedSchema = false
+    }
+
+    /// A schema change was rolled back: SQLite may give the next one the same schema
+    /// version number, so what was read under it is forgotten.
+    private func forgetSchema() {
+        capture.forgetSchema()
+        applier.invalidate()
     }
 
     static func storeError(_ error: any Error) -> StoreError {
@@ -920,7 +927,6 @@ private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32,
     return auth.decide(action, a3.map { String(cString: $0) }, a4.map { String(cString: $0) })
 }
 
-/// The first conflict met while applying a changeset.
 /// Merges consecutive changesets into one (sqlite3changegroup).
 struct ChangesetGroup: ~Copyable {
     private var handle: OpaquePointer?

@@ -79,7 +79,7 @@ struct ChangesetApplierTests {
     static let cases: [Case] = [
         Case(name: "insert of a row that exists", primary: "", write: "INSERT INTO t1 VALUES (1, 'a', 1.5, x'01')",
              replica: "INSERT INTO t1 VALUES (1, 'b', NULL, NULL)", sqliteConflict: SQLITE_CHANGESET_CONFLICT,
-             reason: "cannot be inserted"),
+             reason: "already exists"),
         Case(name: "update of a row holding other values", primary: "INSERT INTO t1 VALUES (1, 'a', 1.5, x'01')",
              write: "UPDATE t1 SET name = 'z' WHERE id = 1",
              replica: "INSERT INTO t1 VALUES (1, 'other', 1.5, x'01')", sqliteConflict: SQLITE_CHANGESET_DATA,
@@ -123,7 +123,7 @@ struct ChangesetApplierTests {
         #expect(try ChangesetCaptureTests.dump(db) == before)
     }
 
-    @Test("a table this site lacks, or whose columns differ, is a conflict (sqlite3changeset_apply would skip its rows)")
+    @Test("a table this site lacks, or whose columns or key differ, is a conflict (sqlite3changeset_apply reports none)")
     func schemaMismatch() throws {
         let dir = TempDir("applier-schema")
         defer { dir.cleanup() }
@@ -138,7 +138,7 @@ struct ChangesetApplierTests {
         for (schema, why) in [(withoutTable, "no table t2"), (otherColumns, "differ"), (otherKey, "differ")] {
             let db = try Self.replica("", schema: schema, in: dir)
             #expect(Self.oracle(changeset, on: try Self.replica("", schema: schema, in: dir)).rc == SQLITE_OK,
-                    "sqlite3changeset_apply skips the table's rows without an error")
+                    "sqlite3changeset_apply reports no error (it skips the rows, or fills the missing column with its default)")
             let failure = try Self.ours(changeset, on: db)
             guard case let .conflict(table, reason) = failure else {
                 Issue.record("expected a conflict, got \(String(describing: failure))")
@@ -210,6 +210,188 @@ struct ChangesetApplierTests {
             #expect(replica.appliedLSN == people.lsn.previous, "\(how)")
             try replica.apply([people, booked])
             #expect(try replica.stateHash() == primary.stateHash(), "\(how)")
+        }
+    }
+
+    static let uniqueSchema = """
+        CREATE TABLE u (id INTEGER PRIMARY KEY, ref TEXT NOT NULL UNIQUE, n INTEGER);
+        CREATE TABLE w (a TEXT, b INTEGER, tag INTEGER UNIQUE, PRIMARY KEY (a, b)) WITHOUT ROWID;
+        CREATE TABLE r (k TEXT PRIMARY KEY, tag INTEGER UNIQUE);
+        """
+
+    static func dumpUnique(_ db: SQLiteConnection) throws -> [String] {
+        try db.rows("SELECT * FROM u ORDER BY id").map { "u \($0)" } + db.rows("SELECT * FROM w ORDER BY a, b").map { "w \($0)" }
+            + db.rows("SELECT * FROM r ORDER BY k").map { "r \($0)" }
+    }
+
+    /// A random write over tables whose UNIQUE values move between rows.
+    static func uniqueWrite(_ r: inout SeededRandom) -> String {
+        func ref() -> String { "'" + ["A", "B", "C", "D", "E"][Int(r.next() % 5)] + "'" }
+        func id() -> UInt64 { r.next() % 5 }
+        func tag() -> UInt64 { r.next() % 4 }
+        return (0..<(1 + Int(r.next() % 4))).map { _ in
+            switch r.next() % 11 {
+            case 0: "INSERT OR IGNORE INTO u VALUES (\(id()), \(ref()), \(id()))"
+            case 1, 2: "UPDATE OR IGNORE u SET ref = \(ref()) WHERE id = \(id())"
+            case 3: "DELETE FROM u WHERE id = \(id())"
+            case 4: "INSERT OR IGNORE INTO w VALUES (\(ref()), \(id() % 2), \(tag()))"
+            case 5, 6: "UPDATE OR IGNORE w SET tag = \(tag()) WHERE a = \(ref())"
+            case 7: "DELETE FROM w WHERE tag = \(tag())"
+            // Two rows trade their UNIQUE values through a third: a cycle no order of
+            // the changeset's updates can apply one by one.
+            case 8: "UPDATE OR IGNORE u SET ref = 'tmp' WHERE id = \(id()); UPDATE OR IGNORE u SET ref = 'A' WHERE ref = 'B'; UPDATE OR IGNORE u SET ref = 'B' WHERE ref = 'tmp'"
+            case 9: "INSERT OR IGNORE INTO r VALUES (\(ref()), \(tag()))"
+            default: "UPDATE OR IGNORE r SET tag = -1 WHERE k = 'A'; UPDATE OR IGNORE r SET tag = \(tag()) WHERE k = 'B'; UPDATE OR IGNORE r SET tag = 7 WHERE tag = -1; DELETE FROM r WHERE tag = \(tag())"
+            }
+        }.joined(separator: "; ")
+    }
+
+    static func merged(_ changesets: [[UInt8]]) throws -> [UInt8] {
+        var group: OpaquePointer?
+        try #require(sqlite3changegroup_new(&group) == SQLITE_OK)
+        defer { sqlite3changegroup_delete(group) }
+        for c in changesets where !c.isEmpty {
+            let rc = c.withUnsafeBytes { sqlite3changegroup_add(group, Int32($0.count), UnsafeMutableRawPointer(mutating: $0.baseAddress)) }
+            try #require(rc == SQLITE_OK)
+        }
+        var n: Int32 = 0
+        var p: UnsafeMutableRawPointer?
+        try #require(sqlite3changegroup_output(group, &n, &p) == SQLITE_OK)
+        defer { sqlite3_free(p) }
+        return p.map { [UInt8](UnsafeRawBufferPointer(start: $0, count: Int(n))) } ?? []
+    }
+
+    @Test("UNIQUE values moving between rows: a change that fails a constraint waits for the table's other changes, as sqlite3changeset_apply does",
+          arguments: [UInt64(1), 2, 3])
+    func constraintsRetried(seed: UInt64) throws {
+        let dir = TempDir("applier-unique")
+        defer { dir.cleanup() }
+        func open(_ name: String) throws -> SQLiteConnection {
+            let db = try SQLiteConnection(path: dir.sub(name), create: true)
+            try db.exec(Self.uniqueSchema)
+            return db
+        }
+        let primary = try open("primary.sqlite")
+        // Each write alone (with its undo and redo now and then), and groups of writes
+        // merged with a changegroup: SQLite's apply and the store's, side by side.
+        let oracle = try open("oracle.sqlite"), ours = try open("ours.sqlite")
+        let oracleMerged = try open("oracle-merged.sqlite"), oursMerged = try open("ours-merged.sqlite")
+        let applier = ChangesetApplier(db: ours), mergedApplier = ChangesetApplier(db: oursMerged)
+        let capture = ChangesetCapture(db: primary)
+        var random = SeededRandom(seed: seed)
+        var pending: [[UInt8]] = []
+        var cycles = 0
+        /// Where SQLite's function cannot apply a changeset (a cycle), its replica sits out
+        /// the rest of the step and is then set to the primary's state again.
+        var oracleOut: Set<ObjectIdentifier> = []
+        func both(_ changeset: [UInt8], _ a: SQLiteConnection, _ b: SQLiteConnection, _ applier: ChangesetApplier) throws {
+            guard !changeset.isEmpty else { return }
+            if !oracleOut.contains(ObjectIdentifier(a)) {
+                try a.exec("BEGIN")
+                let seen = Self.oracle(changeset, on: a)
+                try a.exec(seen.rc == SQLITE_OK ? "COMMIT" : "ROLLBACK")
+                if seen.rc != SQLITE_OK {
+                    #expect(seen.conflict == SQLITE_CHANGESET_CONSTRAINT, "SQLite: rc \(seen.rc), conflict \(seen.conflict)")
+                    cycles += 1
+                    oracleOut.insert(ObjectIdentifier(a))
+                }
+            }
+            try b.exec("BEGIN")
+            try changeset.withUnsafeBytes { try applier.apply($0) }
+            try b.exec("COMMIT")
+        }
+        func resync() throws {
+            for a in [oracle, oracleMerged] where oracleOut.contains(ObjectIdentifier(a)) {
+                try a.exec("ATTACH '\(dir.sub("primary.sqlite"))' AS p; DELETE FROM u; DELETE FROM w; DELETE FROM r; INSERT INTO u SELECT * FROM p.u; INSERT INTO w SELECT * FROM p.w; INSERT INTO r (rowid, k, tag) SELECT rowid, k, tag FROM p.r; DETACH p")
+            }
+            oracleOut.removeAll()
+        }
+        for step in 0..<400 {
+            let sql = Self.uniqueWrite(&random)
+            try primary.exec("BEGIN")
+            try capture.begin()
+            do { try primary.exec(sql) } catch {
+                capture.discard()
+                try primary.exec("ROLLBACK")
+                continue
+            }
+            let captured = try capture.finish()
+            try primary.exec("COMMIT")
+            try both(captured.changeset, oracle, ours, applier)
+            if step % 4 == 0 {
+                try both(captured.inverse, oracle, ours, applier)
+                try both(captured.changeset, oracle, ours, applier)
+            }
+            let expected = try Self.dumpUnique(primary)
+            if pending.count == 7 {
+                try both(try Self.merged(pending + [captured.changeset]), oracleMerged, oursMerged, mergedApplier)
+                pending.removeAll()
+                #expect(try Self.dumpUnique(oursMerged) == expected)
+            } else {
+                pending.append(captured.changeset)
+            }
+            try resync()
+            if pending.isEmpty { #expect(try Self.dumpUnique(oracleMerged) == expected) }
+            #expect(try Self.dumpUnique(oracle) == expected, "SQLite's apply after \(sql)")
+            #expect(try Self.dumpUnique(ours) == expected, "the store's apply after \(sql)")
+            if try Self.dumpUnique(ours) != expected { return }
+        }
+        // The random writes did need the retries, alone and merged, and met cycles.
+        #expect(applier.retriedChanges > 10)
+        #expect(mergedApplier.retriedChanges > 0)
+        #expect(cycles > 3)
+    }
+
+    @Test("a UNIQUE value held by a row no change frees is a conflict after the retries, and nothing is changed")
+    func constraintThatNeverClears() throws {
+        let dir = TempDir("applier-unique-conflict")
+        defer { dir.cleanup() }
+        let primary = try SQLiteConnection(path: dir.sub("primary.sqlite"), create: true)
+        try primary.exec(Self.uniqueSchema + "INSERT INTO u VALUES (1, 'A', 0);")
+        let capture = ChangesetCapture(db: primary)
+        try primary.exec("BEGIN")
+        try capture.begin()
+        // Row 2 takes 'A' after row 1 gave it up: the changeset lists row 2 first.
+        try primary.exec("INSERT INTO u VALUES (2, 'tmp', 0); UPDATE u SET ref = 'B' WHERE id = 1; UPDATE u SET ref = 'A' WHERE id = 2")
+        let changeset = try capture.finish().changeset
+        try primary.exec("COMMIT")
+        // In step: applies, the INSERT waiting for the UPDATE.
+        let inStep = try SQLiteConnection(path: dir.sub("in-step.sqlite"), create: true)
+        try inStep.exec(Self.uniqueSchema + "INSERT INTO u VALUES (1, 'A', 0);")
+        #expect(try Self.ours(changeset, on: inStep) == nil)
+        #expect(try Self.dumpUnique(inStep) == Self.dumpUnique(primary))
+        // Diverged: a third row holds 'B', so row 1 can never move and row 2 never enter.
+        let diverged = try SQLiteConnection(path: dir.sub("diverged.sqlite"), create: true)
+        try diverged.exec(Self.uniqueSchema + "INSERT INTO u VALUES (1, 'A', 0), (3, 'B', 0);")
+        let reference = try SQLiteConnection(path: dir.sub("reference.sqlite"), create: true)
+        try reference.exec(Self.uniqueSchema + "INSERT INTO u VALUES (1, 'A', 0), (3, 'B', 0);")
+        let seen = Self.oracle(changeset, on: reference)
+        #expect(seen.rc == SQLITE_ABORT && seen.conflict == SQLITE_CHANGESET_CONSTRAINT)
+        let before = try Self.dumpUnique(diverged)
+        guard case let .conflict(table, reason) = try Self.ours(changeset, on: diverged) else {
+            Issue.record("expected a conflict")
+            return
+        }
+        #expect(table == "u" && reason.contains("UNIQUE"), "\(reason)")
+        #expect(try Self.dumpUnique(diverged) == before)
+    }
+
+    @Test("a key that is NULL or missing where the row must hold it is malformed (SQLite's changegroup would read past the buffer)")
+    func keysMustBeThere() throws {
+        // T, 2 columns, key flags 1 0, "t\0"; then an INSERT (18) of (NULL, 1) and of (5, undefined).
+        let header: [UInt8] = [UInt8(ascii: "T"), 2, 1, 0, UInt8(ascii: "t"), 0]
+        let integerOne: [UInt8] = [1, 0, 0, 0, 0, 0, 0, 0, 1]
+        let nullKey = header + [18, 0, 5] + integerOne
+        let undefinedValue = header + [18, 0] + integerOne + [0]
+        let good = header + [18, 0] + integerOne + integerOne
+        let deleteNullKey = header + [9, 0, 5] + integerOne
+        let updateNullOldKey = header + [23, 0, 5, 0, 0] + integerOne
+        let updateFine = header + [23, 0] + integerOne + integerOne + [0] + integerOne
+        for bad in [nullKey, undefinedValue, deleteNullKey, updateNullOldKey] {
+            bad.withUnsafeBytes { #expect(!ChangesetApplier.isWellFormed($0), "\(bad)") }
+        }
+        for fine in [good, updateFine] {
+            fine.withUnsafeBytes { #expect(ChangesetApplier.isWellFormed($0), "\(fine)") }
         }
     }
 }

@@ -192,6 +192,31 @@ struct StateStoreTests {
         #expect(throws: StoreError.self) { try primary.rollback(to: LSN(1)) }
     }
 
+    @Test("two patients trading their UNIQUE references replicate and are undone (sqlite3changeset_apply stopped the replica on this)")
+    func uniqueValuesTraded() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let primary = try telehealthStore(dir.sub("p"))
+        let replica = try StateStore.create(directory: dir.sub("r"), clusterID: cluster)
+        try replica.apply(try replayable(primary))
+        let people = try seedPeople(primary)
+        try replica.apply([people])
+        primary.markCommitted(through: people.lsn)
+        let before = try primary.stateHash()
+        // A reference entered on the wrong patient, corrected in one write: the changeset
+        // holds two updates, neither of which can go first on its own.
+        let swap = try primary.execute(WriteBatch([
+            SQLStatement("UPDATE patients SET reference = 'swap' WHERE id = 1"),
+            SQLStatement("UPDATE patients SET reference = 'IPP-1' WHERE id = 2"),
+            SQLStatement("UPDATE patients SET reference = 'IPP-2' WHERE id = 1"),
+        ]), lsn: primary.appliedLSN.next, term: Term(1)).record
+        try replica.apply([swap])
+        #expect(try replica.stateHash() == primary.stateHash())
+        #expect(try replica.query(SQLStatement("SELECT reference FROM patients WHERE id = 1")).rows == [[.text("IPP-2")]])
+        // Not committed: a deposed primary undoes it with the inverse, another cycle.
+        try primary.rollback(to: people.lsn)
+        #expect(try primary.stateHash() == before)
+    }
+
     @Test("a group of writes runs in one transaction: one that fails takes no LSN, the others keep theirs, and each changeset stands alone")
     func groupedWrites() throws {
         let dir = TempDir(); defer { dir.cleanup() }
