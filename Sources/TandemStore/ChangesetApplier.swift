@@ -10,8 +10,10 @@ import CSQLite
 /// and statements until the schema changes, and otherwise does what that function does
 /// when every conflict aborts (the only way the store uses it):
 ///
-/// - INSERT: `INSERT INTO t VALUES (...)`; a row with that primary key already there is
-///   a conflict.
+/// - INSERT: `INSERT OR ABORT INTO t VALUES (...)`; a row with that primary key already
+///   there is a conflict. (OR ABORT everywhere: a table's own ON CONFLICT REPLACE, IGNORE
+///   or ROLLBACK would otherwise delete another row, drop this one, or end the caller's
+///   transaction, on a replica that only replays what the primary did.)
 /// - DELETE: deletes the row by primary key only if every column still holds the old
 ///   value (`IS`); no row deleted is a conflict.
 /// - UPDATE: sets the changed columns of the row with that primary key only if each
@@ -82,6 +84,8 @@ final class ChangesetApplier {
     /// Changes that failed a constraint and were tried again later, since this applier
     /// was made (tests read it).
     private(set) var retriedChanges = 0
+    /// Changes applied by replacing rows (`replace`), since this applier was made.
+    private(set) var replacedChanges = 0
     /// SQLite's schema cookie when `tables` was filled: any schema change empties it.
     private var cookie: Int64 = -1
     private var cookieStatement: PreparedStatement?
@@ -342,6 +346,7 @@ final class ChangesetApplier {
     /// primary reached. What still fails a constraint then is a conflict.
     private func replace(_ changes: [Deferred], _ error: SQLiteError?) throws(Failure) {
         guard let change = changes.first, let error else { return }
+        replacedChanges += changes.count
         guard changes.allSatisfy({ $0.op != SQLITE_DELETE }) else {
             throw .conflict(table: change.table.name, reason: "\(Self.verb(change.op)): \(error.message)")
         }
@@ -378,7 +383,7 @@ final class ChangesetApplier {
         }
         for (t, values) in rows {
             let columns = (t.hasRowid ? ["rowid"] : []) + t.quotedColumns
-            let insert = try prepared("INSERT INTO \(t.quotedName) (\(columns.joined(separator: ", "))) VALUES (\((1...columns.count).map { "?\($0)" }.joined(separator: ", ")))")
+            let insert = try prepared("INSERT OR ABORT INTO \(t.quotedName) (\(columns.joined(separator: ", "))) VALUES (\((1...columns.count).map { "?\($0)" }.joined(separator: ", ")))")
             for (i, v) in values.enumerated() { try bind(insert, i + 1, v) }
             if case let .constraint(e) = try run(insert) { throw .conflict(table: t.name, reason: "the row cannot be updated: \(e.message)") }
         }
@@ -419,7 +424,10 @@ final class ChangesetApplier {
     /// does not match the changeset's header.
     private func table(_ name: String, columns: Int, keyFlags: UnsafeMutablePointer<UInt8>) throws(Failure) -> Table {
         let table: Table
-        if let t = tables[name] {
+        // SQLite's names are case-insensitive for ASCII letters: one entry however a
+        // changeset spells it.
+        let key = String(decoding: name.utf8.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 }, as: UTF8.self)
+        if let t = tables[key] {
             table = t
         } else {
             var list: [(name: String, pk: Int)] = []
@@ -438,14 +446,14 @@ final class ChangesetApplier {
             }
             var hasRowid = true
             do {
-                let s = try db.prepare("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1")
+                let s = try db.prepare("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1 COLLATE NOCASE")
                 try s.bind([.text(name)])
                 if try s.step(), case let .integer(wr) = s.value(0) { hasRowid = wr == 0 }
             } catch {
                 throw .sqlite(error)
             }
             table = Table(name: name, columns: list, hasRowid: hasRowid)
-            tables[name] = table
+            tables[key] = table
         }
         guard table.columnCount == columns,
               (0..<columns).allSatisfy({ table.keyPositions[$0] == keyFlags[$0] }) else {
@@ -479,7 +487,9 @@ final class ChangesetApplier {
             _ = try s.step()
             return .applied
         } catch {
-            if error.code & 0xFF == SQLITE_CONSTRAINT { return .constraint(error) }
+            // Retrying is only sound while the caller's transaction still holds everything
+            // applied so far (OR ABORT keeps it; this guards the assumption).
+            if error.code & 0xFF == SQLITE_CONSTRAINT && db.inTransaction { return .constraint(error) }
             throw .sqlite(error)
         }
     }
@@ -490,7 +500,7 @@ final class ChangesetApplier {
             s = kept
         } else {
             let marks = (1...table.columnCount).map { "?\($0)" }.joined(separator: ", ")
-            s = try prepared("INSERT INTO \(table.quotedName) VALUES (\(marks))")
+            s = try prepared("INSERT OR ABORT INTO \(table.quotedName) VALUES (\(marks))")
             table.insert = s
         }
         try bindRow(s, row.new)
@@ -527,7 +537,7 @@ final class ChangesetApplier {
             let sets = changed.indices.filter { changed[$0] }.map { "\(table.quotedColumns[$0]) = ?\(n + $0 + 1)" }
                 .joined(separator: ", ")
             let checks = changed.indices.filter { changed[$0] }.map { " AND \(table.quotedColumns[$0]) IS ?\($0 + 1)" }.joined()
-            s = try prepared("UPDATE \(table.quotedName) SET \(sets) WHERE \(table.keyCondition)\(checks)")
+            s = try prepared("UPDATE OR ABORT \(table.quotedName) SET \(sets) WHERE \(table.keyCondition)\(checks)")
             if table.updates.count >= Self.maxUpdateShapes { table.updates.removeAll() }
             table.updates[changed] = s
         }
