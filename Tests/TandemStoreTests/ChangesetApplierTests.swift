@@ -13,9 +13,15 @@ import TandemModel
 struct ChangesetApplierTests {
     /// The changeset of `sql` run on a fresh primary after `setup`.
     static func changeset(setup: String, _ sql: String, in dir: TempDir) throws -> [UInt8] {
-        let path = dir.sub("primary-\(UUID().uuidString).sqlite")
-        let db = try SQLiteConnection(path: path, create: true)
-        try db.exec(ChangesetCaptureTests.schema)
+        try captured(setup: setup, sql, in: dir).changeset
+    }
+
+    /// A fresh primary with `schema`, after `setup` and then `sql`, and the changeset `sql`
+    /// made there.
+    static func captured(schema: String = ChangesetCaptureTests.schema, setup: String, _ sql: String,
+                         in dir: TempDir) throws -> (primary: SQLiteConnection, changeset: [UInt8]) {
+        let db = try SQLiteConnection(path: dir.sub("primary-\(UUID().uuidString).sqlite"), create: true)
+        try db.exec(schema)
         if !setup.isEmpty { try db.exec(setup) }
         let capture = ChangesetCapture(db: db)
         try db.exec("BEGIN")
@@ -23,7 +29,7 @@ struct ChangesetApplierTests {
         try db.exec(sql)
         let changeset = try capture.finish().changeset
         try db.exec("COMMIT")
-        return changeset
+        return (db, changeset)
     }
 
     /// A replica with `state` (after the test schema, or `schema` instead).
@@ -348,15 +354,9 @@ struct ChangesetApplierTests {
     func constraintThatNeverClears() throws {
         let dir = TempDir("applier-unique-conflict")
         defer { dir.cleanup() }
-        let primary = try SQLiteConnection(path: dir.sub("primary.sqlite"), create: true)
-        try primary.exec(Self.uniqueSchema + "INSERT INTO u VALUES (1, 'A', 0);")
-        let capture = ChangesetCapture(db: primary)
-        try primary.exec("BEGIN")
-        try capture.begin()
         // Row 2 takes 'A' after row 1 gave it up: the changeset lists row 2 first.
-        try primary.exec("INSERT INTO u VALUES (2, 'tmp', 0); UPDATE u SET ref = 'B' WHERE id = 1; UPDATE u SET ref = 'A' WHERE id = 2")
-        let changeset = try capture.finish().changeset
-        try primary.exec("COMMIT")
+        let (primary, changeset) = try Self.captured(schema: Self.uniqueSchema, setup: "INSERT INTO u VALUES (1, 'A', 0);",
+                                                     "INSERT INTO u VALUES (2, 'tmp', 0); UPDATE u SET ref = 'B' WHERE id = 1; UPDATE u SET ref = 'A' WHERE id = 2", in: dir)
         // In step: applies, the INSERT waiting for the UPDATE.
         let inStep = try SQLiteConnection(path: dir.sub("in-step.sqlite"), create: true)
         try inStep.exec(Self.uniqueSchema + "INSERT INTO u VALUES (1, 'A', 0);")
@@ -403,15 +403,9 @@ struct ChangesetApplierTests {
         let dir = TempDir("applier-on-conflict")
         defer { dir.cleanup() }
         let schema = "CREATE TABLE u (id INTEGER PRIMARY KEY, ref TEXT NOT NULL UNIQUE ON CONFLICT \(clause), n INTEGER); CREATE TABLE other (id INTEGER PRIMARY KEY);"
-        let primary = try SQLiteConnection(path: dir.sub("primary.sqlite"), create: true)
-        try primary.exec(schema + "INSERT INTO u VALUES (1, 'A', 0);")
-        let capture = ChangesetCapture(db: primary)
-        try primary.exec("BEGIN")
-        try capture.begin()
         // Row 2 takes 'A' after row 1 gave it up: the changeset lists row 2's INSERT first.
-        try primary.exec("INSERT INTO other VALUES (1); INSERT INTO u VALUES (2, 'tmp', 0); UPDATE u SET ref = 'B' WHERE id = 1; UPDATE u SET ref = 'A' WHERE id = 2")
-        let changeset = try capture.finish().changeset
-        try primary.exec("COMMIT")
+        let (primary, changeset) = try Self.captured(schema: schema, setup: "INSERT INTO u VALUES (1, 'A', 0);",
+                                                     "INSERT INTO other VALUES (1); INSERT INTO u VALUES (2, 'tmp', 0); UPDATE u SET ref = 'B' WHERE id = 1; UPDATE u SET ref = 'A' WHERE id = 2", in: dir)
         let replica = try SQLiteConnection(path: dir.sub("replica.sqlite"), create: true)
         try replica.exec(schema + "INSERT INTO u VALUES (1, 'A', 0);")
         #expect(try Self.ours(changeset, on: replica) == nil)
