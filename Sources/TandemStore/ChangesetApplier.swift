@@ -89,6 +89,8 @@ final class ChangesetApplier {
     /// SQLite's schema cookie when `tables` was filled: any schema change empties it.
     private var cookie: Int64 = -1
     private var cookieStatement: PreparedStatement?
+    /// The borrowed row of the change being applied.
+    private let scratch = Row(old: [], new: [], owned: false)
 
     init(db: SQLiteConnection) { self.db = db }
 
@@ -122,7 +124,8 @@ final class ChangesetApplier {
                 // As SQLite does: what failed a constraint is retried before the next table.
                 if let current, current !== table { try retry(&deferred) }
                 current = table
-                let row = try Row(iterator, op: op, columns: table.columnCount)
+                try scratch.fill(iterator, op: op, columns: table.columnCount)
+                let row = scratch
                 if case let .constraint(error) = try execute(op, table, row) {
                     try deferOrFail(Deferred(op: op, table: table, row: try row.owningCopy()), error, into: &deferred)
                 }
@@ -138,11 +141,12 @@ final class ChangesetApplier {
         try retry(&deferred)
     }
 
-    /// A change's values: borrowed from the iterator while it stands on the change, or
-    /// copies (`sqlite3_value_dup`) for a change retried later.
+    /// A change's values: borrowed from the iterator while it stands on the change (one
+    /// such row, refilled for each change: no allocation per change), or copies
+    /// (`sqlite3_value_dup`) for a change retried later.
     private final class Row {
-        let old: [OpaquePointer?]
-        let new: [OpaquePointer?]
+        private(set) var old: [OpaquePointer?]
+        private(set) var new: [OpaquePointer?]
         private let owned: Bool
 
         init(old: [OpaquePointer?], new: [OpaquePointer?], owned: Bool) {
@@ -151,19 +155,24 @@ final class ChangesetApplier {
             self.owned = owned
         }
 
-        /// The iterator's values for the change it stands on (nil where undefined).
-        convenience init(_ it: OpaquePointer, op: Int32, columns: Int) throws(Failure) {
-            var old = [OpaquePointer?](repeating: nil, count: columns)
-            var new = [OpaquePointer?](repeating: nil, count: columns)
+        /// Refills a borrowed row with the values of the change the iterator stands on
+        /// (nil where undefined).
+        func fill(_ it: OpaquePointer, op: Int32, columns: Int) throws(Failure) {
+            guard !owned else { throw .malformed(code: SQLITE_MISUSE) }
+            old.removeAll(keepingCapacity: true)
+            new.removeAll(keepingCapacity: true)
             for i in 0..<columns {
+                var o: OpaquePointer?
+                var n: OpaquePointer?
                 if op != SQLITE_INSERT {
-                    guard sqlite3changeset_old(it, Int32(i), &old[i]) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
+                    guard sqlite3changeset_old(it, Int32(i), &o) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
                 }
                 if op != SQLITE_DELETE {
-                    guard sqlite3changeset_new(it, Int32(i), &new[i]) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
+                    guard sqlite3changeset_new(it, Int32(i), &n) == SQLITE_OK else { throw .malformed(code: SQLITE_CORRUPT) }
                 }
+                old.append(o)
+                new.append(n)
             }
-            self.init(old: old, new: new, owned: false)
         }
 
         deinit {
