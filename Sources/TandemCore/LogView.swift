@@ -69,6 +69,9 @@ public struct LogView: Hashable, Sendable {
     /// payload shares that frame's memory, see docs/ARCHITECTURE.md).
     static let recordOverheadBytes = MemoryLayout<LogRecord>.stride + 24
 
+    /// What the cache counts for `r`.
+    static func cachedBytes(_ r: LogRecord) -> Int { r.payload.count + recordOverheadBytes }
+
     /// Appends contiguous records.
     mutating func append(_ records: [LogRecord], maxCachedBytes: Int) {
         for r in records {
@@ -77,7 +80,7 @@ public struct LogView: Hashable, Sendable {
             lastLSN = r.lsn
             lastTerm = r.term
             cache.append(r)
-            cacheBytes += r.payload.count + Self.recordOverheadBytes
+            cacheBytes += Self.cachedBytes(r)
         }
         trimCache(maxCachedBytes)
     }
@@ -87,7 +90,7 @@ public struct LogView: Hashable, Sendable {
         guard lsn < lastLSN else { return }
         while let last = runs.last, last.lsn > lsn { runs.removeLast() }
         while let last = cache.last, last.lsn > lsn {
-            cacheBytes -= last.payload.count + Self.recordOverheadBytes
+            cacheBytes -= Self.cachedBytes(last)
             cache.removeLast()
         }
         lastLSN = lsn
@@ -104,7 +107,7 @@ public struct LogView: Hashable, Sendable {
         if lsn == lastLSN { runs.removeAll() }
         if let first = cache.first, first.lsn <= lsn {
             let drop = cache.prefix { $0.lsn <= lsn }
-            cacheBytes -= drop.reduce(0) { $0 + $1.payload.count + Self.recordOverheadBytes }
+            cacheBytes -= drop.reduce(0) { $0 + Self.cachedBytes($1) }
             cache.removeFirst(drop.count)
         }
     }
@@ -119,7 +122,7 @@ public struct LogView: Hashable, Sendable {
         var drop = 0
         var bytes = cacheBytes
         while drop < cache.count - 1, bytes > maxBytes {
-            bytes -= cache[drop].payload.count + Self.recordOverheadBytes
+            bytes -= Self.cachedBytes(cache[drop])
             drop += 1
         }
         cache.removeFirst(drop)

@@ -519,10 +519,7 @@ public final class StateStore: @unchecked Sendable {
 
     private func invert(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) -> [UInt8] {
         guard !changeset.isEmpty else { return [] }
-        // SQLite's changeset readers may never return on malformed input.
-        guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
-            throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
-        }
+        try requireWellFormed(changeset, lsn: lsn)
         var n: Int32 = 0
         var p: UnsafeMutableRawPointer?
         let rc = changeset.withUnsafeBytes { sqlite3changeset_invert(Int32($0.count), $0.baseAddress, &n, &p) }
@@ -927,6 +924,14 @@ private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32,
     return auth.decide(action, a3.map { String(cString: $0) }, a4.map { String(cString: $0) })
 }
 
+/// Refuses a changeset whose structure is broken, before any SQLite changeset reader
+/// sees it: SQLite 3.40's may never return on malformed input.
+func requireWellFormed(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
+    guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
+        throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
+    }
+}
+
 /// Merges consecutive changesets into one (sqlite3changegroup).
 struct ChangesetGroup: ~Copyable {
     private var handle: OpaquePointer?
@@ -940,10 +945,7 @@ struct ChangesetGroup: ~Copyable {
 
     mutating func add(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
         guard let handle else { throw .badRecord(lsn: lsn, reason: "cannot allocate a changegroup") }
-        // SQLite's changeset readers may never return on malformed input.
-        guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
-            throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
-        }
+        try requireWellFormed(changeset, lsn: lsn)
         let rc = changeset.withUnsafeBytes { sqlite3changegroup_add(handle, Int32($0.count), UnsafeMutableRawPointer(mutating: $0.baseAddress)) }
         guard rc == SQLITE_OK else { throw .badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(rc))") }
     }
