@@ -47,6 +47,10 @@ let package = Package(
 
         // File-system constants Swift's Glibc module leaves out (O_DIRECT).
         .target(name: "CFileIO", path: "Sources/CFileIO"),
+        // SQLite's default page cache behind a wrapper that skips truncations with nothing
+        // to drop (pagecache.c says why).
+        .target(name: "CSQLitePageCache", path: "Sources/CSQLitePageCache",
+                linkerSettings: [.linkedLibrary("sqlite3")]),
 
         .target(name: "TandemModel", dependencies: ["CCRC32C"], swiftSettings: strict),
         .target(name: "TandemWAL", dependencies: ["TandemModel", "CFileIO"], swiftSettings: strict),
@@ -77,7 +81,7 @@ let package = Package(
                 swiftSettings: strict + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         .target(
             name: "TandemStore",
-            dependencies: ["TandemModel", "TandemWAL", "CSQLite", "CLZ4", "COpenSSL"],
+            dependencies: ["TandemModel", "TandemWAL", "CSQLite", "CSQLitePageCache", "CLZ4", "COpenSSL"],
             swiftSettings: strict),
 
         .executableTarget(

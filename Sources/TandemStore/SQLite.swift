@@ -1,4 +1,5 @@
 import CSQLite
+import CSQLitePageCache
 import Foundation
 import TandemModel
 
@@ -79,6 +80,23 @@ public struct SQLiteError: Error, CustomStringConvertible, Sendable, Equatable {
     }
 }
 
+/// SQLite's page cache, wrapped so that a commit does not scan the whole cache after a
+/// B-tree rebalance (Sources/CSQLitePageCache/pagecache.c says why).
+public enum SQLitePageCache {
+    /// SQLite's result code for installing the wrapper, which must happen before SQLite
+    /// initializes: the first connection installs it. Anything but SQLITE_OK means SQLite
+    /// was initialized before (by a direct call into the library) and runs its own cache
+    /// unwrapped: correct, only slower.
+    public static let installation: Int32 = tandem_pagecache_install()
+
+    /// Truncations the wrapper passed to SQLite's cache and skipped, process-wide.
+    public static var truncations: (passed: UInt64, skipped: UInt64) {
+        var passed: UInt64 = 0, skipped: UInt64 = 0
+        tandem_pagecache_counts(&passed, &skipped)
+        return (passed, skipped)
+    }
+}
+
 /// An owned sqlite3 connection.
 ///
 /// Thread safety: a connection is used by one thread at a time; its owner (the state
@@ -89,6 +107,7 @@ final class SQLiteConnection: @unchecked Sendable {
     let path: String
 
     init(path: String, create: Bool, readOnly: Bool = false) throws(SQLiteError) {
+        _ = SQLitePageCache.installation
         var db: OpaquePointer?
         let flags = (readOnly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | (create ? SQLITE_OPEN_CREATE : 0)) | SQLITE_OPEN_NOMUTEX
         let rc = sqlite3_open_v2(path, &db, flags, nil)
