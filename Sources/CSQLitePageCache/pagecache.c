@@ -13,7 +13,13 @@
 // Invariant: every page in the inner cache has a number <= maxKey, or a number listed in
 // `high` (pages renumbered above maxKey), or `overflow` is set. A truncation at iLimit
 // is skipped only when maxKey < iLimit, no listed number is >= iLimit and no overflow:
-// then no page can be dropped, and skipping it changes nothing SQLite can see.
+// then no page can be dropped, and skipping it changes nothing SQLite can see (pcache1's
+// own maximum is private to its truncation; the dirty-page and page-1 work happens in
+// sqlite3PcacheTruncate before xTruncate is called).
+//
+// What remains: pcache1's own maximum stays high after a skip, so the next truncation
+// that does have pages to drop (a rolled-back transaction that grew the file, VACUUM)
+// still scans the whole cache once.
 #include <sqlite3.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,12 +36,16 @@ typedef struct WrappedCache {
 } WrappedCache;
 
 static sqlite3_pcache_methods2 innerMethods;
-// Counted for tests and benchmarks; connections on several threads add to them.
-static unsigned long long passedTruncations, skippedTruncations;
-#define COUNT(x) __atomic_fetch_add(&(x), 1, __ATOMIC_RELAXED)
-// A deliberate bookkeeping bug (fetched pages not counted), for tests to show that they
-// catch one. Per thread, so a test turning it on affects only its own connections.
-static _Thread_local int testingFlaw;
+static sqlite3_pcache_methods2 wrapper;
+static int installed;
+
+// Per thread, so that a test running its connections on one thread sees only its own
+// truncations, and a deliberate flaw it turns on reaches no other test's connections.
+static _Thread_local struct {
+    unsigned long long passed, skipped, wrong;
+    int flaw;   // TANDEM_PAGECACHE_FLAW_*: a deliberate bookkeeping bug
+    int check;  // run each skipped truncation anyway and count the ones that dropped pages
+} testing;
 
 static int wrapInit(void *arg) { (void)arg; return innerMethods.xInit ? innerMethods.xInit(innerMethods.pArg) : SQLITE_OK; }
 static void wrapShutdown(void *arg) { (void)arg; if (innerMethods.xShutdown) innerMethods.xShutdown(innerMethods.pArg); }
@@ -64,7 +74,7 @@ static sqlite3_pcache_page *wrapFetch(sqlite3_pcache *p, unsigned key, int creat
     WrappedCache *w = (WrappedCache *)p;
     sqlite3_pcache_page *page = innerMethods.xFetch(w->inner, key, createFlag);
     // A page found or made at `key` is covered by maxKey unless it is a renumbered one.
-    if (page && key > w->maxKey && !isHigh(w, key) && !testingFlaw) w->maxKey = key;
+    if (page && key > w->maxKey && !isHigh(w, key) && testing.flaw != TANDEM_PAGECACHE_FLAW_FETCHED) w->maxKey = key;
     return page;
 }
 
@@ -80,7 +90,7 @@ static void wrapRekey(sqlite3_pcache *p, sqlite3_pcache_page *page, unsigned old
     for (int i = 0; i < w->highCount; i++) {
         if (w->high[i] == oldKey) { w->high[i] = w->high[--w->highCount]; break; }
     }
-    if (newKey > w->maxKey) {
+    if (newKey > w->maxKey && testing.flaw != TANDEM_PAGECACHE_FLAW_RENUMBERED) {
         if (w->highCount < HIGH_SLOTS) w->high[w->highCount++] = newKey;
         else w->overflow = 1;
     }
@@ -90,8 +100,16 @@ static void wrapTruncate(sqlite3_pcache *p, unsigned iLimit) {
     WrappedCache *w = (WrappedCache *)p;
     int mayDrop = w->overflow || w->maxKey >= iLimit;
     for (int i = 0; !mayDrop && i < w->highCount; i++) if (w->high[i] >= iLimit) mayDrop = 1;
-    if (!mayDrop) { COUNT(skippedTruncations); return; }
-    COUNT(passedTruncations);
+    if (!mayDrop) {
+        testing.skipped++;
+        if (testing.check) {
+            int before = innerMethods.xPagecount(w->inner);
+            innerMethods.xTruncate(w->inner, iLimit);
+            if (innerMethods.xPagecount(w->inner) != before) testing.wrong++;
+        }
+        return;
+    }
+    testing.passed++;
     innerMethods.xTruncate(w->inner, iLimit);
     // Every page left is below iLimit.
     unsigned bound = iLimit > 0 ? iLimit - 1 : 0;
@@ -114,7 +132,8 @@ static void wrapDestroy(sqlite3_pcache *p) {
 static void wrapShrink(sqlite3_pcache *p) { innerMethods.xShrink(((WrappedCache *)p)->inner); }
 
 int tandem_pagecache_install(void) {
-    static sqlite3_pcache_methods2 wrapper;
+    // A second GETPCACHE2 would return the wrapper itself, which would then wrap itself.
+    if (installed) return SQLITE_OK;
     int rc = sqlite3_config(SQLITE_CONFIG_GETPCACHE2, &innerMethods);
     if (rc != SQLITE_OK) return rc;
     if (innerMethods.xCreate == 0 || innerMethods.xTruncate == 0) return SQLITE_ERROR;
@@ -132,12 +151,21 @@ int tandem_pagecache_install(void) {
     wrapper.xTruncate = wrapTruncate;
     wrapper.xDestroy = wrapDestroy;
     wrapper.xShrink = innerMethods.xShrink ? wrapShrink : 0;
-    return sqlite3_config(SQLITE_CONFIG_PCACHE2, &wrapper);
+    rc = sqlite3_config(SQLITE_CONFIG_PCACHE2, &wrapper);
+    if (rc == SQLITE_OK) installed = 1;
+    return rc;
 }
 
-void tandem_pagecache_counts(unsigned long long *passed, unsigned long long *skipped) {
-    if (passed) *passed = __atomic_load_n(&passedTruncations, __ATOMIC_RELAXED);
-    if (skipped) *skipped = __atomic_load_n(&skippedTruncations, __ATOMIC_RELAXED);
+void tandem_pagecache_thread_counts(unsigned long long *passed, unsigned long long *skipped,
+                                    unsigned long long *wrong) {
+    if (passed) *passed = testing.passed;
+    if (skipped) *skipped = testing.skipped;
+    if (wrong) *wrong = testing.wrong;
 }
 
-void tandem_pagecache_set_testing_flaw(int on) { testingFlaw = on; }
+void tandem_pagecache_set_testing(int flaw, int check) {
+    testing.flaw = flaw;
+    testing.check = check;
+}
+
+const void *tandem_pagecache_methods(void) { return installed ? &wrapper : 0; }

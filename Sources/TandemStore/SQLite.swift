@@ -86,14 +86,15 @@ public enum SQLitePageCache {
     /// SQLite's result code for installing the wrapper, which must happen before SQLite
     /// initializes: the first connection installs it. Anything but SQLITE_OK means SQLite
     /// was initialized before (by a direct call into the library) and runs its own cache
-    /// unwrapped: correct, only slower.
+    /// unwrapped: correct, only slower. tandemd logs it.
     public static let installation: Int32 = tandem_pagecache_install()
 
-    /// Truncations the wrapper passed to SQLite's cache and skipped, process-wide.
-    public static var truncations: (passed: UInt64, skipped: UInt64) {
-        var passed: UInt64 = 0, skipped: UInt64 = 0
-        tandem_pagecache_counts(&passed, &skipped)
-        return (passed, skipped)
+    /// Truncations this thread's connections passed to SQLite's cache, skipped, and (in
+    /// check mode) skipped although the real truncation would have dropped pages.
+    static var threadTruncations: (passed: UInt64, skipped: UInt64, wrong: UInt64) {
+        var passed: UInt64 = 0, skipped: UInt64 = 0, wrong: UInt64 = 0
+        tandem_pagecache_thread_counts(&passed, &skipped, &wrong)
+        return (passed, skipped, wrong)
     }
 }
 

@@ -130,6 +130,10 @@ struct Tandemd: AsyncParsableCommand {
             services: [.init(service: app), .init(service: reload), .init(service: site, successTerminationBehavior: .gracefullyShutdownGroup)],
             gracefulShutdownSignals: [.sigterm], cancellationSignals: [.sigint], logger: logger))
         log.emit("event=started peer=\(c.listenPeer) http=\(c.listenHTTP)")
+        if SQLitePageCache.installation != 0 {
+            // Correct, but each commit after a B-tree rebalance scans SQLite's whole cache.
+            log.emit("event=sqlite_page_cache_unwrapped rc=\(SQLitePageCache.installation)")
+        }
         try await group.run()
         watcher?.stop()
         https?.stop()

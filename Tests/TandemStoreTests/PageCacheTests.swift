@@ -18,8 +18,8 @@ struct PageCacheTests {
         defer { dir.cleanup() }
         let path = dir.sub("db.sqlite")
         // The flaw is per thread: this synchronous function runs on one thread throughout.
-        tandem_pagecache_set_testing_flaw(flaw ? 1 : 0)
-        defer { tandem_pagecache_set_testing_flaw(0) }
+        tandem_pagecache_set_testing(flaw ? Int32(TANDEM_PAGECACHE_FLAW_FETCHED) : 0, 0)
+        defer { tandem_pagecache_set_testing(0, 0) }
         let reader = try SQLiteConnection(path: path, create: true)
         try reader.exec("""
             PRAGMA journal_mode = WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER);
@@ -39,11 +39,17 @@ struct PageCacheTests {
         #expect(try !Self.readerSeesWriter(flaw: true), "with the deliberate flaw the reader must see stale rows")
     }
 
-    @Test("random inserts, updates, deletes, rolled-back savepoints and VACUUM leave the database equal to a model; commits skip the cache scan")
-    func randomWritesMatchAModel() throws {
+    /// Random inserts, updates, deletes, rolled-back savepoints and transactions, and
+    /// VACUUM, on one thread with the wrapper in check mode (every skipped truncation is
+    /// run anyway, and counted as wrong if it dropped a page). Checks the database against
+    /// a model and returns this thread's truncation counts and the commits made.
+    static func randomWrites(flaw: Int32) throws -> (passed: UInt64, skipped: UInt64, wrong: UInt64, commits: UInt64) {
         let dir = TempDir("pagecache")
         defer { dir.cleanup() }
         let path = dir.sub("db.sqlite")
+        tandem_pagecache_set_testing(flaw, 1)
+        defer { tandem_pagecache_set_testing(0, 0) }
+        let before = SQLitePageCache.threadTruncations
         let db = try SQLiteConnection(path: path, create: true)
         // A small cache, so that pages are evicted and fetched again as well.
         try db.exec("""
@@ -52,28 +58,25 @@ struct PageCacheTests {
             """)
         var model: [String: [UInt8]] = [:]
         var rng = SeededRandom(seed: 0x9a6e)
-        let before = SQLitePageCache.truncations
         var commits: UInt64 = 0
         func key() -> String { String(rng.next() % 4000, radix: 16) + "-" + String(repeating: "k", count: Int(rng.next() % 40)) }
         func value() -> [UInt8] { (0..<Int(rng.next() % 900)).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
         for round in 0..<600 {
             try db.exec("BEGIN")
             var pending = model
-            // Writes that a savepoint then rolls back must leave no trace.
-            let undone = rng.next() % 4 == 0
             for _ in 0..<Int(1 + rng.next() % 30) {
                 let k = key()
-                switch rng.next() % 3 {
-                case 0, 1:
+                if rng.next() % 3 < 2 {
                     let v = value()
                     _ = try db.rows("INSERT INTO t (id, v) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", [.text(k), .blob(v)])
                     pending[k] = v
-                default:
+                } else {
                     _ = try db.rows("DELETE FROM t WHERE id = ?1", [.text(k)])
                     pending[k] = nil
                 }
             }
-            if undone {
+            // Writes that a savepoint then rolls back must leave no trace.
+            if rng.next() % 4 == 0 {
                 try db.exec("SAVEPOINT s")
                 for _ in 0..<Int(1 + rng.next() % 200) {
                     _ = try db.rows("INSERT OR REPLACE INTO t (id, v) VALUES (?1, ?2)", [.text(key() + "-gone"), .blob(value())])
@@ -91,17 +94,51 @@ struct PageCacheTests {
             if round % 150 == 149 { try db.exec("VACUUM") }
         }
         #expect(try db.rows("PRAGMA integrity_check") == [[.text("ok")]])
-        let rows = try db.rows("SELECT id, v FROM t ORDER BY id")
         let expected: [[SQLValue]] = model.keys.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
             .map { [.text($0), .blob(model[$0] ?? [])] }
-        #expect(rows == expected, "the database differs from the model")
+        #expect(try db.rows("SELECT id, v FROM t ORDER BY id") == expected, "the database differs from the model")
         // A fresh connection reads the file as written.
         let other = try SQLiteConnection(path: path, create: false)
         #expect(try other.rows("SELECT id, v FROM t ORDER BY id") == expected)
-        let after = SQLitePageCache.truncations
-        // Other tests may add to the process-wide counters; they never subtract.
-        #expect(after.skipped - before.skipped >= commits / 2,
-                "most commits had nothing beyond the database's end to drop: \(after.skipped - before.skipped) skipped for \(commits) commits")
-        #expect(after.passed > before.passed, "VACUUM's truncations reach SQLite's cache")
+        let after = SQLitePageCache.threadTruncations
+        return (after.passed - before.passed, after.skipped - before.skipped, after.wrong - before.wrong, commits)
+    }
+
+    @Test("random writes, rollbacks and VACUUM match a model; no truncation is skipped that had pages to drop, and most commits skip theirs")
+    func randomWritesMatchAModel() throws {
+        let run = try Self.randomWrites(flaw: 0)
+        #expect(run.wrong == 0, "\(run.wrong) truncations were skipped although they had pages to drop")
+        #expect(run.skipped >= run.commits / 2, "\(run.skipped) truncations skipped for \(run.commits) commits")
+        #expect(run.passed > 0, "VACUUM's and the rollbacks' truncations reach SQLite's cache")
+        // The check itself: a wrapper that forgets the pages it fetched is caught.
+        let flawed = try Self.randomWrites(flaw: Int32(TANDEM_PAGECACHE_FLAW_FETCHED))
+        #expect(flawed.wrong > 0, "check mode must see the deliberately flawed wrapper skip truncations it must pass on")
+    }
+
+    /// Drives one cache through the installed wrapper: pages 1 to 5, page 3 renumbered to
+    /// SQLite's temporary number, then a truncation to 5 pages. Returns the pages left.
+    static func pagesLeftAfterRenumbering(flaw: Int32) throws -> Int32 {
+        _ = try SQLiteConnection(path: ":memory:", create: true)  // installs and initializes
+        let raw = try #require(tandem_pagecache_methods(), "the wrapper is installed")
+        let m = raw.assumingMemoryBound(to: sqlite3_pcache_methods2.self).pointee
+        let create = try #require(m.xCreate), fetch = try #require(m.xFetch), rekey = try #require(m.xRekey)
+        let truncate = try #require(m.xTruncate), count = try #require(m.xPagecount), destroy = try #require(m.xDestroy)
+        let cache = try #require(create(4096, 64, 1))
+        defer { destroy(cache) }
+        tandem_pagecache_set_testing(flaw, 0)
+        defer { tandem_pagecache_set_testing(0, 0) }
+        var pages: [UInt32: UnsafeMutablePointer<sqlite3_pcache_page>] = [:]
+        for key: UInt32 in 1...5 { pages[key] = try #require(fetch(cache, key, 2)) }
+        let temporary: UInt32 = 262_145  // the lock-byte page with 4 KiB pages
+        rekey(cache, try #require(pages[3]), 3, temporary)
+        #expect(count(cache) == 5)
+        truncate(cache, 6)  // drop pages numbered 6 and above
+        return count(cache)
+    }
+
+    @Test("a page renumbered past the end is dropped by the next truncation; a wrapper that forgets renumbered pages is caught")
+    func renumberedPagesAreDropped() throws {
+        #expect(try Self.pagesLeftAfterRenumbering(flaw: 0) == 4)
+        #expect(try Self.pagesLeftAfterRenumbering(flaw: Int32(TANDEM_PAGECACHE_FLAW_RENUMBERED)) == 5)
     }
 }
