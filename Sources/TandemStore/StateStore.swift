@@ -638,25 +638,18 @@ public final class StateStore: @unchecked Sendable {
     /// run of changesets, one per schema record: see `runs`), so a crash or a failure
     /// leaves the applied LSN at the end of the last run applied in full.
     ///
-    /// Consecutive changesets are merged with a changegroup and applied in one call
-    /// (applying one changeset at a time costs SQLite a statement preparation per table
-    /// per record). If the merged apply meets a conflict, the run is redone record by
-    /// record so the error names the exact record.
+    /// Each changeset is applied as it is, in log order: the applier keeps its statements
+    /// prepared, so merging a run first (sqlite3changegroup, as before) saved nothing and
+    /// cost a parse, a hash table and a copy per record (`tandem-bench apply`, PERFORMANCE.md).
     public func apply(_ records: [LogRecord]) throws(StoreError) {
-        for run in Self.runs(records) {
-            do {
-                try apply(run, merging: run.count > 1)
-            } catch StoreError.conflict(_, _, _) where run.count > 1 {
-                try apply(run, merging: false)
-            }
-        }
+        for run in Self.runs(records) { try apply(run, keepUndo: false) }
     }
 
     /// Applies records that are not yet known to be committed (a new primary's log tail,
     /// and its no-op), keeping each one's inverse so they can be undone like executed
     /// writes (`rollback`). The committed LSN does not move.
     public func applySpeculatively(_ records: [LogRecord]) throws(StoreError) {
-        for run in Self.runs(records) { try apply(run, merging: false, keepUndo: true) }
+        for run in Self.runs(records) { try apply(run, keepUndo: true) }
     }
 
     /// `records` cut so that each schema record stands alone. Changesets are applied with
@@ -694,7 +687,7 @@ public final class StateStore: @unchecked Sendable {
         applier.invalidate()
     }
 
-    private func apply(_ records: ArraySlice<LogRecord>, merging: Bool, keepUndo: Bool = false) throws(StoreError) {
+    private func apply(_ records: ArraySlice<LogRecord>, keepUndo: Bool) throws(StoreError) {
         guard let first = records.first else { return }
         guard first.lsn == appliedLSN.next else { throw .outOfOrder(expected: appliedLSN.next, got: first.lsn) }
         try setActions(first.kind == .schema)
@@ -704,31 +697,15 @@ public final class StateStore: @unchecked Sendable {
             var lsn = appliedLSN
             var term = appliedTerm
             var version = schemaVersion
-            var group = ChangesetGroup()
-            var groupLSNs: [LSN] = []
-            func flush() throws {
-                guard !groupLSNs.isEmpty else { return }
-                let merged = try group.output(firstLSN: groupLSNs[0])
-                group = ChangesetGroup()
-                if !merged.isEmpty { try applyChangeset(merged[...], lsn: groupLSNs[groupLSNs.count - 1]) }
-                for l in groupLSNs { try crashPointAfterChangeset?(l) }
-                groupLSNs.removeAll(keepingCapacity: true)
-            }
             for r in records {
                 guard r.lsn == lsn.next else { throw StoreError.outOfOrder(expected: lsn.next, got: r.lsn) }
                 switch r.kind {
                 case .noop:
                     break
                 case .changeset:
-                    if merging {
-                        if !r.payload.isEmpty { try group.add(r.payload, lsn: r.lsn) }
-                        groupLSNs.append(r.lsn)
-                    } else {
-                        if !r.payload.isEmpty { try applyChangeset(r.payload, lsn: r.lsn) }
-                        try crashPointAfterChangeset?(r.lsn)
-                    }
+                    if !r.payload.isEmpty { try applyChangeset(r.payload, lsn: r.lsn) }
+                    try crashPointAfterChangeset?(r.lsn)
                 case .schema:
-                    try flush()
                     transactionChangedSchema = true
                     let batch: WriteBatch
                     do { batch = try SchemaPayload.decode(Array(r.payload)) } catch {
@@ -759,7 +736,6 @@ public final class StateStore: @unchecked Sendable {
                 lsn = r.lsn
                 term = r.term
             }
-            try flush()
             try withInternal {
                 try pruneUndo()
                 try setApplied(lsn, term, version: version)
@@ -929,35 +905,5 @@ private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32,
 func requireWellFormed(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
     guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
         throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
-    }
-}
-
-/// Merges consecutive changesets into one (sqlite3changegroup).
-struct ChangesetGroup: ~Copyable {
-    private var handle: OpaquePointer?
-
-    init() {
-        var g: OpaquePointer?
-        if sqlite3changegroup_new(&g) == SQLITE_OK { handle = g }
-    }
-
-    deinit { if let handle { sqlite3changegroup_delete(handle) } }
-
-    mutating func add(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
-        guard let handle else { throw .badRecord(lsn: lsn, reason: "cannot allocate a changegroup") }
-        try requireWellFormed(changeset, lsn: lsn)
-        let rc = changeset.withUnsafeBytes { sqlite3changegroup_add(handle, Int32($0.count), UnsafeMutableRawPointer(mutating: $0.baseAddress)) }
-        guard rc == SQLITE_OK else { throw .badRecord(lsn: lsn, reason: "the changeset is malformed (SQLite code \(rc))") }
-    }
-
-    func output(firstLSN: LSN) throws(StoreError) -> [UInt8] {
-        guard let handle else { throw .badRecord(lsn: firstLSN, reason: "cannot allocate a changegroup") }
-        var n: Int32 = 0
-        var p: UnsafeMutableRawPointer?
-        let rc = sqlite3changegroup_output(handle, &n, &p)
-        defer { sqlite3_free(p) }
-        guard rc == SQLITE_OK else { throw .badRecord(lsn: firstLSN, reason: "cannot merge changesets (SQLite code \(rc))") }
-        guard let p, n > 0 else { return [] }
-        return [UInt8](UnsafeRawBufferPointer(start: p, count: Int(n)))
     }
 }

@@ -189,20 +189,20 @@ struct ChangesetApplierTests {
         #expect(try db.rows("SELECT extra FROM t1 WHERE id = 2") == [[.text("e")]])
     }
 
-    @Test("a replica given a malformed changeset record refuses it as a bad record, alone, merged or speculative, and stays where it was")
+    @Test("a replica given a malformed changeset record refuses it as a bad record, alone, in a run or speculative, and stays where it was")
     func malformedRecordsInTheStore() throws {
         let dir = TempDir("applier-store")
         defer { dir.cleanup() }
         let primary = try telehealthStore(dir.sub("primary"))
         let people = try seedPeople(primary)
         let booked = try primary.execute(booking(1), lsn: people.lsn.next, term: Term(1)).record
-        for (index, how) in ["alone", "merged", "speculative"].enumerated() {
+        for (index, how) in ["alone", "in a run", "speculative"].enumerated() {
             let replica = try telehealthStore(dir.sub("replica-\(index)"))
             // A lone table-header byte: SQLite 3.40's own readers never return on it.
             let bad = LogRecord(term: Term(1), lsn: people.lsn, kind: .changeset, payload: [UInt8(ascii: "T")])
             let attempt: () throws(StoreError) -> Void = switch how {
             case "alone": { () throws(StoreError) in try replica.apply([bad]) }
-            case "merged": { () throws(StoreError) in try replica.apply([bad, LogRecord(term: Term(1), lsn: booked.lsn, kind: .changeset, payload: booked.payload)]) }
+            case "in a run": { () throws(StoreError) in try replica.apply([bad, LogRecord(term: Term(1), lsn: booked.lsn, kind: .changeset, payload: booked.payload)]) }
             default: { () throws(StoreError) in try replica.applySpeculatively([bad]) }
             }
             #expect(throws: StoreError.self, "\(how)") { try attempt() }
