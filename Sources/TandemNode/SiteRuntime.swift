@@ -527,17 +527,20 @@ public final class SiteRuntime: @unchecked Sendable {
 
     private func loop() {
         var nextTick = Self.clock()
+        // The inbox and this batch trade buffers under the lock, each keeping its
+        // capacity: copying the inbox out and emptying it allocated a buffer per round.
+        var batch: [Input] = []
         while true {
-            let batch: [Input]? = cond.withLock {
+            let more: Bool = cond.withLock {
                 while inbox.isEmpty && running && Self.clock() < nextTick {
                     _ = cond.wait(until: Date(timeIntervalSinceNow: Double(nextTick - min(nextTick, Self.clock())) / 1e9))
                 }
-                if !running { return nil }
-                let b = inbox
-                inbox.removeAll(keepingCapacity: true)
-                return b
+                if !running { return false }
+                swap(&inbox, &batch)
+                return true
             }
-            guard let batch else { break }
+            guard more else { break }
+            defer { batch.removeAll(keepingCapacity: true) }
             var i = 0
             while i < batch.count {
                 // Writes that arrived together are executed one after the other and proposed
