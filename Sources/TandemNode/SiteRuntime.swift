@@ -524,6 +524,8 @@ public final class SiteRuntime: @unchecked Sendable {
 
     /// Inputs of the loop's current batch not handled yet (loop thread only).
     private var inputsWaiting = 0
+    /// Largest inbox buffer kept from one round to the next.
+    static let keptInboxCapacity = 4096
 
     private func loop() {
         var nextTick = Self.clock()
@@ -540,7 +542,6 @@ public final class SiteRuntime: @unchecked Sendable {
                 return true
             }
             guard more else { break }
-            defer { batch.removeAll(keepingCapacity: true) }
             var i = 0
             while i < batch.count {
                 // Writes that arrived together are executed one after the other and proposed
@@ -560,6 +561,9 @@ public final class SiteRuntime: @unchecked Sendable {
                 i += 1
             }
             inputsWaiting = 0
+            // Handled: their payloads and closures go now. A buffer grown by a burst is let
+            // go rather than kept (it and the inbox trade places, so each would stay that size).
+            if batch.capacity > Self.keptInboxCapacity { batch = [] } else { batch.removeAll(keepingCapacity: true) }
             if Self.clock() >= nextTick {
                 step(.tick)
                 if !blockedAppends.isEmpty {

@@ -21,8 +21,8 @@ import CSQLite
 /// - Any other constraint failure (UNIQUE, NOT NULL, CHECK) is retried after the table's
 ///   other changes, round after round while a round makes progress, and only then is a
 ///   conflict: a change may need a later one first (a write that moves a UNIQUE value
-///   from one row to another, or its inverse, lists the rows in either order, and a
-///   merged changeset lists them in hash order).
+///   from one row to another, or its inverse, lists the rows in either order: a
+///   changeset lists a table's rows in hash order).
 ///
 /// Stricter in one way: `sqlite3changeset_apply` skips, without an error, the changes to a
 /// table this database lacks or whose primary key differs from the changeset's header,
@@ -258,8 +258,9 @@ final class ChangesetApplier {
     /// byte, then the old and new values the op carries), every value complete, and every
     /// row the op must hold whole: an INSERT's new row and a DELETE's old row have a value
     /// for every column, and the key of an INSERT's new row, a DELETE's old row and an
-    /// UPDATE's old row is never NULL (SQLite's changegroup reads a key's length from the
-    /// bytes after it otherwise, past the buffer). The session extension's format;
+    /// UPDATE's old row is never NULL (SQLite's changegroup, which the store no longer
+    /// uses, read a key's length from the bytes after it otherwise, past the buffer; kept
+    /// as a defence for the readers that remain). The session extension's format;
     /// patchsets are not accepted.
     static func isWellFormed(_ buf: UnsafeRawBufferPointer) -> Bool {
         var at = 0

@@ -902,7 +902,7 @@ private let authorizerCallback: @convention(c) (UnsafeMutableRawPointer?, Int32,
 
 /// Refuses a changeset whose structure is broken, before any SQLite changeset reader
 /// sees it: SQLite 3.40's may never return on malformed input.
-func requireWellFormed(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
+private func requireWellFormed(_ changeset: ArraySlice<UInt8>, lsn: LSN) throws(StoreError) {
     guard changeset.withUnsafeBytes({ ChangesetApplier.isWellFormed($0) }) else {
         throw .badRecord(lsn: lsn, reason: "the changeset is malformed")
     }
