@@ -792,9 +792,13 @@ public final class SiteRuntime: @unchecked Sendable {
     private func committed(through lsn: LSN) {
         if core.role == .primary {
             storage.store.markCommitted(through: lsn)
-            for (l, w) in waiters where l <= lsn {
-                waiters[l] = nil
-                w.resume(.success(w.execution))
+            // Keys first, then removals: removing while iterating the dictionary itself
+            // copied all of it (the iteration holds its storage) at every commit.
+            var due: [LSN] = []
+            for l in waiters.keys where l <= lsn { due.append(l) }
+            due.sort()
+            for l in due {
+                if let w = waiters.removeValue(forKey: l) { w.resume(.success(w.execution)) }
             }
             resolveOrphans(committedThrough: lsn)
             releaseReads()
