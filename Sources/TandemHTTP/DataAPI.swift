@@ -52,6 +52,17 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
 /// strings, integers, doubles, booleans and NSNull; `JSONWriter` writes those directly
 /// (JSONSerialization bridged each to an Objective-C object first: a twentieth of a
 /// primary's CPU per write). Anything else goes through JSONSerialization.
+/// An executed write's answer through the generic writer: what `JSONWriter.execution`
+/// must equal byte for byte (tests).
+func executionAnswerThroughAny(_ e: Execution) -> [UInt8] {
+    let results: [[String: Any]] = e.results.map { r in
+        var o: [String: Any] = ["rows_affected": r.rowsAffected, "last_insert_rowid": r.lastInsertRowID]
+        if !r.columns.isEmpty { o["columns"] = r.columns; o["rows"] = r.rows.map { $0.map(\.json) } }
+        return o
+    }
+    return encodeJSON(["results": results, "lsn": e.record.lsn.rawValue] as [String: Any])
+}
+
 func encodeJSON(_ object: Any) -> [UInt8] {
     var writer = JSONWriter()
     if writer.write(object) { return writer.bytes }
@@ -468,14 +479,11 @@ public final class DataAPI: Sendable {
 
     /// The answer to a /v1/execute call that committed.
     func executeAnswer(_ e: Execution) -> ForwardedAnswer {
-        let results: [[String: Any]] = e.results.map { r in
-            var o: [String: Any] = ["rows_affected": r.rowsAffected, "last_insert_rowid": r.lastInsertRowID]
-            if !r.columns.isEmpty { o["columns"] = r.columns; o["rows"] = r.rows.map { $0.map(\.json) } }
-            return o
-        }
-        return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: e.record.lsn),
-                               body: encodeJSON(["results": results, "lsn": e.record.lsn.rawValue] as [String: Any]))
+        var writer = JSONWriter()
+        writer.execution(e)
+        return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: e.record.lsn), body: writer.bytes)
     }
+
 
     func statement(_ v: JSONValue, path: String, extra: Set<String> = []) throws(APIError) -> SQLStatement {
         let f = try FieldReader(v, path: path, allowed: Set(["sql", "params"]).union(extra))

@@ -1,4 +1,5 @@
 import Foundation
+import TandemStore
 
 /// Writes an answer built of Swift values as JSON text (RFC 8259), object keys sorted so
 /// that answers are byte-for-byte reproducible. `write` returns false, having written
@@ -46,6 +47,63 @@ struct JSONWriter {
         default: return false
         }
         return true
+    }
+
+    // MARK: Typed writes, for the hot answers: no cast through Any (a write's answer
+    // spent 7% of an HTTP event loop in the runtime's casts). Each writes exactly what
+    // `write` writes for the same value.
+
+    /// `{"lsn":…,"results":[…]}`: the answer to an executed write.
+    mutating func execution(_ e: Execution) {
+        ascii(#"{"lsn":"#)
+        ascii(String(e.record.lsn.rawValue))
+        ascii(#","results":["#)
+        for (n, r) in e.results.enumerated() {
+            if n > 0 { bytes.append(UInt8(ascii: ",")) }
+            bytes.append(UInt8(ascii: "{"))
+            if !r.columns.isEmpty {
+                ascii(#""columns":["#)
+                for (k, c) in r.columns.enumerated() {
+                    if k > 0 { bytes.append(UInt8(ascii: ",")) }
+                    string(c)
+                }
+                ascii("],")
+            }
+            ascii(#""last_insert_rowid":"#)
+            ascii(String(r.lastInsertRowID))
+            if !r.columns.isEmpty {
+                ascii(#","rows":["#)
+                for (k, row) in r.rows.enumerated() {
+                    if k > 0 { bytes.append(UInt8(ascii: ",")) }
+                    bytes.append(UInt8(ascii: "["))
+                    for (j, v) in row.enumerated() {
+                        if j > 0 { bytes.append(UInt8(ascii: ",")) }
+                        value(v)
+                    }
+                    bytes.append(UInt8(ascii: "]"))
+                }
+                bytes.append(UInt8(ascii: "]"))
+            }
+            ascii(#","rows_affected":"#)
+            ascii(String(r.rowsAffected))
+            bytes.append(UInt8(ascii: "}"))
+        }
+        ascii("]}")
+    }
+
+    /// A column's value as `SQLValue.json` writes it.
+    mutating func value(_ v: SQLValue) {
+        switch v {
+        case .null: ascii("null")
+        case let .integer(i): ascii(String(i))
+        case let .real(d):
+            if !d.isFinite { ascii("null") } else if d == d.rounded(), abs(d) < 1e15 { ascii(String(Int64(d))) } else { ascii(String(d)) }
+        case let .text(t): string(t)
+        case let .blob(b):
+            ascii(#"{"base64":"#)
+            string(Data(b).base64EncodedString())
+            bytes.append(UInt8(ascii: "}"))
+        }
     }
 
     private static let hex = Array("0123456789abcdef".utf8)
