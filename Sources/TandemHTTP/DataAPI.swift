@@ -52,6 +52,15 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
 /// strings, integers, doubles, booleans and NSNull; `JSONWriter` writes those directly
 /// (JSONSerialization bridged each to an Objective-C object first: a twentieth of a
 /// primary's CPU per write). Anything else goes through JSONSerialization.
+func encodeJSON(_ object: Any) -> [UInt8] {
+    var writer = JSONWriter()
+    if writer.write(object) { return writer.bytes }
+    guard JSONSerialization.isValidJSONObject(object),
+          let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    else { return Array(#"{"error":{"code":"internal","message":"answer not encodable"}}"#.utf8) }
+    return [UInt8](data)
+}
+
 /// An executed write's answer through the generic writer: what `JSONWriter.execution`
 /// must equal byte for byte (tests).
 func executionAnswerThroughAny(_ e: Execution) -> [UInt8] {
@@ -61,15 +70,6 @@ func executionAnswerThroughAny(_ e: Execution) -> [UInt8] {
         return o
     }
     return encodeJSON(["results": results, "lsn": e.record.lsn.rawValue] as [String: Any])
-}
-
-func encodeJSON(_ object: Any) -> [UInt8] {
-    var writer = JSONWriter()
-    if writer.write(object) { return writer.bytes }
-    guard JSONSerialization.isValidJSONObject(object),
-          let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
-    else { return Array(#"{"error":{"code":"internal","message":"answer not encodable"}}"#.utf8) }
-    return [UInt8](data)
 }
 
 /// Settings of the data API.
@@ -483,7 +483,6 @@ public final class DataAPI: Sendable {
         writer.execution(e)
         return ForwardedAnswer(status: 200, headers: dataHeaders(lsn: e.record.lsn), body: writer.bytes)
     }
-
 
     func statement(_ v: JSONValue, path: String, extra: Set<String> = []) throws(APIError) -> SQLStatement {
         let f = try FieldReader(v, path: path, allowed: Set(["sql", "params"]).union(extra))
