@@ -36,6 +36,10 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var held = 0
         /// Set when the call is refused before it is carried out; its answer.
         var refusal: APIError?
+        /// The headers a call carries, looked up once while the head is checked (each
+        /// lookup scans the fields and joins repeated values into a new string).
+        var contentType = ""
+        var forwarded: [ForwardedHeader] = []
     }
 
     private let api: DataAPI
@@ -245,13 +249,16 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             guard path.utf8.count <= 4096, query.utf8.count <= 8192 else {
                 throw APIError(status: 414, code: "uri_too_long", message: "the path may have 4096 bytes and the query 8192")
             }
-            guard (head.headerFields[.contentType] ?? "").utf8.count <= 256 else {
+            r.contentType = head.headerFields[.contentType] ?? ""
+            guard r.contentType.utf8.count <= 256 else {
                 throw APIError.badRequest("bad_header", "Content-Type is longer than 256 bytes")
             }
             for field in Self.forwardedHeaders {
-                if let v = head.headerFields[field], v.utf8.count > 1024 {
+                guard let v = head.headerFields[field] else { continue }
+                guard v.utf8.count <= 1024 else {
                     throw APIError(status: 431, code: "header_too_large", message: "\(field.rawName) is longer than 1024 bytes")
                 }
+                r.forwarded.append(ForwardedHeader(name: field.rawName, value: v))
             }
             if let length = head.headerFields[.contentLength].flatMap({ Int($0) }), length > maxBodyBytes {
                 throw Self.tooLarge(maxBodyBytes)
@@ -288,12 +295,10 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func carryOut(_ r: Reading, context: ChannelHandlerContext) {
-        var headers: [ForwardedHeader] = []
-        for field in Self.forwardedHeaders {
-            if let v = r.head.headerFields[field] { headers.append(ForwardedHeader(name: field.rawName, value: v)) }
-        }
+        // Checked and collected when the head was read (`begin`): a call is carried out only
+        // when nothing refused it there.
         let call = ForwardedCall(method: r.head.method.rawValue, path: r.path, query: r.query,
-                                 contentType: r.head.headerFields[.contentType] ?? "", headers: headers, body: r.body,
+                                 contentType: r.contentType, headers: r.forwarded, body: r.body,
                                  deadlineMilliseconds: api.settings.waitForPrimaryMilliseconds)
         answering = true
         let loop = context.eventLoop

@@ -239,9 +239,10 @@ struct DataAPITests {
         let before = try await http("GET", a.url(primary, "/v1/admin/state-hash"), token: APICluster.reader)
         #expect(before.status == 200)
 
-        func post(_ path: String, token: String? = APICluster.writer, raw: String? = nil, json: Any? = nil) async throws -> HTTPAnswer {
+        func post(_ path: String, token: String? = APICluster.writer, raw: String? = nil, json: Any? = nil,
+                  headers: [String: String] = [:]) async throws -> HTTPAnswer {
             try await http("POST", a.url(site, path), token: token, json: json, raw: raw.map { Data($0.utf8) },
-                           headers: raw == nil ? [:] : ["Content-Type": "application/json"])
+                           headers: (raw == nil ? [:] : ["Content-Type": "application/json"]).merging(headers) { _, new in new })
         }
         let cases: [(HTTPAnswer, Int, String)] = [
             (try await post("/v1/execute", raw: "{\"statements\": [ {\"sql\": "), 400, "malformed_json"),
@@ -251,6 +252,11 @@ struct DataAPITests {
             (try await post("/v1/execute", json: ["statements": [["sql": "DELETE FROM patients"], ["sql": "INSERT INTO nowhere VALUES (1)"]]]), 400, "sql_error"),
             (try await post("/v1/execute", json: ["statements": [["sql": "INSERT INTO practitioners (reference) VALUES ('x')"]]]), 409, "constraint"),
             (try await post("/v1/execute", raw: String(repeating: " ", count: 5 << 20)), 413, "too_large"),
+            // Headers a call carries to the primary are bounded, whichever site takes it.
+            (try await post("/v1/execute", json: ["statements": [["sql": "DELETE FROM patients"]]],
+                            headers: ["Tandem-Patient": String(repeating: "p", count: 1025)]), 431, "header_too_large"),
+            (try await post("/v1/execute", raw: "{\"statements\": [{\"sql\": \"DELETE FROM patients\"}]}",
+                            headers: ["Content-Type": "application/json; " + String(repeating: "x", count: 250)]), 400, "bad_header"),
             (try await post("/v1/query", json: ["sql": "SELECT 1", "consistency": "eventual"]), 400, "bad_value"),
             // A runaway query is interrupted (the site's loop is not held).
             (try await post("/v1/query", json: ["sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
