@@ -128,9 +128,16 @@ struct PageCacheTests {
         tandem_pagecache_set_testing(flaw, 0)
         defer { tandem_pagecache_set_testing(0, 0) }
         var pages: [UInt32: UnsafeMutablePointer<sqlite3_pcache_page>] = [:]
-        for key: UInt32 in 1...5 { pages[key] = try #require(fetch(cache, key, 2)) }
+        for key: UInt32 in 1...5 {
+            // xFetch returns an implicitly unwrapped pointer, which #require cannot check.
+            guard let page = fetch(cache, key, 2) as UnsafeMutablePointer<sqlite3_pcache_page>? else {
+                throw PageCacheTestFailure("page \(key) not fetched")
+            }
+            pages[key] = page
+        }
         let temporary: UInt32 = 262_145  // the lock-byte page with 4 KiB pages
-        rekey(cache, try #require(pages[3]), 3, temporary)
+        guard let third = pages[3] else { throw PageCacheTestFailure("page 3 missing") }
+        rekey(cache, third, 3, temporary)
         #expect(count(cache) == 5)
         truncate(cache, 6)  // drop pages numbered 6 and above
         return count(cache)
@@ -141,4 +148,10 @@ struct PageCacheTests {
         #expect(try Self.pagesLeftAfterRenumbering(flaw: 0) == 4)
         #expect(try Self.pagesLeftAfterRenumbering(flaw: Int32(TANDEM_PAGECACHE_FLAW_RENUMBERED)) == 5)
     }
+}
+
+/// A set-up step of a page-cache test that failed.
+struct PageCacheTestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
