@@ -107,39 +107,63 @@ enum WALFormat {
     /// Encodes `records` as one batch chained to `previousCRC`. Returns the bytes and the
     /// body CRC, which the next batch chains to.
     static func encodeBatch(_ records: ArraySlice<LogRecord>, previousCRC: UInt32) -> (bytes: [UInt8], bodyCRC: UInt32) {
-        var size = batchHeaderSize
-        for r in records { size += recordHeaderSize + r.payload.count }
-        var out = [UInt8](repeating: 0, count: size)
-        let bodyCRC: UInt32 = out.withUnsafeMutableBytes { buf in
+        var bodyBytes = 0
+        for r in records { bodyBytes += recordHeaderSize + r.payload.count }
+        return encodeBatch(recordCount: records.count, bodyBytes: bodyBytes, firstLSN: records.first?.lsn ?? .zero,
+                           previousCRC: previousCRC) { buf, offset in
+            for r in records { storeRecord(r, into: buf, at: &offset) }
+        }
+    }
+
+    /// Encodes a batch of `recordCount` records taking `bodyBytes` (headers included),
+    /// which `storeRecords` stores with `storeRecord` from the offset it is given. The log's
+    /// writer stores its appends' records this way without gathering them into one array
+    /// first (a copy and a retain of every payload, per batch).
+    static func encodeBatch(recordCount: Int, bodyBytes: Int, firstLSN: LSN, previousCRC: UInt32,
+                            storeRecords: (UnsafeMutableRawBufferPointer, inout Int) -> Void) -> (bytes: [UInt8], bodyCRC: UInt32) {
+        let size = batchHeaderSize + bodyBytes
+        var bodyCRC: UInt32 = 0
+        // Every byte is stored (headers with their reserved bytes, payloads, CRCs): no
+        // zeroing first. A mismatch with `bodyBytes` would leave bytes unset: refused below.
+        let out = [UInt8](unsafeUninitializedCapacity: size) { raw, initialized in
+            let buf = UnsafeMutableRawBufferPointer(raw)
             var off = batchHeaderSize
-            for r in records {
-                let start = off
-                buf.storeBytes(of: UInt32(r.payload.count).littleEndian, toByteOffset: off, as: UInt32.self)
-                buf.storeBytes(of: r.term.rawValue.littleEndian, toByteOffset: off + 8, as: UInt64.self)
-                buf.storeBytes(of: r.lsn.rawValue.littleEndian, toByteOffset: off + 16, as: UInt64.self)
-                buf.storeBytes(of: r.kind.rawValue, toByteOffset: off + 24, as: UInt8.self)
-                off += recordHeaderSize
-                if !r.payload.isEmpty {
-                    r.payload.withUnsafeBytes { p in
-                        UnsafeMutableRawBufferPointer(rebasing: buf[off..<(off + p.count)]).copyMemory(from: p)
-                    }
-                    off += r.payload.count
-                }
-                let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buf[(start + 8)..<off]))
-                buf.storeBytes(of: crc.littleEndian, toByteOffset: start + 4, as: UInt32.self)
-            }
+            storeRecords(buf, &off)
+            precondition(off == size, "a batch's records took \(off - batchHeaderSize) bytes, not the \(bodyBytes) counted")
             let body = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buf[batchHeaderSize..<size]))
             buf.storeBytes(of: batchMagic.littleEndian, toByteOffset: 0, as: UInt32.self)
-            buf.storeBytes(of: UInt32(size - batchHeaderSize).littleEndian, toByteOffset: 4, as: UInt32.self)
-            buf.storeBytes(of: UInt32(records.count).littleEndian, toByteOffset: 8, as: UInt32.self)
+            buf.storeBytes(of: UInt32(bodyBytes).littleEndian, toByteOffset: 4, as: UInt32.self)
+            buf.storeBytes(of: UInt32(recordCount).littleEndian, toByteOffset: 8, as: UInt32.self)
             buf.storeBytes(of: previousCRC.littleEndian, toByteOffset: 12, as: UInt32.self)
-            buf.storeBytes(of: (records.first?.lsn.rawValue ?? 0).littleEndian, toByteOffset: 16, as: UInt64.self)
+            buf.storeBytes(of: firstLSN.rawValue.littleEndian, toByteOffset: 16, as: UInt64.self)
             buf.storeBytes(of: body.littleEndian, toByteOffset: 24, as: UInt32.self)
             let hcrc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buf[0..<28]))
             buf.storeBytes(of: hcrc.littleEndian, toByteOffset: 28, as: UInt32.self)
-            return body
+            bodyCRC = body
+            initialized = size
         }
         return (out, bodyCRC)
+    }
+
+    /// Stores one record (header, payload, its CRC) at `offset` and moves past it.
+    @inline(__always)
+    static func storeRecord(_ r: LogRecord, into buf: UnsafeMutableRawBufferPointer, at offset: inout Int) {
+        let start = offset
+        buf.storeBytes(of: UInt32(r.payload.count).littleEndian, toByteOffset: start, as: UInt32.self)
+        buf.storeBytes(of: r.term.rawValue.littleEndian, toByteOffset: start + 8, as: UInt64.self)
+        buf.storeBytes(of: r.lsn.rawValue.littleEndian, toByteOffset: start + 16, as: UInt64.self)
+        // The kind and the three reserved zero bytes after it, in one store.
+        buf.storeBytes(of: UInt32(r.kind.rawValue).littleEndian, toByteOffset: start + 24, as: UInt32.self)
+        var end = start + recordHeaderSize
+        if !r.payload.isEmpty {
+            r.payload.withUnsafeBytes { p in
+                UnsafeMutableRawBufferPointer(rebasing: buf[end..<(end + p.count)]).copyMemory(from: p)
+            }
+            end += r.payload.count
+        }
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buf[(start + 8)..<end]))
+        buf.storeBytes(of: crc.littleEndian, toByteOffset: start + 4, as: UInt32.self)
+        offset = end
     }
 
     struct BatchHeader {

@@ -91,14 +91,32 @@ public final class WriteAheadLog: @unchecked Sendable {
     }
 
     struct Pending: Sendable {
+        /// At least one record (`admissionError`).
         var records: [LogRecord]
         var bytes: Int
         var completion: @Sendable (Result<LSN, WALError>) -> Void
+        /// Read from `records` once, when queued: the writer's per-batch bookkeeping then
+        /// touches no record (each record read out of the array is a retain and a release
+        /// of its payload).
+        var lastLSN: LSN
+        var firstTerm: Term
+        var lastTerm: Term
+
+        init(records: [LogRecord], bytes: Int, completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
+            self.records = records
+            self.bytes = bytes
+            self.completion = completion
+            lastLSN = records.last?.lsn ?? .zero
+            firstTerm = records.first?.term ?? .zero
+            lastTerm = records.last?.term ?? .zero
+        }
     }
 
     private let lock = NSCondition()
     private var segments: [Segment] = []
     private var pending: [Pending] = []
+    /// An emptied batch's buffer, kept for the queue to reuse (see `writerLoop`).
+    private var recycledPending: [Pending] = []
     private var pendingBytes = 0
     private var writing = false
     private var maintenance = false
@@ -459,8 +477,18 @@ public final class WriteAheadLog: @unchecked Sendable {
                 count += 1
                 bytes += p.bytes
             }
-            let taken = Array(pending[..<count])
-            pending.removeFirst(count)
+            let taken: [Pending]
+            if count == pending.count {
+                // The usual case: the whole queue goes, and a buffer the writer emptied
+                // earlier takes its place, so no append is copied and the queue keeps its
+                // capacity.
+                taken = pending
+                pending = recycledPending
+                recycledPending = []
+            } else {
+                taken = Array(pending[..<count])
+                pending.removeFirst(count)
+            }
             pendingBytes -= bytes
             expectedAppends = taken.count
             writing = true
@@ -483,6 +511,9 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// `completion` runs on the writer thread. The same durability rules hold either way.
     /// An inline append is taken only while the last fdatasync took at most this long.
     static let inlineFsyncLimitNanoseconds: UInt64 = 5_000_000
+
+    /// A batch buffer larger than this (a burst of appends) is let go rather than kept.
+    static let recycledPendingCapacity = 4096
 
     /// Whether the append queue has room for `records` now (it refuses them with
     /// `queueFull` otherwise). Room only grows until the caller's next append, when it is
@@ -533,11 +564,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         if let stopped {
             result = .failure(stopped)
         } else {
-            var records: [LogRecord] = []
-            records.reserveCapacity(taken.reduce(0) { $0 + $1.records.count })
-            for p in taken { records.append(contentsOf: p.records) }
             do {
-                let batch = try writeBatch(records[...], at: tail)
+                let batch = try writeBatch(taken, at: tail)
                 written = batch
                 result = .success(batch.batch.lastLSN)
             } catch let error as WALError {
@@ -572,6 +600,8 @@ public final class WriteAheadLog: @unchecked Sendable {
             for p in taken {
                 stats.records += p.records.count
                 stats.bytes += p.bytes
+                // Terms never go down: an append within the last run adds nothing.
+                if p.firstTerm == p.lastTerm && termRuns.last?.term == p.lastTerm { continue }
                 for r in p.records where termRuns.last?.term != r.term {
                     termRuns.append((r.lsn, r.term))
                 }
@@ -600,11 +630,17 @@ public final class WriteAheadLog: @unchecked Sendable {
         // must not block.
         for p in taken {
             // Each appender learns the last LSN of its own records.
-            p.completion(result.map { _ in p.records[p.records.count - 1].lsn })
+            p.completion(result.map { _ in p.lastLSN })
         }
         if let queuedFailure { for p in toFail { p.completion(.failure(queuedFailure)) } }
+        // The completions are released here, outside the lock, and the buffer kept.
+        var emptied = taken
+        emptied.removeAll(keepingCapacity: true)
         // Only now may another batch start: completions are reported in LSN order.
         lock.lock()
+        if emptied.capacity > recycledPending.capacity && emptied.capacity <= Self.recycledPendingCapacity {
+            recycledPending = emptied
+        }
         writing = false
         lock.broadcast()
         lock.unlock()
@@ -624,12 +660,30 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     /// Writes and fdatasyncs one batch at `tail`, or at the start of a new segment (returned
     /// as `fresh`) when it does not fit. The caller publishes it in `segments`.
-    private func writeBatch(_ records: ArraySlice<LogRecord>, at tail: TailPosition) throws -> (batch: WrittenBatch, fresh: Segment?) {
+    private func writeBatch(_ taken: [Pending], at tail: TailPosition) throws -> (batch: WrittenBatch, fresh: Segment?) {
         // Every append holds at least one record (`admissionError`).
-        guard let first = records.first, let last = records.last else { throw WALError.noRecords }
+        guard let first = taken.first?.records.first, let last = taken.last?.records.last else { throw WALError.noRecords }
+        var recordCount = 0, bodyBytes = 0
+        for p in taken {
+            recordCount += p.records.count
+            bodyBytes += p.bytes
+        }
+        // The appends' records in order, stored from their own arrays.
+        func encode(chainedTo previousCRC: UInt32) -> (bytes: [UInt8], bodyCRC: UInt32) {
+            WALFormat.encodeBatch(recordCount: recordCount, bodyBytes: bodyBytes, firstLSN: first.lsn, previousCRC: previousCRC) { buf, offset in
+                taken.withUnsafeBufferPointer { appends in
+                    for a in appends.indices {
+                        // Read in place: iterating the arrays copied each record out.
+                        appends[a].records.withUnsafeBufferPointer { records in
+                            for i in records.indices { WALFormat.storeRecord(records[i], into: buf, at: &offset) }
+                        }
+                    }
+                }
+            }
+        }
         var fresh: Segment?
         var target = tail
-        var batch = WALFormat.encodeBatch(records, previousCRC: tail.chainCRC)
+        var batch = encode(chainedTo: tail.chainCRC)
         if tail.end + batch.bytes.count > options.segmentSize && tail.hasBatches {
             let segment: Segment
             do {
@@ -642,7 +696,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             prepareSpare()
             fresh = segment
             target = TailPosition(segment)
-            batch = WALFormat.encodeBatch(records, previousCRC: target.chainCRC)
+            batch = encode(chainedTo: target.chainCRC)
         }
         var wroteDirect = false
         do {

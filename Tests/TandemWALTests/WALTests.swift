@@ -53,6 +53,85 @@ struct WALTests {
         #expect(again.recovery.records > 0)
     }
 
+    @Test("a batch gathered from many appends is byte for byte the batch its records encode to, with every reserved byte zero, and terms rising inside a batch are remembered")
+    func gatheredBatchesEncodeAsOne() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        final class Appenders: @unchecked Sendable {
+            let lock = NSLock()
+            var left = 1_500
+            var term: UInt64 = 1
+            var failure: WALError?
+            var done: CheckedContinuation<Void, Never>?
+            var running = 24
+        }
+        let state = Appenders()
+        let sizes = [0, 1, 3, 255, 1_000]
+        // Callback appenders, as the benchmark's: each appends again from its completion,
+        // so batches gather many appends; now and then the term goes up mid-stream.
+        @Sendable func next(_ n: Int) {
+            state.lock.lock()
+            guard state.left > 0 else {
+                state.running -= 1
+                let finished = state.running == 0 ? state.done : nil
+                state.lock.unlock()
+                finished?.resume()
+                return
+            }
+            state.left -= 1
+            if state.left % 97 == 0 { state.term += 1 }
+            let term = state.term
+            state.lock.unlock()
+            let payload = [UInt8](repeating: UInt8(truncatingIfNeeded: n), count: sizes[n % sizes.count])
+            log.appendAssigning(term: Term(term), kind: .changeset, payload: payload) { result in
+                if case let .failure(e) = result { state.lock.withLock { state.failure = e } }
+                next(n + 1)
+            }
+        }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            state.lock.withLock { state.done = c }
+            for a in 0..<24 { next(a * 1_000) }
+        }
+        #expect(state.failure == nil)
+        #expect(log.lastLSN == LSN(1_500))
+        var termsByLSN: [LSN: Term] = [:]
+        var batches = 0, gathered = 0, termChangesInsideBatches = 0
+        for name in try WriteAheadLog.segmentNames(in: dir.path) {
+            let bytes = fileBytes(dir.file(name))
+            try bytes.withUnsafeBytes { buf in
+                var offset = WALFormat.segmentHeaderSize
+                while let header = WALFormat.decodeBatchHeader(buf, at: offset) {
+                    let end = offset + WALFormat.batchHeaderSize + header.bodyLength
+                    var records: [LogRecord] = []
+                    var at = offset + WALFormat.batchHeaderSize
+                    while at < end {
+                        let decoded = try #require(WALFormat.decodeRecord(buf, at: at, end: end, verify: true))
+                        #expect(buf[at + 25] == 0 && buf[at + 26] == 0 && buf[at + 27] == 0, "reserved bytes of \(decoded.0.lsn)")
+                        records.append(decoded.0)
+                        at = decoded.1
+                    }
+                    #expect(records.count == header.count)
+                    let alone = WALFormat.encodeBatch(records[...], previousCRC: header.previousCRC)
+                    #expect(alone.bytes == Array(bytes[offset..<end]), "batch at \(name):\(offset)")
+                    #expect(alone.bodyCRC == header.bodyCRC)
+                    for r in records { termsByLSN[r.lsn] = r.term }
+                    if Set(records.map(\.term)).count > 1 { termChangesInsideBatches += 1 }
+                    batches += 1
+                    if records.count > 1 { gathered += 1 }
+                    offset = end
+                }
+            }
+        }
+        #expect(termsByLSN.count == 1_500)
+        #expect(gathered > 0, "no batch gathered more than one append")
+        #expect(batches > 1)
+        // Term runs are kept for the log's own answers: every LSN's term, as written.
+        for (lsn, term) in termsByLSN { #expect(log.term(at: lsn) == term, "term at \(lsn)") }
+        #expect(termsByLSN[LSN(1_500)] == Term(state.term), "the last record carries the highest term")
+        #expect(termChangesInsideBatches > 0, "no batch held a change of term")
+        log.close()
+    }
+
     @Test("an inline append on an idle log is durable when it returns; mixed with queued appends while the writer is busy, every record lands once, in order")
     func inlineAppends() async throws {
         let dir = TempDir(); defer { dir.cleanup() }
