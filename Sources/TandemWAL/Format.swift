@@ -149,6 +149,9 @@ enum WALFormat {
     @inline(__always)
     static func storeRecord(_ r: LogRecord, into buf: UnsafeMutableRawBufferPointer, at offset: inout Int) {
         let start = offset
+        // Release builds do not bounds-check raw stores: a miscounted batch must stop here,
+        // before it writes past the buffer.
+        precondition(start + recordHeaderSize + r.payload.count <= buf.count, "record \(r.lsn) overruns its batch's buffer")
         buf.storeBytes(of: UInt32(r.payload.count).littleEndian, toByteOffset: start, as: UInt32.self)
         buf.storeBytes(of: r.term.rawValue.littleEndian, toByteOffset: start + 8, as: UInt64.self)
         buf.storeBytes(of: r.lsn.rawValue.littleEndian, toByteOffset: start + 16, as: UInt64.self)

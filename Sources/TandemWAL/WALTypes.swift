@@ -72,6 +72,8 @@ public enum WALError: Error, CustomStringConvertible, Sendable, Equatable {
     case nonContiguous(expected: LSN, got: LSN)
     case termRegression(lsn: LSN, term: Term, previous: Term)
     case recordTooLarge(size: Int, limit: Int)
+    /// One append's records, headers included, exceed what one batch can frame.
+    case appendTooLarge(size: Int, limit: Int)
     case queueFull(queuedBytes: Int, limit: Int)
     /// An append of no records: it has no last LSN to report.
     case noRecords
@@ -93,6 +95,7 @@ public enum WALError: Error, CustomStringConvertible, Sendable, Equatable {
         case let .nonContiguous(expected, got): "record LSN \(got) does not follow the log: expected \(expected)"
         case let .termRegression(lsn, term, previous): "record \(lsn) has term \(term), lower than the previous record's \(previous)"
         case let .recordTooLarge(size, limit): "record payload of \(size) bytes exceeds the limit of \(limit)"
+        case let .appendTooLarge(size, limit): "an append of \(size) bytes (records and their headers) exceeds one batch's limit of \(limit)"
         case let .queueFull(queued, limit): "log write queue full: \(queued) bytes queued, limit \(limit)"
         case .noRecords: "an append must carry at least one record"
         case let .unavailable(requested, first, last): "LSN \(requested) is not in the retained log (\(first)...\(last))"

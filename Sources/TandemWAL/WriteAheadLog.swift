@@ -415,6 +415,10 @@ public final class WriteAheadLog: @unchecked Sendable {
             term = r.term
             bytes += WALFormat.recordHeaderSize + r.payload.count
         }
+        // A batch's body length is a u32 on disk.
+        guard bytes <= Int(UInt32.max) - WALFormat.batchHeaderSize else {
+            return .appendTooLarge(size: bytes, limit: Int(UInt32.max) - WALFormat.batchHeaderSize)
+        }
         if !hasRoomLocked(bytes) {
             return .queueFull(queuedBytes: pendingBytes, limit: options.maxQueuedBytes)
         }
@@ -477,7 +481,7 @@ public final class WriteAheadLog: @unchecked Sendable {
                 count += 1
                 bytes += p.bytes
             }
-            let taken: [Pending]
+            var taken: [Pending]
             if count == pending.count {
                 // The usual case: the whole queue goes, and a buffer the writer emptied
                 // earlier takes its place, so no append is copied and the queue keeps its
@@ -495,7 +499,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             let stopped = failure
             let tail = TailPosition(segments[segments.count - 1])
             lock.unlock()
-            runBatch(taken, stopped: stopped, tail: tail)
+            runBatch(&taken, stopped: stopped, tail: tail)
         }
         writerDone.lock()
         writerExited = true
@@ -503,13 +507,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         writerDone.unlock()
     }
 
-    /// Appends on the calling thread when the log is idle (nothing queued, no batch being
-    /// written): the records are written and fdatasynced here and `completion` runs here
-    /// before this returns, saving the hand-off to the writer thread and back (two
-    /// wake-ups, a large share of a replica's acknowledgement time on a busy machine).
-    /// When the log is busy, the records are queued for the writer as `append` does, and
-    /// `completion` runs on the writer thread. The same durability rules hold either way.
-    /// An inline append is taken only while the last fdatasync took at most this long.
+    /// An inline append (`appendInline`) is taken only while the last fdatasync took at
+    /// most this long.
     static let inlineFsyncLimitNanoseconds: UInt64 = 5_000_000
 
     /// A batch buffer larger than this (a burst of appends) is let go rather than kept.
@@ -530,6 +529,12 @@ public final class WriteAheadLog: @unchecked Sendable {
         pendingBytes == 0 || pendingBytes + bytes <= options.maxQueuedBytes
     }
 
+    /// Appends on the calling thread when the log is idle (nothing queued, no batch being
+    /// written): the records are written and fdatasynced here and `completion` runs here
+    /// before this returns, saving the hand-off to the writer thread and back (two
+    /// wake-ups, a large share of a replica's acknowledgement time on a busy machine).
+    /// When the log is busy, the records are queued for the writer as `append` does, and
+    /// `completion` runs on the writer thread. The same durability rules hold either way.
     public func appendInline(_ records: [LogRecord], completion: @escaping @Sendable (Result<LSN, WALError>) -> Void) {
         lock.lock()
         if let error = admissionError(records) {
@@ -553,12 +558,14 @@ public final class WriteAheadLog: @unchecked Sendable {
         writing = true
         let tail = TailPosition(segments[segments.count - 1])
         lock.unlock()
-        runBatch([Pending(records: records, bytes: bytes, completion: completion)], stopped: nil, tail: tail)
+        var one = [Pending(records: records, bytes: bytes, completion: completion)]
+        runBatch(&one, stopped: nil, tail: tail)
     }
 
     /// Writes one batch (the caller set `writing` under the lock and released it), then
     /// publishes the result and runs the completions on this thread.
-    private func runBatch(_ taken: [Pending], stopped: WALError?, tail: TailPosition) {
+    /// `taken` is left empty, its buffer passed to the queue for reuse when it is worth it.
+    private func runBatch(_ taken: inout [Pending], stopped: WALError?, tail: TailPosition) {
         var result: Result<LSN, WALError>
         var written: (batch: WrittenBatch, fresh: Segment?)?
         if let stopped {
@@ -633,13 +640,13 @@ public final class WriteAheadLog: @unchecked Sendable {
             p.completion(result.map { _ in p.lastLSN })
         }
         if let queuedFailure { for p in toFail { p.completion(.failure(queuedFailure)) } }
-        // The completions are released here, outside the lock, and the buffer kept.
-        var emptied = taken
-        emptied.removeAll(keepingCapacity: true)
+        // The completions are released here, outside the lock; the buffer (the caller's
+        // only reference, so emptied in place) goes back to the queue.
+        taken.removeAll(keepingCapacity: true)
         // Only now may another batch start: completions are reported in LSN order.
         lock.lock()
-        if emptied.capacity > recycledPending.capacity && emptied.capacity <= Self.recycledPendingCapacity {
-            recycledPending = emptied
+        if taken.capacity > recycledPending.capacity && taken.capacity <= Self.recycledPendingCapacity {
+            swap(&recycledPending, &taken)
         }
         writing = false
         lock.broadcast()

@@ -53,47 +53,58 @@ struct WALTests {
         #expect(again.recovery.records > 0)
     }
 
-    @Test("a batch gathered from many appends is byte for byte the batch its records encode to, with every reserved byte zero, and terms rising inside a batch are remembered")
-    func gatheredBatchesEncodeAsOne() async throws {
+    @Test("a batch gathered from many appends is byte for byte the batch its records encode to, with every reserved byte zero; each append learns its own last LSN; terms rising inside an append and inside a batch are remembered",
+          arguments: [8 << 20, 4096])
+    func gatheredBatchesEncodeAsOne(maxBatchBytes: Int) async throws {
         let dir = TempDir(); defer { dir.cleanup() }
-        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        var options = smallOptions()
+        options.maxBatchBytes = maxBatchBytes  // 4096: the writer takes part of its queue
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: options)
+        defer { log.close() }
         final class Appenders: @unchecked Sendable {
             let lock = NSLock()
-            var left = 1_500
+            var next = LSN(1)
             var term: UInt64 = 1
-            var failure: WALError?
+            var problems: [String] = []
             var done: CheckedContinuation<Void, Never>?
             var running = 24
         }
         let state = Appenders()
+        let total: UInt64 = 1_500
         let sizes = [0, 1, 3, 255, 1_000]
         // Callback appenders, as the benchmark's: each appends again from its completion,
-        // so batches gather many appends; now and then the term goes up mid-stream.
-        @Sendable func next(_ n: Int) {
+        // so batches gather many appends. An append holds one to three records, and now
+        // and then the term goes up, also between two records of one append.
+        @Sendable func append(_ n: Int) {
             state.lock.lock()
-            guard state.left > 0 else {
+            guard state.next.rawValue <= total else {
                 state.running -= 1
                 let finished = state.running == 0 ? state.done : nil
                 state.lock.unlock()
                 finished?.resume()
                 return
             }
-            state.left -= 1
-            if state.left % 97 == 0 { state.term += 1 }
-            let term = state.term
-            state.lock.unlock()
-            let payload = [UInt8](repeating: UInt8(truncatingIfNeeded: n), count: sizes[n % sizes.count])
-            log.appendAssigning(term: Term(term), kind: .changeset, payload: payload) { result in
-                if case let .failure(e) = result { state.lock.withLock { state.failure = e } }
-                next(n + 1)
+            var records: [LogRecord] = []
+            for _ in 0..<min(1 + n % 3, Int(total - state.next.rawValue + 1)) {
+                if state.next.rawValue % 97 == 0 { state.term += 1 }
+                let payload = [UInt8](repeating: UInt8(truncatingIfNeeded: n), count: sizes[(n + records.count) % sizes.count])
+                records.append(LogRecord(term: Term(state.term), lsn: state.next, kind: .changeset, payload: payload))
+                state.next = state.next.next
             }
+            let last = records[records.count - 1].lsn
+            // Under the appenders' lock, so that LSNs reach the log in order.
+            log.append(records) { result in
+                if result != .success(last) { state.lock.withLock { state.problems.append("append ending at \(last): \(result)") } }
+                append(n + 1)
+            }
+            state.lock.unlock()
         }
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             state.lock.withLock { state.done = c }
-            for a in 0..<24 { next(a * 1_000) }
+            for a in 0..<24 { append(a * 1_000) }
         }
-        #expect(state.failure == nil)
-        #expect(log.lastLSN == LSN(1_500))
+        #expect(state.problems.isEmpty, "\(state.problems.prefix(3))")
+        #expect(log.lastLSN == LSN(total))
         var termsByLSN: [LSN: Term] = [:]
         var batches = 0, gathered = 0, termChangesInsideBatches = 0
         for name in try WriteAheadLog.segmentNames(in: dir.path) {
@@ -102,6 +113,8 @@ struct WALTests {
                 var offset = WALFormat.segmentHeaderSize
                 while let header = WALFormat.decodeBatchHeader(buf, at: offset) {
                     let end = offset + WALFormat.batchHeaderSize + header.bodyLength
+                    #expect(header.bodyLength + WALFormat.batchHeaderSize <= maxBatchBytes + 3 * (1_000 + WALFormat.recordHeaderSize),
+                            "a batch over the limit by more than one append")
                     var records: [LogRecord] = []
                     var at = offset + WALFormat.batchHeaderSize
                     while at < end {
@@ -111,25 +124,45 @@ struct WALTests {
                         at = decoded.1
                     }
                     #expect(records.count == header.count)
+                    #expect(records.first?.lsn == header.firstLSN)
                     let alone = WALFormat.encodeBatch(records[...], previousCRC: header.previousCRC)
                     #expect(alone.bytes == Array(bytes[offset..<end]), "batch at \(name):\(offset)")
                     #expect(alone.bodyCRC == header.bodyCRC)
                     for r in records { termsByLSN[r.lsn] = r.term }
                     if Set(records.map(\.term)).count > 1 { termChangesInsideBatches += 1 }
                     batches += 1
-                    if records.count > 1 { gathered += 1 }
+                    if records.count > 3 { gathered += 1 }
                     offset = end
                 }
             }
         }
-        #expect(termsByLSN.count == 1_500)
+        #expect(termsByLSN.count == Int(total))
         #expect(gathered > 0, "no batch gathered more than one append")
         #expect(batches > 1)
         // Term runs are kept for the log's own answers: every LSN's term, as written.
         for (lsn, term) in termsByLSN { #expect(log.term(at: lsn) == term, "term at \(lsn)") }
-        #expect(termsByLSN[LSN(1_500)] == Term(state.term), "the last record carries the highest term")
+        #expect(termsByLSN[LSN(total)] == Term(state.term), "the last record carries the highest term")
         #expect(termChangesInsideBatches > 0, "no batch held a change of term")
-        log.close()
+    }
+
+    @Test("an append too large for one batch's u32 length is refused with the reason, and nothing is written")
+    func appendTooLargeForABatch() throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+        defer { log.close() }
+        // 257 records of 16 MiB (the default record limit) sharing one payload buffer:
+        // just over 4 GiB counted, 16 MiB in memory.
+        let payload = [UInt8](repeating: 7, count: log.options.maxRecordBytes)
+        let records = (1...257).map { LogRecord(term: Term(1), lsn: LSN(UInt64($0)), kind: .changeset, payload: payload) }
+        let result = Mutex<Result<LSN, WALError>?>(nil)
+        log.append(records) { r in result.withLock { $0 = r } }
+        guard case let .failure(.appendTooLarge(size, _))? = result.withLock({ $0 }) else {
+            Issue.record("expected appendTooLarge, got \(String(describing: result.withLock { $0 }))")
+            return
+        }
+        #expect(size == 257 * (payload.count + WALFormat.recordHeaderSize))
+        #expect(log.lastLSN == LSN(0))
+        #expect(log.hasRoom(for: [record(1)]))
     }
 
     @Test("an inline append on an idle log is durable when it returns; mixed with queued appends while the writer is busy, every record lands once, in order")
