@@ -388,6 +388,7 @@ struct TransportBench: AsyncParsableCommand {
         // median of the rounds is reported.
         var ceilings = [try measureCeiling()]
         var perMode: [Bool: [(result: StreamResult, ceiling: Double)]] = [false: [], true: []]
+        var encoderAlone: [Double] = []
         let roundCount = common.quick ? 1 : max(1, rounds)
         for _ in 0..<roundCount {
             for compress in [false, true] {
@@ -395,12 +396,18 @@ struct TransportBench: AsyncParsableCommand {
                 ceilings.append(try measureCeiling())
                 perMode[compress, default: []].append((result, (ceilings[ceilings.count - 2] + ceilings[ceilings.count - 1]) / 2))
             }
+            encoderAlone.append(Self.lz4EncodingRate(batches, seconds: duration / 2))
         }
         let ceilingMedian = median(ceilings)
         emit(["bench": "transport.tls_ceiling", "bytes_per_second": round3(ceilingMedian), "megabytes_per_second": round3(ceilingMedian / 1e6),
               "measurements": ceilings.count, "min_megabytes_per_second": round3((ceilings.min() ?? 0) / 1e6),
               "max_megabytes_per_second": round3((ceilings.max() ?? 0) / 1e6)])
         note("raw TLS 1.3 single stream on loopback: median \(Int(ceilingMedian / 1e6)) MB/s of \(ceilings.count) measurements (\(Int((ceilings.min() ?? 0) / 1e6))–\(Int((ceilings.max() ?? 0) / 1e6)))")
+        let encoding = median(encoderAlone)
+        emit(["bench": "transport.lz4_encoding_alone", "log_megabytes_per_second": round3(encoding / 1e6),
+              "ratio_to_tls_ceiling": round3(encoding / ceilingMedian), "rounds": encoderAlone.count,
+              "per_round_megabytes_per_second": encoderAlone.map { round3($0 / 1e6) }])
+        note("LZ4 encoding alone, one thread, no TLS: \(Int(encoding / 1e6)) MB/s of log, \(round3(encoding / ceilingMedian)) of the TLS ceiling: an LZ4 stream encoded on one thread cannot pass that")
         for compress in [false, true] {
             let runs = perMode[compress] ?? []
             let ratios = runs.map { $0.result.bytesPerSecond / $0.ceiling }
@@ -416,6 +423,29 @@ struct TransportBench: AsyncParsableCommand {
                   "target_lz4_compression_ratio": 2.5, "log_records": log.count, "log_bytes": rawBytes])
             note("replication \(compress ? "with" : "without") LZ4: \(Int(bytesPerSecond / 1e6)) MB/s of log, \(Int(recordsPerSecond)) records/s, \(round3(ratio)) of the TLS ceiling (rounds: \(ratios.map { String(round3($0)) }.joined(separator: ", "))), compression \(round3(compression))×")
         }
+    }
+
+    /// Bytes of log per second that one thread turns into LZ4 append messages, with no
+    /// TLS, socket or receiver: the most a stream whose messages are encoded on one thread
+    /// can carry on this machine, whatever the rest costs.
+    static func lz4EncodingRate(_ batches: [[LogRecord]], seconds: Double) -> Double {
+        var encoder = WireEncoder(compress: true)
+        var bytes = 0, framed = 0
+        var i = 0
+        let start = monotonicNanoseconds()
+        let end = start + UInt64(seconds * 1e9)
+        while monotonicNanoseconds() < end {
+            let batch = batches[i % batches.count]
+            let frame = encoder.message(Message(from: "a", to: "b", term: Term(1),
+                                                body: .append(Append(prevLSN: batch[0].lsn.previous, prevTerm: Term(1), records: batch,
+                                                                     commitLSN: .zero, round: 1))))
+            bytes += batch.reduce(0) { $0 + $1.payload.count }
+            framed += frame.count
+            i += 1
+        }
+        // Used, so that the encoding cannot be optimized away.
+        guard framed > 0 else { return 0 }
+        return Double(bytes) / (Double(monotonicNanoseconds() - start) / 1e9)
     }
 
     struct StreamResult {
