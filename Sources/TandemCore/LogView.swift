@@ -16,7 +16,8 @@ public struct LogView: Hashable, Sendable {
     /// `cacheHead` were dropped (their payloads released) and are removed from the array
     /// only once they are at least half of it: removing them one by one shifted the whole
     /// cache, and once the cache was full that was every append (61% of a primary's loop
-    /// after 170,000 writes of 256 bytes, throughput halved).
+    /// after 170,000 writes of 256 bytes, throughput halved). The slots cost at most
+    /// twice a record's stride per cached record.
     private var cache: [LogRecord] = []
     private var cacheHead = 0
     private var cacheBytes = 0
@@ -154,21 +155,26 @@ public struct LogView: Hashable, Sendable {
         shedDroppedSlots()
     }
 
-    /// Removes the dropped slots once they are at least half of the array, so that it
-    /// never holds more than twice the cached records.
+    /// Removes the dropped slots once they are at least half of the array. The live
+    /// records move to a new array of their own size (shifting them would keep the old
+    /// capacity, which growth by doubling then took to four times the records), so the
+    /// array's capacity stays within twice the cached records.
     private mutating func shedDroppedSlots() {
         if cacheHead == cache.count {
-            cache.removeAll(keepingCapacity: true)
+            cache = []
             cacheHead = 0
             cacheBytes = 0
         } else if cacheHead > 0 && cacheHead * 2 >= cache.count {
-            cache.removeFirst(cacheHead)
+            cache = Array(cache[cacheHead...])
             cacheHead = 0
         }
     }
 
-    /// Cached records and slots not yet shed (for tests of the bound on the array).
-    var cacheSlots: (live: Int, total: Int) { (cache.count - cacheHead, cache.count) }
+    /// Cached records, slots (live and dropped) and the array's capacity, and the bytes
+    /// counted: for tests of the cache's bounds.
+    var cacheShape: (live: Int, slots: Int, capacity: Int, bytes: Int) {
+        (cache.count - cacheHead, cache.count, cache.capacity, cacheBytes)
+    }
 
     /// Records from `from` on, up to `maxBytes` of payload (at least one), if the cache
     /// holds `from`; nil when they must be read from the log.
