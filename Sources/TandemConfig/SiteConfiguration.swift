@@ -53,6 +53,10 @@ public struct SiteConfiguration: Sendable {
     /// A local snapshot every this many applied records (0: never); the log it covers is
     /// then removed as far as the retention allows.
     public var snapshotEveryRecords: Int
+    /// ... and only once the log written since the last snapshot is at least this
+    /// fraction of the database's size, so that copying a large database stays in
+    /// proportion to what was written (0: the record count alone decides).
+    public var snapshotLogFraction: Double
     /// Covered log kept for lagging peers: at most this many bytes, and this many hours.
     public var retainLogBytes: Int
     public var retainLogHours: Double
@@ -244,7 +248,7 @@ struct ConfigReader {
         try check(api, "api", allowed: ["token_file", "replica_lag_default", "max_body_bytes", "max_document_bytes",
                                         "wait_for_primary_ms", "read_wait_ms", "tls"])
         let storage = try table(top, "storage")
-        try check(storage, "storage", allowed: ["segment_bytes", "direct_io", "snapshot_every_records", "retain_log_bytes", "retain_log_hours"])
+        try check(storage, "storage", allowed: ["segment_bytes", "direct_io", "snapshot_every_records", "snapshot_log_fraction", "retain_log_bytes", "retain_log_hours"])
         let hooks = try table(top, "hooks")
         try check(hooks, "hooks", allowed: ["command", "timeout_ms"])
         let maxBody = Int(try integer(api, "api", "max_body_bytes", default: 20 << 20, min: 1024, max: 30 << 20))
@@ -295,6 +299,7 @@ struct ConfigReader {
             segmentBytes: Int(try integer(storage, "storage", "segment_bytes", default: 64 << 20, min: 64 << 10, max: 1 << 30)),
             directIO: try bool(storage, "storage", "direct_io", default: true),
             snapshotEveryRecords: Int(try integer(storage, "storage", "snapshot_every_records", default: 100_000, min: 0, max: 1_000_000_000)),
+            snapshotLogFraction: try double(storage, "storage", "snapshot_log_fraction", default: 0.5, min: 0, max: 100),
             retainLogBytes: Int(try integer(storage, "storage", "retain_log_bytes", default: 1 << 30, min: 0, max: 1 << 40)),
             retainLogHours: try double(storage, "storage", "retain_log_hours", default: 24, min: 0, max: 24 * 365))
         do { try config.cluster.validate() } catch {

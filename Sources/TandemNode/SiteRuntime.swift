@@ -20,6 +20,11 @@ public struct NodeSettings: Sendable {
     /// A local snapshot is taken (and the log it covers removed, as retention allows)
     /// once this many records were applied since the last one. 0: never.
     public var snapshotEveryRecords = 100_000
+    /// ... and once the log written since the last one is at least this fraction of the
+    /// database's size (0: the record count alone decides). A snapshot copies the whole
+    /// database: with the record count alone, a large database was copied every 100,000
+    /// records however small they were, a cost growing with the database's size.
+    public var snapshotLogFraction = 0.5
     public var retention = RetentionPolicy()
     /// Bytes per snapshot chunk (each checksummed; a transfer resumes at a chunk boundary).
     public var snapshotChunkBytes = Wire.snapshotChunkBytes
@@ -191,6 +196,10 @@ public final class SiteRuntime: @unchecked Sendable {
     private var orphans: [LSN: (term: Term, resume: @Sendable (Result<Execution, WriteError>) -> Void, execution: Execution, deadline: Instant)] = [:]
     static let orphanWaitNanoseconds: UInt64 = 10_000_000_000
     private var lastSnapshotLSN: LSN = .zero
+    /// The log's size when the last snapshot was taken (or the site started): the log
+    /// written since is its growth beyond this.
+    private var logBytesAtLastSnapshot = 0
+    private var nextSnapshotSizeCheck: LSN = .zero
     private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String, peer: SiteID)?
     /// When the current snapshot's creation and reception began (for the log's durations).
     private var snapshotStarted: Instant = 0
@@ -286,6 +295,10 @@ public final class SiteRuntime: @unchecked Sendable {
                         commitLSN: storage.store.committedLSN, now: Self.clock(), entropy: rng.next(), abstaining: rejoining)
         if rejoining { settings.log("event=rejoining site=\(settings.site) detail=\"no vote and no candidacy until a primary is heard\"") }
         lastSnapshotLSN = storage.store.appliedLSN
+        // The whole log counts as written since the last snapshot: what was logged before a
+        // restart must not be forgotten (a site restarted often would otherwise never take
+        // one). At worst, one snapshot comes early.
+        logBytesAtLastSnapshot = 0
         statusCache = SiteStatus(site: settings.site, role: .follower, term: hard.term, primary: nil, commitLSN: .zero,
                                  appliedLSN: storage.store.appliedLSN, logFirstLSN: log.firstLSN, logLastLSN: log.lastLSN, holdsLease: false,
                                  followsLivePrimary: false, failed: false)
@@ -1117,6 +1130,18 @@ public final class SiteRuntime: @unchecked Sendable {
         guard settings.snapshotEveryRecords > 0, !snapshotInProgress, settings.config.site(settings.site)?.role == .voter else { return }
         let applied = min(storage.store.appliedLSN, core.commitLSN)
         guard applied.rawValue >= lastSnapshotLSN.rawValue + UInt64(settings.snapshotEveryRecords) else { return }
+        // Only now, and then every eighth of the record count, the sizes (a stat of the
+        // database file): the count may pass long before the log is large enough.
+        if settings.snapshotLogFraction > 0 {
+            guard applied >= nextSnapshotSizeCheck else { return }
+            nextSnapshotSizeCheck = LSN(applied.rawValue + UInt64(max(1, settings.snapshotEveryRecords / 8)))
+        }
+        // A truncated tail is not a log written: the baseline follows a log that shrank.
+        let logBytes = storage.log.byteSize
+        logBytesAtLastSnapshot = min(logBytesAtLastSnapshot, logBytes)
+        guard Self.snapshotDue(loggedBytes: logBytes - logBytesAtLastSnapshot,
+                               databaseBytes: storage.store.databaseFileBytes,
+                               logFraction: settings.snapshotLogFraction) else { return }
         snapshotInProgress = true
         let source = storage.store.snapshotSource
         let path = storage.snapshotPath
@@ -1128,6 +1153,15 @@ public final class SiteRuntime: @unchecked Sendable {
         }.start()
     }
 
+    /// Whether the log written since the last snapshot is large enough, against the
+    /// database's size, for another one (the record count was checked first): a snapshot
+    /// copies the whole database, so copying costs at most 1 / `logFraction` bytes per
+    /// byte logged (2 at 0.5), however large the database grows.
+    static func snapshotDue(loggedBytes: Int, databaseBytes: Int, logFraction: Double) -> Bool {
+        guard logFraction > 0 else { return true }
+        return Double(max(0, loggedBytes)) >= logFraction * Double(max(0, databaseBytes))
+    }
+
     private func snapshotTaken(_ result: Result<SnapshotInfo, SnapshotFailure>) {
         snapshotInProgress = false
         switch result {
@@ -1135,6 +1169,10 @@ public final class SiteRuntime: @unchecked Sendable {
             lastSnapshotLSN = info.lsn
             do {
                 try storage.log.removePrefix(through: info.lsn, retention: settings.retention)
+                // Records logged while the snapshot was taken count towards the next one
+                // only roughly (what remains of the log is the new baseline): a snapshot
+                // comes a little later, never sooner.
+                logBytesAtLastSnapshot = storage.log.byteSize
                 step(.compacted(through: storage.log.firstLSN.previous))
                 settings.log("event=snapshot site=\(settings.site) lsn=\(info.lsn) bytes=\(info.fileBytes) database_bytes=\(info.rawBytes) took_ms=\(Self.milliseconds(since: snapshotStarted)) log_first_lsn=\(storage.log.firstLSN)")
             } catch {
@@ -1153,6 +1191,7 @@ public final class SiteRuntime: @unchecked Sendable {
             if !FileManager.default.fileExists(atPath: storage.snapshotPath) {
                 let info = try storage.takeSnapshot(retention: settings.retention)
                 lastSnapshotLSN = info.lsn
+                logBytesAtLastSnapshot = storage.log.byteSize
             }
             let (info, _) = try SnapshotFormat.readHeader(path: storage.snapshotPath)
             transport.send(.offer(lsn: info.lsn, term: info.term, size: UInt64(info.fileBytes)), to: peer)
@@ -1233,6 +1272,7 @@ public final class SiteRuntime: @unchecked Sendable {
             try storage.installSnapshot(from: rx.path) { _, _ in }
             try? FileManager.default.removeItem(atPath: rx.path)
             lastSnapshotLSN = rx.lsn
+            logBytesAtLastSnapshot = storage.log.byteSize
             step(.snapshotInstalled(lsn: rx.lsn, term: rx.term))
             settings.log("event=snapshot_installed site=\(settings.site) lsn=\(rx.lsn) bytes=\(rx.size) transfer_ms=\(transferMs) install_ms=\(Self.milliseconds(since: installStarted))")
         } catch {

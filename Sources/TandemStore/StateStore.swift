@@ -141,6 +141,12 @@ public final class StateStore: @unchecked Sendable {
         }
     }
 
+    /// The database file's size on disk (SQLite's own WAL file not counted); 0 if unknown.
+    public var databaseFileBytes: Int {
+        let size = (try? FileManager.default.attributesOfItem(atPath: databasePath))?[.size] as? NSNumber
+        return size?.intValue ?? 0
+    }
+
     static func configure(_ db: SQLiteConnection, limits: StoreLimits) throws(SQLiteError) {
         // WAL journal; synchronous=NORMAL because the write-ahead log, not SQLite, is the
         // durable record: after a crash the database replays from its applied LSN.

@@ -271,7 +271,7 @@ struct ClusterBench: AsyncParsableCommand {
         let sizes = !want.contains("snapshot") ? [] : quick ? [8] : snapshotMiB.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         for mib in sizes {
             var small = options
-            small.storage = "segment_bytes = 1048576\nsnapshot_every_records = 8\nretain_log_bytes = 0\nretain_log_hours = 0"
+            small.storage = "segment_bytes = 1048576\nsnapshot_every_records = 8\nsnapshot_log_fraction = 0\nretain_log_bytes = 0\nretain_log_hours = 0"
             try await snapshotPath(options: small, mib: mib, bin: bin, dir: dir + "/snapshot-\(mib)")
         }
 

@@ -158,6 +158,7 @@ struct Tandemd: AsyncParsableCommand {
         settings.walOptions.segmentSize = c.segmentBytes
         settings.walOptions.directIO = c.directIO
         settings.snapshotEveryRecords = c.snapshotEveryRecords
+        settings.snapshotLogFraction = c.snapshotLogFraction
         settings.retention = RetentionPolicy(maxBytes: c.retainLogBytes, maxAgeSeconds: c.retainLogHours * 3600)
         settings.onRoleChange = { change in
             metrics.roleChanged(change)

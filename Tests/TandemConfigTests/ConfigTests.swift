@@ -116,6 +116,9 @@ struct SiteConfigurationTests {
         #expect(c.directIO, "log batches are written with O_DIRECT unless the file says otherwise")
         let buffered = try SiteConfiguration.parse(sample.replacingOccurrences(of: caLine, with: caLine + "\n\n[storage]\ndirect_io = false"), file: "sbg.toml")
         #expect(!buffered.directIO)
+        #expect(c.snapshotEveryRecords == 100_000 && c.snapshotLogFraction == 0.5)
+        let recordsOnly = try SiteConfiguration.parse(sample.replacingOccurrences(of: caLine, with: caLine + "\n\n[storage]\nsnapshot_log_fraction = 0"), file: "sbg.toml")
+        #expect(recordsOnly.snapshotLogFraction == 0)
     }
 
     @Test("an environment variable overrides a single key")
@@ -149,6 +152,7 @@ struct SiteConfigurationTests {
         (caLine, caLine + "\n\n[hooks]\ntimeout_ms = 1", "hooks.timeout_ms", 21, "between 10"),
         (caLine, caLine + "\n\n[logging]\nformat = \"xml\"", "logging.format", 21, "\"keyvalue\" or \"json\""),
         (caLine, caLine + "\n\n[storage]\ndirect_io = \"yes\"", "storage.direct_io", 21, "true or false"),
+        (caLine, caLine + "\n\n[storage]\nsnapshot_log_fraction = -1", "storage.snapshot_log_fraction", 21, "between 0"),
     ] as [(String, String, String, Int?, String)])
     func badFiles(replace: String, with: String, key: String, line: Int?, expected: String) {
         let text = sample.replacingOccurrences(of: replace, with: with)

@@ -279,7 +279,7 @@ struct FireDrillTests {
     func emptyDataDirectory() async throws {
         // Small segments, frequent snapshots and no retention: the primary's log soon starts
         // after what the rebuilt site needs, so it must take a snapshot, then the log.
-        let c = try makeCluster { $0.storage = "segment_bytes = 65536\nsnapshot_every_records = 300\nretain_log_bytes = 0\nretain_log_hours = 0" }
+        let c = try makeCluster { $0.storage = "segment_bytes = 65536\nsnapshot_every_records = 300\nsnapshot_log_fraction = 0\nretain_log_bytes = 0\nretain_log_hours = 0" }
         defer { c.stopAll(); c.removeFiles() }
         try c.startAll()
         let primary = try #require(await c.waitForPrimary())

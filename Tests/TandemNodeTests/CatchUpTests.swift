@@ -186,6 +186,8 @@ struct CatchUpTests {
         defer { c.cleanup() }
         c.configure = { s in
             s.snapshotEveryRecords = 3000
+            // Frequent snapshots whatever the database's size: this is about their transfer.
+            s.snapshotLogFraction = 0
             s.retention = .removeAllCovered
             s.snapshotChunkBytes = 16 << 10
             s.snapshotChunkPauseMicroseconds = 20_000
@@ -210,6 +212,52 @@ struct CatchUpTests {
         #expect(resumed, "the second transfer resumed where the first stopped: \(c.logs.matching("snapshot"))")
         let hashes = try c.stopAllAndHash()
         #expect(Set(hashes.values.map(\.0)).count == 1, "equal state on every site: \(hashes)")
+    }
+
+    @Test("a large database is not copied into a snapshot every few records: the log written since must reach half its size",
+          arguments: [0.5, 0])
+    func snapshotsInProportion(logFraction: Double) async throws {
+        let c = try TestCluster()
+        defer { c.cleanup() }
+        c.configure = { s in
+            s.snapshotEveryRecords = 200
+            s.snapshotLogFraction = logFraction
+        }
+        for id in c.ids { try c.start(id) }
+        let p = try #require(c.primary())
+        // A 6 MiB database: one large document, then small writes (about 100 bytes each in
+        // the log, 600 KiB in all, far from half the database).
+        let document = (0..<(6 << 20)).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+        _ = try await p.write(WriteBatch([SQLStatement("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)")]))
+        _ = try await p.write(WriteBatch([SQLStatement("CREATE TABLE blobs (id INTEGER PRIMARY KEY, b BLOB)")]))
+        _ = try await p.write(WriteBatch([SQLStatement("INSERT INTO blobs (id, b) VALUES (1, ?)", [.blob(document)])]))
+        try await c.write(count: 6_000, from: 0)
+        #expect(c.waitConverged(timeout: 60))
+        // Snapshots are taken on a thread of their own: give the last ones time to end.
+        try await Task.sleep(nanoseconds: 1_500_000_000)
+        for id in c.ids {
+            let taken = c.logs.matching("event=snapshot site=\(id) ").count
+            if logFraction > 0 {
+                // The first (the document made the log as large as the database), then none.
+                #expect(taken >= 1 && taken <= 2, "site \(id): \(taken) snapshots")
+            } else {
+                // The record count alone: one every 200 records or so, each copying 6 MiB.
+                #expect(taken >= 4, "site \(id): \(taken) snapshots")
+            }
+        }
+        let hashes = try c.stopAllAndHash()
+        #expect(Set(hashes.values.map(\.0)).count == 1, "equal state on every site: \(hashes)")
+    }
+
+    @Test("the snapshot rule: the log since the last snapshot against the database's size")
+    func snapshotRule() {
+        #expect(SiteRuntime.snapshotDue(loggedBytes: 50, databaseBytes: 100, logFraction: 0.5))
+        #expect(!SiteRuntime.snapshotDue(loggedBytes: 49, databaseBytes: 100, logFraction: 0.5))
+        #expect(SiteRuntime.snapshotDue(loggedBytes: 0, databaseBytes: 1 << 40, logFraction: 0))
+        // A log that shrank (a truncation, a reset) is no growth, not a negative one.
+        #expect(!SiteRuntime.snapshotDue(loggedBytes: -5_000, databaseBytes: 100, logFraction: 0.5))
+        // An unknown database size (0) leaves the record count to decide.
+        #expect(SiteRuntime.snapshotDue(loggedBytes: 0, databaseBytes: 0, logFraction: 0.5))
     }
 }
 
