@@ -115,6 +115,14 @@ public struct FireReport: Sendable {
 
     public var passed: Bool { missing.isEmpty && appliedDespiteFailure.isEmpty && linearizabilityViolations.isEmpty && converged }
 
+    /// The visible refusals counted by status and error code ("503 no_primary": 3), so a
+    /// drill that saw more than it should says which answer it was.
+    public var failuresByReason: [String: Int] {
+        var counts: [String: Int] = [:]
+        for reason in failureReasons.values { counts[reason, default: 0] += 1 }
+        return counts
+    }
+
     /// One machine-readable line (JSON), to track drills over time.
     public var json: String {
         let pauses = rounds.map(\.longestPause).sorted()
@@ -124,7 +132,8 @@ public struct FireReport: Sendable {
             "writes_resumed_after_s": rounds.map { $0.writesResumedAfter ?? -1 },
             "write_pause_max_s": pauses.last ?? 0,
             "write_pause_p99_s": pauses.isEmpty ? 0 : pauses[min(pauses.count - 1, Int(Double(pauses.count) * 0.99))],
-            "acknowledged": acknowledged, "failed_visibly": failedVisibly, "outcome_unknown": unknownOutcome,
+            "acknowledged": acknowledged, "failed_visibly": failedVisibly, "failed_by_reason": failuresByReason,
+            "outcome_unknown": unknownOutcome,
             "lost_acknowledged": missing.values.map(\.count).max() ?? 0, "applied_despite_failure": appliedDespiteFailure.count,
             "linearizability_violations": linearizabilityViolations.count, "converged": converged, "passed": passed,
         ]

@@ -130,7 +130,9 @@ struct FireDrillTests {
         // The window of requests that failed, or whose outcome the client could not know,
         // is bounded: at most what the writers had in flight around each kill, twice over.
         let lostRequests = report.failedVisibly + report.unknownOutcome
-        #expect(lostRequests <= 2 * 6 * report.rounds.count, "\(lostRequests) requests failed through HAProxy")
+        if lostRequests > 2 * 6 * report.rounds.count { postMortem(c, haproxyLog: lb.logPath) }
+        #expect(lostRequests <= 2 * 6 * report.rounds.count,
+                "\(lostRequests) requests failed through HAProxy: refused \(report.failuresByReason), outcome unknown \(report.unknownOutcome)")
     }
 
     @Test("the primary paused (SIGSTOP) beyond its lease, then resumed: no write or linearizable read from its old lease; it rejoins as a replica")
