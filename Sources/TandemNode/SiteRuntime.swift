@@ -196,8 +196,8 @@ public final class SiteRuntime: @unchecked Sendable {
     private var orphans: [LSN: (term: Term, resume: @Sendable (Result<Execution, WriteError>) -> Void, execution: Execution, deadline: Instant)] = [:]
     static let orphanWaitNanoseconds: UInt64 = 10_000_000_000
     private var lastSnapshotLSN: LSN = .zero
-    /// The log's size when the last snapshot was taken (or the site started): the log
-    /// written since is its growth beyond this.
+    /// The log's size when the last snapshot was taken (0 when the site started: the whole
+    /// log counts): the log written since is its growth beyond this.
     private var logBytesAtLastSnapshot = 0
     private var nextSnapshotSizeCheck: LSN = .zero
     private var snapshotReceive: (lsn: LSN, term: Term, size: UInt64, path: String, peer: SiteID)?
