@@ -104,7 +104,20 @@ struct ClusterBench: AsyncParsableCommand {
         // Throughput at 1, 16 and 64 clients, 256-byte writes, with the clients' CPU share
         // and the primary's fdatasyncs per write (group commit).
         var loadedRSS: [String: Double] = [:]
+        // Local snapshots the sites logged so far, and their time: each copies the whole
+        // database, a cost a long figure must show rather than hide in its average.
+        func snapshotsLogged() -> (count: Int, milliseconds: Int) {
+            var n = 0, ms = 0
+            for s in c.options.sites {
+                for f in logFields(c.logPath(s), event: "snapshot") {
+                    n += 1
+                    ms += Int(f["took_ms"] ?? "") ?? 0
+                }
+            }
+            return (n, ms)
+        }
         for clients in pick("throughput", [1, 16, 64]) {
+            let snapshotsBefore = snapshotsLogged()
             let fsyncsBefore = try await fsyncCount(c, primary)
             let sitesCPUBefore = c.options.sites.map { processCPUSeconds(pid: c.pid($0)) }
             let (n, wall, cpu) = await driveThreads(clients: clients, seconds: secs) { _, client in write256(client, primary) } sample: {
@@ -116,12 +129,17 @@ struct ClusterBench: AsyncParsableCommand {
             let cpuPerWrite = n > 0 ? siteCPU.reduce(0, +) / Double(n) : 0
             let perSite = Dictionary(uniqueKeysWithValues: zip(c.options.sites, siteCPU).map { ($0.0 == primary ? "primary:" + $0.0 : $0.0, round3(n > 0 ? $0.1 / Double(n) * 1e3 : 0)) })
             let perFsync = fsyncs > 0 ? Double(n) / Double(fsyncs) : 0
+            let snapshotsAfter = snapshotsLogged()
+            let snapshots = snapshotsAfter.count - snapshotsBefore.count
+            let snapshotMs = snapshotsAfter.milliseconds - snapshotsBefore.milliseconds
             emit(["bench": "cluster", "figure": "throughput", "workload": "write_256b", "clients": clients, "writes_per_second": Int(Double(n) / wall),
                   "client_cpu_share": round3(cpu), "writes_per_fdatasync": round3(perFsync),
                   "group_commit_efficiency": round3(min(1, perFsync / Double(clients))),
-                  "sites_cpu_ms_per_write": round3(cpuPerWrite * 1e3), "cpu_ms_per_write_by_site": perSite])
-            note(String(format: "throughput, %d clients: %.0f writes/s (clients used %.0f%% of a core; %.1f writes per fdatasync; the sites spent %.2f ms of CPU per write)",
-                        clients, Double(n) / wall, cpu * 100, perFsync, cpuPerWrite * 1e3))
+                  "sites_cpu_ms_per_write": round3(cpuPerWrite * 1e3), "cpu_ms_per_write_by_site": perSite,
+                  "local_snapshots": snapshots, "local_snapshot_ms": snapshotMs])
+            let snapshotNote = snapshots > 0 ? String(format: "; %d local snapshots, %.1f s in all", snapshots, Double(snapshotMs) / 1000) : ""
+            note(String(format: "throughput, %d clients: %.0f writes/s (clients used %.0f%% of a core; %.1f writes per fdatasync; the sites spent %.2f ms of CPU per write",
+                        clients, Double(n) / wall, cpu * 100, perFsync, cpuPerWrite * 1e3) + snapshotNote + ")")
         }
         emit(["bench": "cluster", "figure": "memory_under_64_clients", "rss_mib": loadedRSS])
 
