@@ -48,6 +48,9 @@ public struct HandshakeExpectations: Sendable {
     public var localSite: SiteID
     public var knownSites: Set<SiteID>
     public var compress: Bool
+    /// Announce LZ4 chunks (`Wire.featureLZ4Chunks`) with LZ4 (tests turn it off to play
+    /// a site that predates them).
+    public var lz4Chunks = true
     public var timeoutNanoseconds: UInt64 = 5_000_000_000
     public var limits = WireLimits()
     /// The protocol version announced (tests announce others to check the refusal).
@@ -73,7 +76,7 @@ public struct HandshakeExpectations: Sendable {
 
     var hello: Hello {
         Hello(version: protocolVersion, clusterID: clusterID, siteID: localSite,
-              features: (compress ? Wire.featureLZ4 : 0) | (peerTimeoutMilliseconds > 0 ? Wire.featureKeepalive : 0),
+              features: (compress ? Wire.featureLZ4 | (lz4Chunks ? Wire.featureLZ4Chunks : 0) : 0) | (peerTimeoutMilliseconds > 0 ? Wire.featureKeepalive : 0),
               peerTimeoutMilliseconds: peerTimeoutMilliseconds)
     }
 }
@@ -85,7 +88,9 @@ public struct HandshakeExpectations: Sendable {
 /// object must never be used from two threads at once).
 public final class PeerConnection: @unchecked Sendable {
     public let peer: SiteID
-    public let compress: Bool
+    /// How record blocks are compressed on this connection (negotiated in the hellos).
+    public let compression: RecordCompression
+    public var compress: Bool { compression != .none }
     /// SHA-256 of the certificate the peer presented.
     public let peerCertificate: String?
     /// Whether this site dialed the connection (rather than accepted it).
@@ -160,10 +165,11 @@ public final class PeerConnection: @unchecked Sendable {
                 try check(remote, expect: expect, expectedPeer: expectedPeer)
             }
             decoder.limits = expect.limits
-            let compress = expect.compress && remote.features & Wire.featureLZ4 != 0
+            let compression = RecordCompression.negotiated(compress: expect.compress, chunks: expect.lz4Chunks,
+                                                           peerFeatures: remote.features)
             let mine = UInt64(expect.peerTimeoutMilliseconds), theirs = UInt64(remote.peerTimeoutMilliseconds)
             let keepalive = mine > 0 && theirs > 0
-            return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compress: compress,
+            return try PeerConnection(peer: remote.siteID, stream: stream, decoder: decoder, compression: compression,
                                       peerTimeoutNanoseconds: keepalive ? max(mine, theirs) * 1_000_000 : 0,
                                       pingAfterNanoseconds: keepalive ? min(mine, theirs) * 1_000_000 / 6 : 0,
                                       dialedHere: !isServer, metrics: metrics, maxQueuedBytes: maxQueuedBytes)
@@ -200,7 +206,7 @@ public final class PeerConnection: @unchecked Sendable {
         }
     }
 
-    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compress: Bool, peerTimeoutNanoseconds: UInt64,
+    private init(peer: SiteID, stream: TLSStream, decoder: FrameDecoder, compression: RecordCompression, peerTimeoutNanoseconds: UInt64,
                  pingAfterNanoseconds: UInt64, dialedHere: Bool, metrics: TransportMetrics, maxQueuedBytes: Int) throws(TransportError) {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw TransportError(.other, "pipe: \(String(cString: strerror(errno)))") }
@@ -212,7 +218,7 @@ public final class PeerConnection: @unchecked Sendable {
         self.stream = stream
         peerCertificate = stream.peerCertificateFingerprint()
         self.decoder = decoder
-        self.compress = compress
+        self.compression = compression
         self.dialedHere = dialedHere
         self.peerTimeoutNanoseconds = peerTimeoutNanoseconds
         self.pingAfterNanoseconds = pingAfterNanoseconds

@@ -21,6 +21,9 @@ public struct TransportSettings: Sendable {
     public var peers: [SiteID: PeerEndpoint]
     /// Negotiate LZ4 for record batches (on by default).
     public var compress = true
+    /// With LZ4, announce independent 64 KiB chunks (`Wire.featureLZ4Chunks`); off only
+    /// to measure or test the single-block encoding that older sites speak.
+    public var lz4Chunks = true
     /// Frames queued for one peer beyond this are dropped (back-pressure).
     public var maxQueuedBytesPerPeer = 64 << 20
     public var handshakeTimeoutNanoseconds: UInt64 = 5_000_000_000
@@ -52,6 +55,7 @@ public struct TransportSettings: Sendable {
 
     var expectations: HandshakeExpectations {
         var e = HandshakeExpectations(clusterID: clusterID, localSite: site, knownSites: Set(peers.keys), compress: compress)
+        e.lz4Chunks = lz4Chunks
         e.timeoutNanoseconds = handshakeTimeoutNanoseconds
         e.peerTimeoutNanoseconds = peerTimeoutNanoseconds
         e.limits = limits
@@ -156,7 +160,7 @@ public final class Transport: @unchecked Sendable {
             metrics.droppedMessage()
             return false
         }
-        var encoder = WireEncoder(compress: c.compress)
+        var encoder = WireEncoder(compression: c.compression)
         let frame = encoder.message(m)
         if c.send(frame) {
             metrics.sent(encoder.statistics)
@@ -305,7 +309,7 @@ public final class Transport: @unchecked Sendable {
             self?.lock.withLock { if self?.connections[c.peer] === c { self?.connections[c.peer] = nil } }
             self?.dialWake.broadcast()
         })
-        log("event=peer_connected peer=\(c.peer) lz4=\(c.compress)")
+        log("event=peer_connected peer=\(c.peer) lz4=\(c.compression.rawValue)")
     }
 
     private func acceptLoop(_ fd: Int32) {

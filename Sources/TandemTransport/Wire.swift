@@ -9,7 +9,7 @@ import TandemModel
 ///     hello   = magic "TNDM" | version u16 | cluster id (16) | site id (u16 len + UTF-8) | features u32
 ///               | peer timeout ms u32 (only with the keepalive feature bit)
 ///     message = from, to (u16 len + UTF-8) | term u64 | kind u8 | kind-specific fields
-///     records = count u32 | encoding u8 (0 plain, 1 LZ4) | raw length u32 | [stored length u32] | bytes
+///     records = count u32 | encoding u8 (0 plain, 1 LZ4 block, 2 LZ4 chunks) | raw length u32 | encoding's fields
 ///               where the raw bytes are, per record: term u64 | lsn u64 | kind u8 | payload (u32 len + bytes)
 public enum Wire {
     public static let magic: [UInt8] = Array("TNDM".utf8)
@@ -20,6 +20,12 @@ public enum Wire {
     /// a connection on which nothing arrived for the peer timeout (a silent partition, a
     /// paused process: TCP alone would keep such a connection for many minutes).
     public static let featureKeepalive: UInt32 = 1 << 1
+    /// LZ4 record blocks in independent 64 KiB chunks (encoding 2), used instead of one
+    /// LZ4 block (encoding 1) when both sides set it: LZ4 compresses an input under 64 KiB
+    /// with 16-bit offsets and a table that stays in the CPU's cache: on the telehealth
+    /// log the encoder ran 7–19% faster than with one megabyte block, for a ratio 1.5%
+    /// lower (docs/WIRE.md).
+    public static let featureLZ4Chunks: UInt32 = 1 << 2
     /// Shortest peer timeout a site may announce or use.
     public static let minimumPeerTimeoutMilliseconds: UInt32 = 300
 
@@ -38,6 +44,27 @@ public enum Wire {
 
     /// Record blocks at least this large are compressed when LZ4 is negotiated.
     public static let compressionThreshold = 512
+
+    /// Raw bytes per chunk of an encoding-2 record block (under LZ4's 64 KB limit for
+    /// 16-bit offsets).
+    public static let lz4ChunkBytes = 64 << 10
+    /// The chunk sizes a decoder accepts: bounds the chunks per block (64 MiB ÷ 1 KiB).
+    public static let lz4ChunkBytesRange = 1024...(4 << 20)
+}
+
+/// How record blocks are compressed on a connection: what both hellos announced.
+public enum RecordCompression: String, Sendable, Hashable {
+    case none
+    /// One LZ4 block per record block (encoding 1; peers without `featureLZ4Chunks`).
+    case lz4Block = "lz4"
+    /// Independent LZ4 chunks (encoding 2).
+    case lz4Chunks = "lz4_chunks"
+
+    /// What a connection uses given this side's wish and the peer's features.
+    public static func negotiated(compress: Bool, chunks: Bool, peerFeatures: UInt32) -> RecordCompression {
+        guard compress, peerFeatures & Wire.featureLZ4 != 0 else { return .none }
+        return chunks && peerFeatures & Wire.featureLZ4Chunks != 0 ? .lz4Chunks : .lz4Block
+    }
 }
 
 /// What one side announces after the TLS handshake.
@@ -240,10 +267,13 @@ public struct ForwardedAnswer: Hashable, Sendable {
 // MARK: - Encoding
 
 public struct WireEncoder: Sendable {
-    public var compress: Bool
+    public var compression: RecordCompression
     public private(set) var statistics = WireStatistics()
 
-    public init(compress: Bool) { self.compress = compress }
+    public init(compression: RecordCompression) { self.compression = compression }
+    /// LZ4 in chunks when `compress`.
+    public init(compress: Bool) { self.init(compression: compress ? .lz4Chunks : .none) }
+    public var compress: Bool { compression != .none }
 
     public static func frame(_ type: Wire.FrameType, _ body: [UInt8]) -> [UInt8] {
         var w = ByteWriter(capacity: body.count + 5)
@@ -338,6 +368,11 @@ public struct WireEncoder: Sendable {
             statistics.recordBytesSent += rawCount
             return
         }
+        if compression == .lz4Chunks {
+            statistics.recordBytesRaw += rawCount
+            lz4Chunks(records, rawCount: rawCount, &w)
+            return
+        }
         var raw = ByteWriter()
         raw.append(atMost: rawCount) { Self.write(records, into: $0) }
         statistics.recordBytesRaw += raw.count
@@ -347,15 +382,7 @@ public struct WireEncoder: Sendable {
         w.u32(UInt32(raw.count))
         let packedLengthAt = w.count
         w.u32(0)
-        let bound = Int(LZ4_compressBound(Int32(raw.count)))
-        var packed = 0
-        raw.bytes.withUnsafeBytes { src in
-            w.append(atMost: bound) { dst in
-                packed = Int(LZ4_compress_default(src.baseAddress?.assumingMemoryBound(to: CChar.self),
-                                                  dst.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(src.count), Int32(dst.count)))
-                return packed
-            }
-        }
+        let packed = raw.bytes.withUnsafeBytes { src in Self.lz4(src, into: &w) }
         if packed > 0 && packed < raw.count {
             w.patchU32(at: packedLengthAt, UInt32(packed))
             statistics.recordBytesSent += packed
@@ -367,6 +394,74 @@ public struct WireEncoder: Sendable {
             w.raw(raw.bytes)
             statistics.recordBytesSent += raw.count
         }
+    }
+
+    /// Encoding 2: raw length, chunk size, then per chunk its stored length (0: the chunk's
+    /// raw bytes follow as they are, as for a scanned upload LZ4 cannot shrink) and bytes.
+    /// The records' plain form is gathered one chunk at a time in scratch memory, never
+    /// as a whole block: a megabyte array per message cost its allocation and page faults.
+    private mutating func lz4Chunks(_ records: [LogRecord], rawCount: Int, _ w: inout ByteWriter) {
+        let chunk = Wire.lz4ChunkBytes
+        w.u8(2)
+        w.u32(UInt32(rawCount))
+        w.u32(UInt32(chunk))
+        let before = w.count
+        // Room for the worst case (every chunk stored), so the frame never regrows.
+        w.reserve(rawCount + 4 * (rawCount / chunk + 1))
+        let bound = Int(LZ4_compressBound(Int32(chunk)))
+        // Scratch: the chunk being gathered, a record header, LZ4's output.
+        withUnsafeTemporaryAllocation(byteCount: chunk + 32 + bound, alignment: 16) { scratch in
+            guard let base = scratch.baseAddress else { return }
+            let header = base + chunk, output = header + 32
+            var fill = 0
+            func emit() {
+                let packed = Int(LZ4_compress_default(base.assumingMemoryBound(to: CChar.self), output.assumingMemoryBound(to: CChar.self),
+                                                      Int32(fill), Int32(bound)))
+                if packed > 0 && packed < fill {
+                    w.u32(UInt32(packed))
+                    w.raw(UnsafeRawBufferPointer(start: output, count: packed))
+                } else {
+                    w.u32(0)
+                    w.raw(UnsafeRawBufferPointer(start: base, count: fill))
+                }
+                fill = 0
+            }
+            func put(_ src: UnsafeRawBufferPointer) {
+                guard var from = src.baseAddress else { return }
+                var left = src.count
+                while left > 0 {
+                    let n = min(left, chunk - fill)
+                    (base + fill).copyMemory(from: from, byteCount: n)
+                    fill += n
+                    from += n
+                    left -= n
+                    if fill == chunk { emit() }
+                }
+            }
+            for r in records {
+                header.storeBytes(of: r.term.rawValue.littleEndian, toByteOffset: 0, as: UInt64.self)
+                header.storeBytes(of: r.lsn.rawValue.littleEndian, toByteOffset: 8, as: UInt64.self)
+                header.storeBytes(of: r.kind.rawValue, toByteOffset: 16, as: UInt8.self)
+                header.storeBytes(of: UInt32(r.payload.count).littleEndian, toByteOffset: 17, as: UInt32.self)
+                put(UnsafeRawBufferPointer(start: header, count: 21))
+                r.payload.withUnsafeBytes { put($0) }
+            }
+            if fill > 0 { emit() }
+        }
+        statistics.recordBytesSent += w.count - before
+    }
+
+    /// Appends `src` compressed as one LZ4 block; its length, or 0 when LZ4 failed (the
+    /// caller then drops what was appended).
+    private static func lz4(_ src: UnsafeRawBufferPointer, into w: inout ByteWriter) -> Int {
+        let bound = Int(LZ4_compressBound(Int32(src.count)))
+        var packed = 0
+        w.append(atMost: bound) { dst in
+            packed = Int(LZ4_compress_default(src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                              dst.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(src.count), Int32(dst.count)))
+            return packed
+        }
+        return packed
     }
 }
 
@@ -631,11 +726,47 @@ public struct FrameDecoder: Sendable {
             }
             guard Int(n) == rawLength else { throw WireError("compressed records do not decompress to \(rawLength) bytes") }
             raw = out
+        case 2:
+            raw = try lz4Chunks(&r, rawLength: rawLength)
         default:
             throw WireError("unknown record encoding \(encoding)")
         }
         var rr = ByteReader(raw)
         return try decodeRecords(&rr, count: count, end: raw.count)
+    }
+
+    /// Decodes an encoding-2 block (`WireEncoder.lz4Chunks`) into its raw bytes.
+    func lz4Chunks(_ r: inout ByteReader, rawLength: Int) throws -> [UInt8] {
+        let chunk = Int(try r.u32("chunk size"))
+        guard Wire.lz4ChunkBytesRange.contains(chunk) else {
+            throw WireError("chunk size \(chunk) is outside \(Wire.lz4ChunkBytesRange.lowerBound)...\(Wire.lz4ChunkBytesRange.upperBound)")
+        }
+        // Into uninitialized memory; on any error none of it is kept.
+        return try [UInt8](unsafeUninitializedCapacity: rawLength) { dst, count in
+            count = 0
+            var offset = 0, index = 0
+            while offset < rawLength {
+                let n = min(chunk, rawLength - offset)
+                let stored = Int(try r.u32("stored length of chunk \(index)"))
+                let out = UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(dst)[offset..<(offset + n)])
+                if stored == 0 {
+                    let bytes = try r.slice(n, "chunk \(index)")
+                    bytes.withUnsafeBytes { out.copyMemory(from: $0) }
+                } else {
+                    // A sender stores a chunk LZ4 does not shrink as it is.
+                    guard stored < n else { throw WireError("chunk \(index) stores \(stored) compressed bytes for \(n) raw ones") }
+                    let packed = try r.slice(stored, "compressed chunk \(index)")
+                    let got = packed.withUnsafeBytes { src in
+                        LZ4_decompress_safe(src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                            out.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(stored), Int32(n))
+                    }
+                    guard Int(got) == n else { throw WireError("compressed chunk \(index) does not decompress to \(n) bytes") }
+                }
+                offset += n
+                index += 1
+            }
+            count = rawLength
+        }
     }
 
     /// Reads `count` records from `rr`, which must end exactly at offset `end`.

@@ -439,49 +439,64 @@ struct TransportBench: AsyncParsableCommand {
         // half within a minute, and the ratio must compare figures taken together. The
         // median of the rounds is reported.
         var ceilings = [try measureCeiling()]
-        var perMode: [Bool: [(result: StreamResult, ceiling: Double)]] = [false: [], true: []]
-        var encoderAlone: [Double] = []
+        var perMode: [RecordCompression: [(result: StreamResult, ceiling: Double)]] = [:]
+        var encoderAlone: [RecordCompression: [Double]] = [:]
+        let modes: [RecordCompression] = [.none, .lz4Chunks, .lz4Block]
         let roundCount = common.quick ? 1 : max(1, rounds)
         for _ in 0..<roundCount {
-            for compress in [false, true] {
-                let result = try await stream(batches, compress: compress, seconds: duration, ctx: ctx)
+            for mode in modes {
+                let result = try await stream(batches, compression: mode, seconds: duration, ctx: ctx)
                 ceilings.append(try measureCeiling())
-                perMode[compress, default: []].append((result, (ceilings[ceilings.count - 2] + ceilings[ceilings.count - 1]) / 2))
+                perMode[mode, default: []].append((result, (ceilings[ceilings.count - 2] + ceilings[ceilings.count - 1]) / 2))
             }
-            encoderAlone.append(Self.lz4EncodingRate(batches, seconds: duration / 2))
+            for mode in [RecordCompression.lz4Chunks, .lz4Block] {
+                encoderAlone[mode, default: []].append(Self.lz4EncodingRate(batches, compression: mode, seconds: duration / 2))
+            }
         }
         let ceilingMedian = median(ceilings)
         emit(["bench": "transport.tls_ceiling", "bytes_per_second": round3(ceilingMedian), "megabytes_per_second": round3(ceilingMedian / 1e6),
               "measurements": ceilings.count, "min_megabytes_per_second": round3((ceilings.min() ?? 0) / 1e6),
               "max_megabytes_per_second": round3((ceilings.max() ?? 0) / 1e6)])
         note("raw TLS 1.3 single stream on loopback: median \(Int(ceilingMedian / 1e6)) MB/s of \(ceilings.count) measurements (\(Int((ceilings.min() ?? 0) / 1e6))–\(Int((ceilings.max() ?? 0) / 1e6)))")
-        let encoding = median(encoderAlone)
-        emit(["bench": "transport.lz4_encoding_alone", "log_megabytes_per_second": round3(encoding / 1e6),
-              "ratio_to_tls_ceiling": round3(encoding / ceilingMedian), "rounds": encoderAlone.count,
-              "per_round_megabytes_per_second": encoderAlone.map { round3($0 / 1e6) }])
-        note("LZ4 encoding alone, one thread, no TLS: \(Int(encoding / 1e6)) MB/s of log, \(round3(encoding / ceilingMedian)) of the TLS ceiling: an LZ4 stream encoded on one thread cannot pass that")
-        for compress in [false, true] {
-            let runs = perMode[compress] ?? []
+        for mode in [RecordCompression.lz4Chunks, .lz4Block] {
+            let rates = encoderAlone[mode] ?? []
+            let encoding = median(rates)
+            emit(["bench": "transport.lz4_encoding_alone", "encoding": mode.rawValue, "log_megabytes_per_second": round3(encoding / 1e6),
+                  "ratio_to_tls_ceiling": round3(encoding / ceilingMedian), "rounds": rates.count,
+                  "per_round_megabytes_per_second": rates.map { round3($0 / 1e6) }])
+            note("\(Self.label(mode)) encoding alone, one thread, no TLS: \(Int(encoding / 1e6)) MB/s of log, \(round3(encoding / ceilingMedian)) of the TLS ceiling: a stream encoded so on one thread cannot pass that")
+        }
+        for mode in modes {
+            let runs = perMode[mode] ?? []
             let ratios = runs.map { $0.result.bytesPerSecond / $0.ceiling }
             let ratio = median(ratios)
             let bytesPerSecond = median(runs.map { $0.result.bytesPerSecond })
             let recordsPerSecond = median(runs.map { $0.result.recordsPerSecond })
             let compression = runs.last?.result.compressionRatio ?? 1
-            emit(["bench": "transport.replication", "lz4": compress, "log_megabytes_per_second": round3(bytesPerSecond / 1e6),
+            emit(["bench": "transport.replication", "lz4": mode != .none, "encoding": mode.rawValue, "default": mode != .lz4Block,
+                  "log_megabytes_per_second": round3(bytesPerSecond / 1e6),
                   "records_per_second": round3(recordsPerSecond), "ratio_to_tls_ceiling": round3(ratio),
                   "ratios_per_round": ratios.map(round3), "rounds": runs.count,
                   "tls_ceiling_megabytes_per_second": round3(median(runs.map { $0.ceiling }) / 1e6),
                   "target_ratio_to_tls_ceiling": 0.6, "lz4_compression_ratio": round3(compression),
                   "target_lz4_compression_ratio": 2.5, "log_records": log.count, "log_bytes": rawBytes])
-            note("replication \(compress ? "with" : "without") LZ4: \(Int(bytesPerSecond / 1e6)) MB/s of log, \(Int(recordsPerSecond)) records/s, \(round3(ratio)) of the TLS ceiling (rounds: \(ratios.map { String(round3($0)) }.joined(separator: ", "))), compression \(round3(compression))×")
+            note("replication \(mode == .none ? "without LZ4" : "with " + Self.label(mode)): \(Int(bytesPerSecond / 1e6)) MB/s of log, \(Int(recordsPerSecond)) records/s, \(round3(ratio)) of the TLS ceiling (rounds: \(ratios.map { String(round3($0)) }.joined(separator: ", "))), compression \(round3(compression))×")
+        }
+    }
+
+    static func label(_ mode: RecordCompression) -> String {
+        switch mode {
+        case .none: "no LZ4"
+        case .lz4Chunks: "LZ4 in 64 KiB chunks (the default)"
+        case .lz4Block: "LZ4 in one block per message (sites that predate chunks)"
         }
     }
 
     /// Bytes of log per second that one thread turns into LZ4 append messages, with no
     /// TLS, socket or receiver: the most a stream whose messages are encoded on one thread
     /// can carry on this machine, whatever the rest costs.
-    static func lz4EncodingRate(_ batches: [[LogRecord]], seconds: Double) -> Double {
-        var encoder = WireEncoder(compress: true)
+    static func lz4EncodingRate(_ batches: [[LogRecord]], compression: RecordCompression, seconds: Double) -> Double {
+        var encoder = WireEncoder(compression: compression)
         var bytes = 0, framed = 0
         var i = 0
         let start = monotonicNanoseconds()
@@ -506,7 +521,7 @@ struct TransportBench: AsyncParsableCommand {
         var compressionRatio: Double
     }
 
-    func stream(_ batches: [[LogRecord]], compress: Bool, seconds: Double, ctx: (String) throws -> TLSContext) async throws -> StreamResult {
+    func stream(_ batches: [[LogRecord]], compression: RecordCompression, seconds: Double, ctx: (String) throws -> TLSContext) async throws -> StreamResult {
         final class Counter: @unchecked Sendable {
             let lock = NSLock()
             var bytes = 0
@@ -517,10 +532,12 @@ struct TransportBench: AsyncParsableCommand {
         let portA = try Transport.freeLoopbackPort(), portB = try Transport.freeLoopbackPort()
         var sa = TransportSettings(site: "a", clusterID: ClusterID("8f2a1c3e-0d4b-4e6f-9a7b-1c2d3e4f5a6b")!,
                                    listen: PeerEndpoint(host: "127.0.0.1", port: portA), peers: ["b": PeerEndpoint(host: "127.0.0.1", port: portB)])
-        sa.compress = compress
+        sa.compress = compression != .none
+        sa.lz4Chunks = compression == .lz4Chunks
         var sb = TransportSettings(site: "b", clusterID: sa.clusterID, listen: PeerEndpoint(host: "127.0.0.1", port: portB),
                                    peers: ["a": PeerEndpoint(host: "127.0.0.1", port: portA)])
-        sb.compress = compress
+        sb.compress = compression != .none
+        sb.lz4Chunks = compression == .lz4Chunks
         let a = Transport(settings: sa, context: try ctx("a")) { _ in }
         let b = Transport(settings: sb, context: try ctx("b")) { m in
             if case let .append(ap) = m.body {

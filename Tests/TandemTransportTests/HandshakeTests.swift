@@ -23,7 +23,7 @@ final class Outcome: @unchecked Sendable {
 /// outcomes.
 func handshake(server: TLSContext, client: TLSContext, serverSite: SiteID = "b", clientSite: SiteID = "a",
                clientClaims: SiteID? = nil, dial: SiteID = "b", serverCluster: ClusterID = clusterA, clientCluster: ClusterID = clusterA,
-               clientVersion: UInt16 = Wire.protocolVersion, keepOpen: Bool = false) throws -> (server: Result<PeerConnection, TransportError>, client: Result<PeerConnection, TransportError>) {
+               clientVersion: UInt16 = Wire.protocolVersion, clientChunks: Bool = true, keepOpen: Bool = false) throws -> (server: Result<PeerConnection, TransportError>, client: Result<PeerConnection, TransportError>) {
     let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: 0))
     defer { Glibc.close(listener) }
     let port = try #require(Transport.localPort(of: listener))
@@ -43,6 +43,7 @@ func handshake(server: TLSContext, client: TLSContext, serverSite: SiteID = "b",
     }.start()
     var clientExpect = HandshakeExpectations(clusterID: clientCluster, localSite: clientClaims ?? clientSite, knownSites: sites)
     clientExpect.protocolVersion = clientVersion
+    clientExpect.lz4Chunks = clientChunks
     clientExpect.timeoutNanoseconds = 3_000_000_000
     let clientResult: Result<PeerConnection, TransportError>
     do throws(TransportError) {
@@ -72,7 +73,17 @@ struct HandshakeTests {
             return
         }
         #expect(s.peer == "a" && c.peer == "b")
-        #expect(s.compress && c.compress, "LZ4 negotiated")
+        #expect(s.compression == .lz4Chunks && c.compression == .lz4Chunks, "LZ4 chunks negotiated")
+    }
+
+    @Test("a site that predates LZ4 chunks gets one LZ4 block per record block from a newer one")
+    func olderPeer() throws {
+        let r = try handshake(server: try context("b"), client: try context("a"), clientChunks: false)
+        guard case let .success(s) = r.server, case let .success(c) = r.client else {
+            Issue.record("handshake failed: \(r)")
+            return
+        }
+        #expect(s.compression == .lz4Block && c.compression == .lz4Block)
     }
 
     @Test("frames sent from several threads arrive whole and in each sender's order, whether written on the sender's thread or by the connection's")

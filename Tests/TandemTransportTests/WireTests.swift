@@ -53,7 +53,7 @@ struct WireTests {
         }
         let m = Message(from: "sbg", to: "gra", term: Term(2),
                         body: .append(Append(prevLSN: LSN(40), prevTerm: Term(2), records: records, commitLSN: LSN(40), round: 3)))
-        var encoder = WireEncoder(compress: true)
+        var encoder = WireEncoder(compression: .lz4Block)
         var decoder = FrameDecoder()
         decoder.feed(encoder.message(m))
         let plain = try #require(try decoder.next())
@@ -71,6 +71,133 @@ struct WireTests {
             withUnsafeBytes(of: wrong.littleEndian) { for i in 0..<4 { bad[56 + i] = $0[i] } }
             #expect { _ = try decoder.message(bad) } throws: { ($0 as? WireError)?.reason.contains("do not decompress") == true }
         }
+    }
+
+    /// An append of `count` records of `bytes` each, alternating compressible text and
+    /// random bytes (as scanned uploads are) from record `randomFrom` on.
+    static func mixedAppend(count: Int, bytes: Int, seed: UInt64) -> Message {
+        var rng = SeededRandom(seed: seed)
+        let text = Array(String(repeating: "{\"appointment\":\"video\",\"status\":\"booked\"} ", count: bytes / 40 + 1).utf8.prefix(bytes))
+        let records = (0..<count).map { i in
+            LogRecord(term: Term(5), lsn: LSN(UInt64(200 + i)), kind: .changeset,
+                      payload: i % 3 == 2 ? (0..<bytes).map { _ in UInt8(truncatingIfNeeded: rng.next()) } : text)
+        }
+        return Message(from: "sbg", to: "gra", term: Term(5),
+                       body: .append(Append(prevLSN: LSN(199), prevTerm: Term(5), records: records, commitLSN: LSN(199), round: 4)))
+    }
+
+    /// The chunks of an encoding-2 append body: (offset of the stored length, stored length).
+    static func chunks(of body: [UInt8]) -> (rawLength: Int, chunk: Int, list: [(at: Int, stored: Int)]) {
+        func u32(_ o: Int) -> Int { Int(body.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: o, as: UInt32.self)) }) }
+        let rawLength = u32(56), chunk = u32(60)
+        var list: [(Int, Int)] = []
+        var at = 64, left = rawLength
+        while left > 0 {
+            let stored = u32(at)
+            list.append((at, stored))
+            at += 4 + (stored == 0 ? min(chunk, left) : stored)
+            left -= min(chunk, left)
+        }
+        return (rawLength, chunk, list)
+    }
+
+    @Test("a large record block travels in 64 KiB LZ4 chunks, the incompressible ones stored as they are")
+    func lz4Chunks() throws {
+        // 1.2 MB: 19 chunks, the last one partial; uploads of 64 KiB fill whole chunks.
+        let m = Self.mixedAppend(count: 18, bytes: 65_536, seed: 21)
+        var encoder = WireEncoder(compress: true)
+        #expect(encoder.compression == .lz4Chunks)
+        let body = Array(encoder.message(m)[5...])
+        #expect(body[55] == 2, "encoding 2: LZ4 chunks")
+        let layout = Self.chunks(of: body)
+        #expect(layout.chunk == Wire.lz4ChunkBytes)
+        #expect(layout.list.count == (layout.rawLength + layout.chunk - 1) / layout.chunk)
+        let stored = layout.list.filter { $0.stored == 0 }.count
+        #expect(stored >= 5 && stored < layout.list.count, "the chunks of random bytes are stored, the others compressed (\(stored) of \(layout.list.count) stored)")
+        let decoder = FrameDecoder()
+        #expect(try decoder.message(body) == m)
+        #expect(encoder.statistics.compressionRatio > 1.4 && encoder.statistics.compressionRatio < 3)
+        #expect(encoder.statistics.recordBytesSent == body.count - 64, "the ratio counts every byte of the chunks, their lengths too")
+
+        // A block smaller than one chunk, and one of exactly two chunks.
+        for size in [700, 2 * Wire.lz4ChunkBytes - 21] {
+            let small = Message(from: "sbg", to: "gra", term: Term(5), body: .append(Append(
+                prevLSN: LSN(9), prevTerm: Term(5), records: [LogRecord(term: Term(5), lsn: LSN(10), kind: .changeset, payload: [UInt8](repeating: 65, count: size))],
+                commitLSN: LSN(9), round: 1)))
+            let b = Array(encoder.message(small)[5...])
+            #expect(b[55] == 2)
+            #expect(Self.chunks(of: b).list.count == (size + 21 + Wire.lz4ChunkBytes - 1) / Wire.lz4ChunkBytes)
+            #expect(try decoder.message(b) == small)
+        }
+    }
+
+    @Test("a malformed chunked block is refused with a reason, never half-decoded")
+    func malformedChunks() throws {
+        let m = Self.mixedAppend(count: 9, bytes: 65_536, seed: 22)
+        var encoder = WireEncoder(compress: true)
+        let body = Array(encoder.message(m)[5...])
+        let layout = Self.chunks(of: body)
+        let compressed = try #require(layout.list.first { $0.stored > 0 })
+        let storedRaw = try #require(layout.list.first { $0.stored == 0 })
+        let decoder = FrameDecoder()
+        func refused(_ bad: [UInt8], _ reason: String, sourceLocation: SourceLocation = #_sourceLocation) {
+            #expect(throws: WireError.self, sourceLocation: sourceLocation) { _ = try decoder.message(bad) }
+            do { _ = try decoder.message(bad) } catch {
+                #expect(error.reason.contains(reason), "\(error.reason)", sourceLocation: sourceLocation)
+            }
+        }
+        func patched(_ at: Int, _ v: UInt32) -> [UInt8] {
+            var b = body
+            withUnsafeBytes(of: v.littleEndian) { for i in 0..<4 { b[at + i] = $0[i] } }
+            return b
+        }
+        for size: UInt32 in [0, 512, 8 << 20] { refused(patched(60, size), "chunk size \(size) is outside") }
+        // A chunk size that differs from the sender's misreads the chunks.
+        #expect(throws: WireError.self) { _ = try decoder.message(patched(60, 32 << 10)) }
+        refused(patched(compressed.at, UInt32(Wire.lz4ChunkBytes)), "compressed bytes for")
+        refused(patched(compressed.at, UInt32(compressed.stored - 1)), "does not decompress")
+        // A stored chunk said to be compressed: random bytes are not an LZ4 block of that size.
+        refused(patched(storedRaw.at, 1000), "does not decompress")
+        refused(patched(56, UInt32(layout.rawLength + 1)), "truncated chunk")
+        // Cut anywhere: refused, never a crash or a read past the end.
+        for cut in stride(from: 56, to: body.count, by: 997) {
+            #expect(throws: WireError.self) { _ = try decoder.message(Array(body[..<cut])) }
+        }
+        refused(body + [0], "trailing")
+        // Flipped bytes inside a compressed chunk: refused, or records that differ; LZ4's
+        // safe decoder never writes outside the chunk.
+        var rng = SeededRandom(seed: 5)
+        for _ in 0..<200 {
+            var b = body
+            let at = compressed.at + 4 + Int(rng.next() % UInt64(compressed.stored))
+            b[at] ^= UInt8(truncatingIfNeeded: rng.next() | 1)
+            if let got = try? decoder.message(b) { #expect(got != m || b == body) }
+        }
+        // And anywhere in the block: the counts, lengths and chunk headers too.
+        for _ in 0..<500 {
+            var b = body
+            for _ in 0..<(1 + rng.next() % 3) {
+                let at = 51 + Int(rng.next() % UInt64(body.count - 51))
+                b[at] ^= UInt8(truncatingIfNeeded: rng.next() | 1)
+            }
+            if let got = try? decoder.message(b) { #expect(got != m) }
+        }
+    }
+
+    @Test("a sender without LZ4 chunks sends one LZ4 block, which a new receiver reads")
+    func lz4BlockStillRead() throws {
+        let m = Self.mixedAppend(count: 6, bytes: 30_000, seed: 23)
+        var old = WireEncoder(compression: .lz4Block)
+        let body = Array(old.message(m)[5...])
+        #expect(body[55] == 1)
+        let decoder = FrameDecoder()
+        #expect(try decoder.message(body) == m)
+        #expect(RecordCompression.negotiated(compress: true, chunks: true, peerFeatures: Wire.featureLZ4) == .lz4Block)
+        #expect(RecordCompression.negotiated(compress: true, chunks: true, peerFeatures: Wire.featureLZ4 | Wire.featureLZ4Chunks) == .lz4Chunks)
+        #expect(RecordCompression.negotiated(compress: true, chunks: false, peerFeatures: Wire.featureLZ4 | Wire.featureLZ4Chunks) == .lz4Block)
+        #expect(RecordCompression.negotiated(compress: false, chunks: true, peerFeatures: Wire.featureLZ4 | Wire.featureLZ4Chunks) == .none)
+        #expect(RecordCompression.negotiated(compress: true, chunks: true, peerFeatures: Wire.featureLZ4Chunks) == .none,
+                "chunks alone, without LZ4, mean nothing")
     }
 
     @Test("frames large and small come out whole whatever the sizes of the reads", arguments: [11, 12, 13] as [UInt64])
