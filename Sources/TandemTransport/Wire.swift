@@ -22,7 +22,7 @@ public enum Wire {
     public static let featureKeepalive: UInt32 = 1 << 1
     /// LZ4 record blocks in independent 64 KiB chunks (encoding 2), used instead of one
     /// LZ4 block (encoding 1) when both sides set it: LZ4 compresses an input under 64 KiB
-    /// with 16-bit offsets and a table that stays in the CPU's cache: on the telehealth
+    /// with a hash table of 16-bit entries that stays in the CPU's cache: on the telehealth
     /// log the encoder ran 7–19% faster than with one megabyte block, for a ratio 1.5%
     /// lower (docs/WIRE.md).
     public static let featureLZ4Chunks: UInt32 = 1 << 2
@@ -50,6 +50,9 @@ public enum Wire {
     public static let lz4ChunkBytes = 64 << 10
     /// The chunk sizes a decoder accepts: bounds the chunks per block (64 MiB ÷ 1 KiB).
     public static let lz4ChunkBytesRange = 1024...(4 << 20)
+    /// The most an LZ4 block can expand (a long match costs one byte per 255 it
+    /// repeats), rounded up: a stated size beyond this is refused unallocated.
+    static let lz4MaxExpansion = 256
 }
 
 /// How record blocks are compressed on a connection: what both hellos announced.
@@ -270,6 +273,9 @@ public struct WireEncoder: Sendable {
     public var compression: RecordCompression
     public private(set) var statistics = WireStatistics()
 
+    /// Raw bytes per chunk of encoding 2 (tests try the bounds of the accepted range).
+    var lz4ChunkBytes = Wire.lz4ChunkBytes
+
     public init(compression: RecordCompression) { self.compression = compression }
     /// LZ4 in chunks when `compress`.
     public init(compress: Bool) { self.init(compression: compress ? .lz4Chunks : .none) }
@@ -401,7 +407,7 @@ public struct WireEncoder: Sendable {
     /// The records' plain form is gathered one chunk at a time in scratch memory, never
     /// as a whole block: a megabyte array per message cost its allocation and page faults.
     private mutating func lz4Chunks(_ records: [LogRecord], rawCount: Int, _ w: inout ByteWriter) {
-        let chunk = Wire.lz4ChunkBytes
+        let chunk = min(max(lz4ChunkBytes, Wire.lz4ChunkBytesRange.lowerBound), Wire.lz4ChunkBytesRange.upperBound)
         w.u8(2)
         w.u32(UInt32(rawCount))
         w.u32(UInt32(chunk))
@@ -712,6 +718,10 @@ public struct FrameDecoder: Sendable {
             return records
         case 1:
             let stored = Int(try r.u32("compressed length"))
+            // Refused before the allocation: LZ4 expands at most 255 times.
+            guard rawLength <= Wire.lz4MaxExpansion * stored else {
+                throw WireError("compressed records of \(stored) bytes cannot decompress to \(rawLength) bytes")
+            }
             let packed = try r.raw(stored, "compressed records")
             // Into uninitialized memory: LZ4 writes every byte it reports, and a short or
             // failed result keeps none of them.
@@ -740,6 +750,12 @@ public struct FrameDecoder: Sendable {
         let chunk = Int(try r.u32("chunk size"))
         guard Wire.lz4ChunkBytesRange.contains(chunk) else {
             throw WireError("chunk size \(chunk) is outside \(Wire.lz4ChunkBytesRange.lowerBound)...\(Wire.lz4ChunkBytesRange.upperBound)")
+        }
+        // Refused before the allocation when what remains cannot hold the chunks: each
+        // takes at least its length field, and LZ4 expands at most 255 times.
+        let chunks = (rawLength + chunk - 1) / chunk
+        guard r.remaining >= 4 * chunks, rawLength <= Wire.lz4MaxExpansion * r.remaining else {
+            throw WireError("\(r.remaining) bytes cannot hold \(chunks) chunks of \(rawLength) raw bytes")
         }
         // Into uninitialized memory; on any error none of it is kept.
         return try [UInt8](unsafeUninitializedCapacity: rawLength) { dst, count in

@@ -473,7 +473,7 @@ struct TransportBench: AsyncParsableCommand {
             let bytesPerSecond = median(runs.map { $0.result.bytesPerSecond })
             let recordsPerSecond = median(runs.map { $0.result.recordsPerSecond })
             let compression = runs.last?.result.compressionRatio ?? 1
-            emit(["bench": "transport.replication", "lz4": mode != .none, "encoding": mode.rawValue, "default": mode != .lz4Block,
+            emit(["bench": "transport.replication", "lz4": mode != .none, "encoding": mode.rawValue, "default": mode == .lz4Chunks,
                   "log_megabytes_per_second": round3(bytesPerSecond / 1e6),
                   "records_per_second": round3(recordsPerSecond), "ratio_to_tls_ceiling": round3(ratio),
                   "ratios_per_round": ratios.map(round3), "rounds": runs.count,

@@ -73,8 +73,8 @@ struct WireTests {
         }
     }
 
-    /// An append of `count` records of `bytes` each, alternating compressible text and
-    /// random bytes (as scanned uploads are) from record `randomFrom` on.
+    /// An append of `count` records of `bytes` each: compressible text, and every third
+    /// one random bytes (as scanned uploads are).
     static func mixedAppend(count: Int, bytes: Int, seed: UInt64) -> Message {
         var rng = SeededRandom(seed: seed)
         let text = Array(String(repeating: "{\"appointment\":\"video\",\"status\":\"booked\"} ", count: bytes / 40 + 1).utf8.prefix(bytes))
@@ -86,8 +86,9 @@ struct WireTests {
                        body: .append(Append(prevLSN: LSN(199), prevTerm: Term(5), records: records, commitLSN: LSN(199), round: 4)))
     }
 
-    /// The chunks of an encoding-2 append body: (offset of the stored length, stored length).
-    static func chunks(of body: [UInt8]) -> (rawLength: Int, chunk: Int, list: [(at: Int, stored: Int)]) {
+    /// The chunks of an encoding-2 append body: (offset of the stored length, stored
+    /// length), and the offset where the last one ends.
+    static func chunks(of body: [UInt8]) -> (rawLength: Int, chunk: Int, list: [(at: Int, stored: Int)], end: Int) {
         func u32(_ o: Int) -> Int { Int(body.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: o, as: UInt32.self)) }) }
         let rawLength = u32(56), chunk = u32(60)
         var list: [(Int, Int)] = []
@@ -98,7 +99,15 @@ struct WireTests {
             at += 4 + (stored == 0 ? min(chunk, left) : stored)
             left -= min(chunk, left)
         }
-        return (rawLength, chunk, list)
+        return (rawLength, chunk, list, at)
+    }
+
+    /// A one-record append whose record block is `rawLength` bytes of text.
+    static func textAppend(rawLength: Int) -> Message {
+        let payload = Array(String(repeating: "teleconsultation video booked ", count: rawLength / 30 + 1).utf8.prefix(rawLength - 21))
+        return Message(from: "sbg", to: "gra", term: Term(5), body: .append(Append(
+            prevLSN: LSN(9), prevTerm: Term(5), records: [LogRecord(term: Term(5), lsn: LSN(10), kind: .changeset, payload: payload)],
+            commitLSN: LSN(9), round: 1)))
     }
 
     @Test("a large record block travels in 64 KiB LZ4 chunks, the incompressible ones stored as they are")
@@ -112,6 +121,7 @@ struct WireTests {
         let layout = Self.chunks(of: body)
         #expect(layout.chunk == Wire.lz4ChunkBytes)
         #expect(layout.list.count == (layout.rawLength + layout.chunk - 1) / layout.chunk)
+        #expect(layout.end == body.count, "the chunks fill the body")
         let stored = layout.list.filter { $0.stored == 0 }.count
         #expect(stored >= 5 && stored < layout.list.count, "the chunks of random bytes are stored, the others compressed (\(stored) of \(layout.list.count) stored)")
         let decoder = FrameDecoder()
@@ -127,7 +137,29 @@ struct WireTests {
             let b = Array(encoder.message(small)[5...])
             #expect(b[55] == 2)
             #expect(Self.chunks(of: b).list.count == (size + 21 + Wire.lz4ChunkBytes - 1) / Wire.lz4ChunkBytes)
+            #expect(Self.chunks(of: b).end == b.count)
             #expect(try decoder.message(b) == small)
+        }
+
+        // A record header split between two chunks: the second record's header starts 10
+        // bytes before the first chunk ends.
+        let split = Message(from: "sbg", to: "gra", term: Term(5), body: .append(Append(
+            prevLSN: LSN(9), prevTerm: Term(5), records: [
+                LogRecord(term: Term(5), lsn: LSN(10), kind: .changeset, payload: [UInt8](repeating: 66, count: Wire.lz4ChunkBytes - 21 - 10)),
+                LogRecord(term: Term(6), lsn: LSN(11), kind: .schema, payload: Array("CREATE TABLE t (id INTEGER PRIMARY KEY)".utf8)),
+            ], commitLSN: LSN(9), round: 1)))
+        let splitBody = Array(encoder.message(split)[5...])
+        #expect(Self.chunks(of: splitBody).list.count == 2)
+        #expect(try decoder.message(splitBody) == split)
+
+        // The smallest and largest chunk sizes a decoder accepts.
+        for size in [Wire.lz4ChunkBytesRange.lowerBound, Wire.lz4ChunkBytesRange.upperBound] {
+            var e = WireEncoder(compress: true)
+            e.lz4ChunkBytes = size
+            let m = Self.textAppend(rawLength: 100_000)
+            let b = Array(e.message(m)[5...])
+            #expect(Self.chunks(of: b).chunk == size)
+            #expect(try decoder.message(b) == m)
         }
     }
 
@@ -151,7 +183,7 @@ struct WireTests {
             withUnsafeBytes(of: v.littleEndian) { for i in 0..<4 { b[at + i] = $0[i] } }
             return b
         }
-        for size: UInt32 in [0, 512, 8 << 20] { refused(patched(60, size), "chunk size \(size) is outside") }
+        for size: UInt32 in [0, 512, 1023, (4 << 20) + 1, 8 << 20] { refused(patched(60, size), "chunk size \(size) is outside") }
         // A chunk size that differs from the sender's misreads the chunks.
         #expect(throws: WireError.self) { _ = try decoder.message(patched(60, 32 << 10)) }
         refused(patched(compressed.at, UInt32(Wire.lz4ChunkBytes)), "compressed bytes for")
@@ -164,6 +196,30 @@ struct WireTests {
             #expect(throws: WireError.self) { _ = try decoder.message(Array(body[..<cut])) }
         }
         refused(body + [0], "trailing")
+        // A stated size the bytes that follow cannot produce: refused before allocating it.
+        refused(Array(patched(56, 64 << 20)[..<70]), "6 bytes cannot hold 1024 chunks")
+
+        // A chunk that decompresses to fewer bytes than the chunk holds: the first of two
+        // 1 KiB chunks carries a valid LZ4 block of 1,000 bytes, taken from an encoding-1
+        // block of that size. No byte of the chunk may be left unwritten.
+        var old = WireEncoder(compression: .lz4Block)
+        let oneBlock = Array(old.message(Self.textAppend(rawLength: 1000))[5...])
+        #expect(oneBlock[55] == 1)
+        let block1000 = Array(oneBlock[64...])
+        var small = WireEncoder(compress: true)
+        small.lz4ChunkBytes = 1024
+        let twoChunks = Array(small.message(Self.textAppend(rawLength: 2048))[5...])
+        let parts = Self.chunks(of: twoChunks)
+        #expect(parts.list.count == 2 && parts.list[0].stored > 0)
+        var short = Array(twoChunks[..<64])
+        withUnsafeBytes(of: UInt32(block1000.count).littleEndian) { short += $0 }
+        short += block1000
+        short += twoChunks[parts.list[1].at...]
+        refused(short, "compressed chunk 0 does not decompress to 1024 bytes")
+        // An encoding-1 block stated larger than LZ4 can expand what follows.
+        var huge = oneBlock
+        withUnsafeBytes(of: UInt32(256 * block1000.count + 1).littleEndian) { for i in 0..<4 { huge[56 + i] = $0[i] } }
+        refused(huge, "cannot decompress to")
         // Flipped bytes inside a compressed chunk: refused, or records that differ; LZ4's
         // safe decoder never writes outside the chunk.
         var rng = SeededRandom(seed: 5)
