@@ -338,7 +338,20 @@ public struct WireEncoder: Sendable {
             records(r.records, &w)
         }
         w.patchU32(at: 0, UInt32(w.count - 4))
-        return w.bytes
+        return Self.fitted(w.bytes)
+    }
+
+    /// `frame` in an array of about its size when compression left most of its memory
+    /// unused: a send queue bounds the bytes it counts, and a queue of well-compressed
+    /// frames kept at their raw size could hold hundreds of times its bound.
+    static func fitted(_ frame: [UInt8]) -> [UInt8] {
+        guard frame.capacity > 2 * frame.count + (64 << 10) else { return frame }
+        return [UInt8](unsafeUninitializedCapacity: frame.count) { dst, count in
+            frame.withUnsafeBufferPointer { src in
+                if let s = src.baseAddress, let d = dst.baseAddress { d.initialize(from: s, count: src.count) }
+            }
+            count = frame.count
+        }
     }
 
     /// Writes `records` as a record block (term, LSN, kind, length, payload each) into

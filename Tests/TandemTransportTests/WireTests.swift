@@ -163,6 +163,21 @@ struct WireTests {
         }
     }
 
+    @Test("a well-compressed frame holds memory in proportion to its size, not to its records' (send queues count its size)",
+          arguments: [RecordCompression.lz4Chunks, .lz4Block])
+    func compressedFrameMemory(compression: RecordCompression) throws {
+        // 1 MiB of zeros compresses about 250 times.
+        let m = Message(from: "sbg", to: "gra", term: Term(5), body: .append(Append(
+            prevLSN: LSN(9), prevTerm: Term(5),
+            records: (0..<16).map { LogRecord(term: Term(5), lsn: LSN(UInt64(10 + $0)), kind: .changeset, payload: [UInt8](repeating: 0, count: 65_536)) },
+            commitLSN: LSN(9), round: 1)))
+        var encoder = WireEncoder(compression: compression)
+        let frame = encoder.message(m)
+        #expect(frame.count < 20_000)
+        #expect(frame.capacity <= 2 * frame.count + (64 << 10), "capacity \(frame.capacity) for \(frame.count) bytes")
+        #expect(try FrameDecoder().message(Array(frame[5...])) == m)
+    }
+
     @Test("a malformed chunked block is refused with a reason, never half-decoded")
     func malformedChunks() throws {
         let m = Self.mixedAppend(count: 9, bytes: 65_536, seed: 22)
