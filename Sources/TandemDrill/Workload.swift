@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A telehealth workload against a cluster, recording what a checker needs: every
 /// booking acknowledged (and when), every one that failed visibly or with an unknown
@@ -83,14 +86,28 @@ public final class Workload: @unchecked Sendable {
         tasks = []
     }
 
+    /// The start of the `slot`-th slot of `minutes` from the start of `year` (UTC), as
+    /// the API takes it: distinct for every slot, however many a run books.
+    public static func slotStart(year: Int, slot: Int, minutes: Int) -> String {
+        var t = tm()
+        t.tm_year = Int32(year - 1900)
+        t.tm_mday = 1
+        var seconds = timegm(&t) + time_t(slot) * time_t(minutes) * 60
+        var out = tm()
+        gmtime_r(&seconds, &out)
+        return String(format: "%04d-%02d-%02dT%02d:%02d:00Z", Int(out.tm_year) + 1900, Int(out.tm_mon) + 1, Int(out.tm_mday),
+                      Int(out.tm_hour), Int(out.tm_min))
+    }
+
     /// When the clients stopped (nil while running): the end of any pause measured.
     public var stoppedAt: Date? { lock.withLock { stopped } }
 
     private func book(writer w: Int, k: Int, site: String) async {
         let key = "\(prefix)-\(w)-\(k)"
-        // Each writer's practitioner has one 20-minute slot every 30 minutes.
-        let minutes = k * 30
-        let start = String(format: "2030-01-%02dT%02d:%02d:00Z", 1 + (minutes / 1440) % 28, (minutes / 60) % 24, minutes % 60)
+        // Each writer's practitioner has one 20-minute slot every 30 minutes, never the
+        // same one twice (wrapping after 28 days, as this did, made a fast run's last
+        // bookings fail with 409 slot_taken).
+        let start = Self.slotStart(year: 2030, slot: k, minutes: 30)
         let body: [String: Any] = ["practitioner": "\(prefix)-DR-\(w)", "patient": key, "starts_at": start,
                                    "duration_minutes": 20, "mode": "video"]
         let at = Date()

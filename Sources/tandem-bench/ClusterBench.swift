@@ -151,10 +151,9 @@ struct ClusterBench: AsyncParsableCommand {
             let site = url[sites[k % sites.count]] ?? ""
             switch k % 10 {
             case 0..<6:
-                let minutes = k * 30
+                // Slots never repeat (a 12-month wrap made bookings past k = 16,128 collide).
                 let body: [String: Any] = ["practitioner": "BENCH-DR-\(k % 50)", "patient": "BENCH-P-\(k)",
-                                           "starts_at": String(format: "2031-%02d-%02dT%02d:%02d:00Z", 1 + (minutes / 40320) % 12, 1 + (minutes / 1440) % 28,
-                                                               (minutes / 60) % 24, minutes % 60),
+                                           "starts_at": Workload.slotStart(year: 2031, slot: k, minutes: 30),
                                            "duration_minutes": 20]
                 return (try? client.call("POST", site + "/v1/appointments", token: token, json: body))?.status == 201
             case 6:
