@@ -45,8 +45,8 @@ public enum Wire {
     /// Record blocks at least this large are compressed when LZ4 is negotiated.
     public static let compressionThreshold = 512
 
-    /// Raw bytes per chunk of an encoding-2 record block (under LZ4's 64 KB limit for
-    /// 16-bit offsets).
+    /// Raw bytes per chunk of an encoding-2 record block (under the 64 KB up to which
+    /// LZ4 uses its faster table of 16-bit entries).
     public static let lz4ChunkBytes = 64 << 10
     /// The chunk sizes a decoder accepts: bounds the chunks per block (64 MiB ÷ 1 KiB).
     public static let lz4ChunkBytesRange = 1024...(4 << 20)
