@@ -237,10 +237,12 @@ final class KeepAliveClient {
 
 /// Runs `clients` threads, each looping `op` (with its own client) until `seconds` pass
 /// or `stopWhen` holds, while `sample` runs every 200 ms on the caller. Returns
-/// (successes, wall seconds, this process's CPU share of one core: the load generator's cost).
+/// (successes, failures, wall seconds, this process's CPU share of one core: the load
+/// generator's cost). Failures are reported, not hidden: they take time from a figure.
 func driveThreads(clients: Int, seconds: Double, op: @escaping @Sendable (Int, KeepAliveClient) -> Bool,
-                  sample: () -> Void = {}, stopWhen: @escaping @Sendable () -> Bool = { false }) async -> (Int, Double, Double) {
+                  sample: () -> Void = {}, stopWhen: @escaping @Sendable () -> Bool = { false }) async -> (Int, Int, Double, Double) {
     let done = Counter()
+    let failed = Counter()
     let finished = Counter()
     let cpu0 = processCPUSeconds()
     let t0 = monotonicNanoseconds()
@@ -250,7 +252,7 @@ func driveThreads(clients: Int, seconds: Double, op: @escaping @Sendable (Int, K
             let client = KeepAliveClient()
             var k = i
             while monotonicNanoseconds() < end && !stopWhen() {
-                if op(k, client) { _ = done.next() }
+                if op(k, client) { _ = done.next() } else { _ = failed.next() }
                 k += clients
             }
             _ = finished.next()
@@ -263,7 +265,7 @@ func driveThreads(clients: Int, seconds: Double, op: @escaping @Sendable (Int, K
         try? await Task.sleep(nanoseconds: 200_000_000)
     }
     let wall = Double(monotonicNanoseconds() - t0) / 1e9
-    return (done.value, wall, (processCPUSeconds() - cpu0) / wall)
+    return (done.value, failed.value, wall, (processCPUSeconds() - cpu0) / wall)
 }
 
 /// One client's sequential latencies of `op` (seconds, sorted), on a thread of its own.
