@@ -67,8 +67,7 @@ struct WireTests {
         let stated = body.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 56, as: UInt32.self) }
         #expect(try decoder.message(body) == sampleMessages()[4])
         for wrong in [stated - 1, stated + 1] {
-            var bad = body
-            withUnsafeBytes(of: wrong.littleEndian) { for i in 0..<4 { bad[56 + i] = $0[i] } }
+            let bad = Self.patched(body, at: 56, wrong)
             #expect { _ = try decoder.message(bad) } throws: { ($0 as? WireError)?.reason.contains("do not decompress") == true }
         }
     }
@@ -84,6 +83,13 @@ struct WireTests {
         }
         return Message(from: "sbg", to: "gra", term: Term(5),
                        body: .append(Append(prevLSN: LSN(199), prevTerm: Term(5), records: records, commitLSN: LSN(199), round: 4)))
+    }
+
+    /// `body` with the little-endian u32 at `at` replaced by `v`.
+    static func patched(_ body: [UInt8], at: Int, _ v: UInt32) -> [UInt8] {
+        var b = body
+        withUnsafeBytes(of: v.littleEndian) { for i in 0..<4 { b[at + i] = $0[i] } }
+        return b
     }
 
     /// The chunks of an encoding-2 append body: (offset of the stored length, stored
@@ -193,11 +199,7 @@ struct WireTests {
                 #expect(error.reason.contains(reason), "\(error.reason)", sourceLocation: sourceLocation)
             }
         }
-        func patched(_ at: Int, _ v: UInt32) -> [UInt8] {
-            var b = body
-            withUnsafeBytes(of: v.littleEndian) { for i in 0..<4 { b[at + i] = $0[i] } }
-            return b
-        }
+        func patched(_ at: Int, _ v: UInt32) -> [UInt8] { Self.patched(body, at: at, v) }
         for size: UInt32 in [0, 512, 1023, (4 << 20) + 1, 8 << 20] { refused(patched(60, size), "chunk size \(size) is outside") }
         // A chunk size that differs from the sender's misreads the chunks.
         #expect(throws: WireError.self) { _ = try decoder.message(patched(60, 32 << 10)) }
@@ -232,9 +234,7 @@ struct WireTests {
         short += twoChunks[parts.list[1].at...]
         refused(short, "compressed chunk 0 does not decompress to 1024 bytes")
         // An encoding-1 block stated larger than LZ4 can expand what follows.
-        var huge = oneBlock
-        withUnsafeBytes(of: UInt32(256 * block1000.count + 1).littleEndian) { for i in 0..<4 { huge[56 + i] = $0[i] } }
-        refused(huge, "cannot decompress to")
+        refused(Self.patched(oneBlock, at: 56, UInt32(256 * block1000.count + 1)), "cannot decompress to")
         // Flipped bytes inside a compressed chunk: refused, or records that differ; LZ4's
         // safe decoder never writes outside the chunk.
         var rng = SeededRandom(seed: 5)
