@@ -101,7 +101,8 @@ public final class DataAPI: Sendable {
     let inFlight = Mutex<(calls: Int, bytes: Int)>((0, 0))
     /// State hashes asked and not yet answered (one computed at a time, the rest waiting).
     let stateHashesWaiting = Mutex(0)
-    /// More than this many state hashes waiting are refused: each reads every row.
+    /// At most this many state hashes computing or waiting; more are refused (each reads
+    /// every row).
     static let maxStateHashesWaiting = 4
     public let runtime: SiteRuntime
     public let settings: DataAPISettings
