@@ -255,7 +255,7 @@ public final class SiteRuntime: @unchecked Sendable {
         case event(CoreEvent)
         case snapshotSent(SiteID)
         case retryAppend(UInt64, [LogRecord])
-        case snapshotTaken(Result<SnapshotInfo, SnapshotFailure>)
+        case snapshotTaken(Result<SiteStorage.PreparedSnapshot, SnapshotFailure>)
         case read(ReadRequest, @Sendable (Result<QueryResult, ReadError>) -> Void)
         case withStore(@Sendable (StateStore?) -> Void)
     }
@@ -1148,7 +1148,9 @@ public final class SiteRuntime: @unchecked Sendable {
         snapshotStarted = Self.clock()
         Thread { [weak self] in
             nameCurrentThread("snapshot-take")
-            let result = Result { try SiteStorage.writeSnapshot(source, to: path) }
+            // Written beside its place; the loop puts it there (`snapshotTaken`), so that a
+            // snapshot installed from a peer meanwhile is never replaced by this older one.
+            let result = Result { try SiteStorage.prepareSnapshot(source, for: path) }
             self?.enqueue(.snapshotTaken(result.mapError { SnapshotFailure(message: "\($0)") }))
         }.start()
     }
@@ -1162,9 +1164,12 @@ public final class SiteRuntime: @unchecked Sendable {
         return Double(max(0, loggedBytes)) >= logFraction * Double(max(0, databaseBytes))
     }
 
-    private func snapshotTaken(_ result: Result<SnapshotInfo, SnapshotFailure>) {
+    private func snapshotTaken(_ result: Result<SiteStorage.PreparedSnapshot, SnapshotFailure>) {
         snapshotInProgress = false
-        switch result {
+        let placed = result.flatMap { prepared in
+            Result { try SiteStorage.placeSnapshot(prepared, at: storage.snapshotPath) }.mapError { SnapshotFailure(message: "\($0)") }
+        }
+        switch placed {
         case let .success(info):
             lastSnapshotLSN = info.lsn
             do {
@@ -1189,6 +1194,9 @@ public final class SiteRuntime: @unchecked Sendable {
     private func offerSnapshot(to peer: SiteID) {
         do {
             if !FileManager.default.fileExists(atPath: storage.snapshotPath) {
+                // The snapshot thread is writing one (into the same scratch file): the
+                // offer is repeated, and finds it in place then.
+                guard !snapshotInProgress else { return }
                 let info = try storage.takeSnapshot(retention: settings.retention)
                 lastSnapshotLSN = info.lsn
                 logBytesAtLastSnapshot = storage.log.byteSize
@@ -1271,6 +1279,11 @@ public final class SiteRuntime: @unchecked Sendable {
             let installStarted = Self.clock()
             try storage.installSnapshot(from: rx.path) { _, _ in }
             try? FileManager.default.removeItem(atPath: rx.path)
+            // Appends that waited for room in the log's queue hold records the reset log no
+            // longer takes (at or below the snapshot's LSN, or above it from the log the
+            // core just dropped): they go, their completions reported in order (the core
+            // caps what each covers at the snapshot's LSN).
+            dropBlockedAppends(after: .zero)
             lastSnapshotLSN = rx.lsn
             logBytesAtLastSnapshot = storage.log.byteSize
             step(.snapshotInstalled(lsn: rx.lsn, term: rx.term))
@@ -1278,6 +1291,12 @@ public final class SiteRuntime: @unchecked Sendable {
         } catch {
             settings.log("event=snapshot_install_failed site=\(settings.site) error=\"\(error)\"")
             try? FileManager.default.removeItem(atPath: rx.path)
+            if storage.installInterrupted {
+                // Past the point of no return (the database or the log may already be the
+                // snapshot's): only a restart, whose open finishes the install, is safe.
+                settings.log("event=storage_failed site=\(settings.site) error=\"a snapshot install stopped midway; restart to finish it\"")
+                failStop()
+            }
         }
     }
 

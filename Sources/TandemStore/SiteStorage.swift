@@ -127,7 +127,6 @@ public final class SiteStorage: @unchecked Sendable {
     private func reconcile() throws {
         if FileManager.default.fileExists(atPath: installIntentPath) {
             // A snapshot install was interrupted: finish it from the local copy.
-            openReport.append("finishing an interrupted snapshot install")
             try finishInstall()
             return
         }
@@ -137,9 +136,13 @@ public final class SiteStorage: @unchecked Sendable {
             try rollbackStore(to: last)
         }
         if store.appliedLSN < log.firstLSN.previous {
-            // The log no longer holds what the database needs next: only a snapshot helps.
+            // The log no longer holds what the database needs next (SQLite lost its last
+            // transactions in a power cut, with synchronous=NORMAL): only a snapshot helps.
+            // The local one usually stands past the log's first record, since a prefix
+            // removal keeps the segment that holds its LSN: rebuild through its LSN then.
             openReport.append("database behind the retained log: rebuilding from the local snapshot")
-            try rebuild(through: log.firstLSN.previous)
+            let local = (try? SnapshotFormat.readHeader(path: snapshotPath).info.lsn) ?? .zero
+            try rebuild(through: local <= log.lastLSN ? max(log.firstLSN.previous, local) : log.firstLSN.previous)
         }
     }
 
@@ -233,50 +236,111 @@ public final class SiteStorage: @unchecked Sendable {
         return info
     }
 
-    /// Writes the local snapshot from `source` (captured on the owner's thread); safe to
-    /// run on another thread while the site keeps going. An older snapshot never replaces
-    /// a newer one. Then the owner calls `log.removePrefix`.
+    /// Writes the local snapshot from `source` and puts it in place: `prepareSnapshot`
+    /// then `placeSnapshot`, on the caller's thread.
     public static func writeSnapshot(_ source: StateStore.SnapshotSource, to snapshotPath: String,
                                      progress: ((Int, Int) -> Void)? = nil) throws -> SnapshotInfo {
+        let prepared = try prepareSnapshot(source, for: snapshotPath, progress: progress)
+        return try placeSnapshot(prepared, at: snapshotPath)
+    }
+
+    /// A local snapshot written next to its place and not yet in it.
+    public struct PreparedSnapshot: Sendable {
+        public let info: SnapshotInfo
+        /// The file to rename into place; nil when the snapshot in place is already as new.
+        let scratch: String?
+    }
+
+    /// Writes a snapshot of `source` (captured on the owner's thread) to a scratch file
+    /// beside `snapshotPath`, fsynced; safe to run on another thread while the site keeps
+    /// going. Only the owner puts it in place (`placeSnapshot`), so that a snapshot it
+    /// installs meanwhile is never replaced by this older one.
+    public static func prepareSnapshot(_ source: StateStore.SnapshotSource, for snapshotPath: String,
+                                       progress: ((Int, Int) -> Void)? = nil) throws -> PreparedSnapshot {
         try Durable.makeDirectory((snapshotPath as NSString).deletingLastPathComponent)
         if let existing = try? SnapshotFormat.readHeader(path: snapshotPath).info, existing.lsn >= source.committedLSN {
-            return existing
+            return PreparedSnapshot(info: existing, scratch: nil)
         }
         let scratch = snapshotPath + ".new"
         let info = try StateStore.createSnapshot(from: source, at: scratch, progress: progress)
-        if let existing = try? SnapshotFormat.readHeader(path: snapshotPath).info, existing.lsn > info.lsn {
+        return PreparedSnapshot(info: info, scratch: scratch)
+    }
+
+    /// Puts a prepared snapshot in place (rename, fsync of the directory), unless the one
+    /// there is newer: an older snapshot never replaces a newer one. Returns the snapshot
+    /// now in place. Owner's thread only. Then the owner calls `log.removePrefix`.
+    public static func placeSnapshot(_ prepared: PreparedSnapshot, at snapshotPath: String) throws -> SnapshotInfo {
+        guard let scratch = prepared.scratch else { return prepared.info }
+        if let existing = try? SnapshotFormat.readHeader(path: snapshotPath).info, existing.lsn > prepared.info.lsn {
             try? FileManager.default.removeItem(atPath: scratch)
             return existing
         }
         try Durable.rename(scratch, to: snapshotPath)
         try Durable.syncDirectory((snapshotPath as NSString).deletingLastPathComponent)
-        return info
+        return prepared.info
     }
 
     /// Installs a snapshot received from a peer: the database becomes its state, and the
-    /// log restarts after its LSN. Crash-safe in this order: a crash between the two is
-    /// finished by `open`'s reconciliation.
+    /// log restarts after its LSN.
+    ///
+    /// The file is verified in full first (every chunk's checksum, the SHA-256, SQLite's
+    /// quick_check, its metadata), by decoding it into the next database generation: a
+    /// damaged, truncated or mismatched file fails there and the site keeps its database,
+    /// its log and its local snapshot as they were. From the install intent on, a crash is
+    /// finished by `open`: the intent names the snapshot's LSN, then the file becomes the
+    /// local snapshot, the database switches to the new generation, and the log resets
+    /// after the LSN. An error after the intent leaves it in place (`installInterrupted`
+    /// is then true): the caller must stop and let `open` finish the install.
     public func installSnapshot(from path: String, progress: ((Int, Int) -> Void)? = nil) throws {
         let (info, _) = try SnapshotFormat.readHeader(path: path)
         guard info.clusterID == clusterID else { throw StoreError.clusterMismatch(expected: clusterID, found: info.clusterID.description) }
         try Durable.makeDirectory(snapshotDirectory)
+        let generation = try StateStore.prepareGeneration(fromSnapshot: path, directory: stateDirectory, clusterID: clusterID, progress: progress)
+        try crashPointInInstall?("verified")
+        try Durable.writeFile(Array("\(info.lsn)\n".utf8), to: installIntentPath)
+        try crashPointInInstall?("intent written")
         if path != snapshotPath {
-            // Keep it as the local snapshot first: an interrupted install restarts from it.
+            // Kept as the local snapshot: an interrupted install restarts from it.
             try? FileManager.default.removeItem(atPath: snapshotPath + ".tmp")
             try FileManager.default.copyItem(atPath: path, toPath: snapshotPath + ".tmp")
             try FileDescriptor(path: snapshotPath + ".tmp", flags: O_RDONLY).sync()
             try Durable.rename(snapshotPath + ".tmp", to: snapshotPath)
+            try Durable.syncDirectory(snapshotDirectory)
         }
-        try Durable.writeFile(Array("\(info.lsn)\n".utf8), to: installIntentPath)
-        store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID,
-                                               limits: limits, progress: progress)
+        try crashPointInInstall?("snapshot placed")
+        try StateStore.switchGeneration(directory: stateDirectory, to: generation)
+        try crashPointInInstall?("database switched")
+        store = try StateStore.open(directory: stateDirectory, clusterID: clusterID, limits: limits)
+        log.crashPointInReset = crashPointInInstall
+        defer { log.crashPointInReset = nil }
         try log.reset(after: info.lsn, term: info.term)
+        try crashPointInInstall?("log reset")
         try Durable.unlink(installIntentPath)
         try Durable.syncDirectory(snapshotDirectory)
     }
 
+    /// Tests only: called after each step of `installSnapshot` (and of its log reset);
+    /// throwing stops the install there, as a crash would.
+    var crashPointInInstall: ((String) throws -> Void)?
+
+    /// Whether a snapshot install was started and not finished: only `open` may go on.
+    public var installInterrupted: Bool { FileManager.default.fileExists(atPath: installIntentPath) }
+
+    /// Finishes an install that a crash interrupted, or abandons one that had not yet put
+    /// its snapshot in place (the intent is written first): the database and the log were
+    /// then still untouched.
     private func finishInstall() throws {
-        let (info, _) = try SnapshotFormat.readHeader(path: snapshotPath)
+        let intended = (try? String(contentsOfFile: installIntentPath, encoding: .utf8))
+            .flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        let local = try? SnapshotFormat.readHeader(path: snapshotPath).info
+        guard let info = local, let intended, info.lsn == LSN(intended) else {
+            openReport.append("abandoning a snapshot install that had not put its snapshot in place")
+            try Durable.unlink(installIntentPath)
+            try Durable.syncDirectory(snapshotDirectory)
+            try reconcile()
+            return
+        }
+        openReport.append("finishing an interrupted snapshot install")
         let undo = try store.undoDepth()
         if store.appliedLSN != info.lsn || undo != 0 {
             store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID, limits: limits)

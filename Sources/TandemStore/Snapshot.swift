@@ -80,13 +80,19 @@ public enum SnapshotFormat {
             guard v == version else { throw StoreError.snapshot("\(path): unknown snapshot format version \(v)") }
             _ = try r.u32()
             guard let cid = ClusterID(bytes: try r.raw(16)) else { throw StoreError.snapshot("\(path): bad cluster id") }
-            let lsn = LSN(try r.u64())
-            let term = Term(try r.u64())
-            let raw = Int(try r.u64())
+            let lsnValue = try r.u64()
+            let termValue = try r.u64()
+            let rawValue = try r.u64()
             let chunk = Int(try r.u32())
             let stored = try r.u32()
             guard stored == crc else { throw StoreError.snapshot("\(path): header checksum mismatch") }
             guard chunk > 0, chunk <= 64 << 20 else { throw StoreError.snapshot("\(path): chunk size \(chunk) out of range") }
+            // A peer's header must not trap a conversion: LSN and term are stored in SQLite
+            // as signed 64-bit integers, the size is an Int.
+            guard lsnValue <= UInt64(Int64.max), termValue <= UInt64(Int64.max), let raw = Int(exactly: rawValue) else {
+                throw StoreError.snapshot("\(path): LSN \(lsnValue), term \(termValue) or size \(rawValue) out of range")
+            }
+            let lsn = LSN(lsnValue), term = Term(termValue)
             return (SnapshotInfo(clusterID: cid, lsn: lsn, term: term, rawBytes: raw, fileBytes: fileBytes, sha256: ""), chunk)
         } catch let e as StoreError {
             throw e
@@ -228,6 +234,19 @@ extension StateStore {
     public static func installSnapshot(from path: String, directory: String, clusterID: ClusterID,
                                        limits: StoreLimits = StoreLimits(),
                                        progress: ((Int, Int) -> Void)? = nil) throws(StoreError) -> StateStore {
+        let name = try prepareGeneration(fromSnapshot: path, directory: directory, clusterID: clusterID, progress: progress)
+        try switchGeneration(directory: directory, to: name)
+        return try open(directory: directory, clusterID: clusterID, limits: limits)
+    }
+
+    /// Decodes the snapshot at `path` into a new database generation of `directory` and
+    /// verifies it (every chunk's checksum, the SHA-256, SQLite's quick_check, and that its
+    /// metadata is the header's committed state), without switching to it: returns the
+    /// generation's name for `switchGeneration`. Nothing else in `directory` changes, and
+    /// a snapshot that fails leaves no file behind, so a caller can verify a peer's file
+    /// before it gives up anything it holds.
+    static func prepareGeneration(fromSnapshot path: String, directory: String, clusterID: ClusterID,
+                                  progress: ((Int, Int) -> Void)? = nil) throws(StoreError) -> String {
         let (header, chunkSize) = try SnapshotFormat.readHeader(path: path)
         guard header.clusterID == clusterID else { throw .clusterMismatch(expected: clusterID, found: header.clusterID.description) }
         let name = try nextGenerationName(directory: directory)
@@ -300,15 +319,18 @@ extension StateStore {
             let check = try SQLiteConnection(path: directory + "/" + name, create: false)
             let ok = try check.rows("PRAGMA quick_check")
             guard ok.first?.first == .text("ok") else { throw StoreError.snapshot("\(path): the database fails SQLite's quick_check") }
-            let meta = try check.rows("SELECT cluster_id, applied_lsn FROM tandem_meta WHERE id = 1")
-            guard meta.first == [.text(clusterID.description), .integer(Int64(header.lsn.rawValue))] else {
-                throw StoreError.snapshot("\(path): the database's metadata does not match the header (LSN \(header.lsn))")
+            let meta = try check.rows("SELECT cluster_id, applied_lsn, applied_term FROM tandem_meta WHERE id = 1")
+            guard meta.first == [.text(clusterID.description), .integer(Int64(header.lsn.rawValue)), .integer(Int64(header.term.rawValue))] else {
+                throw StoreError.snapshot("\(path): the database's metadata does not match the header (LSN \(header.lsn), term \(header.term))")
+            }
+            // A snapshot holds committed state only: nothing in it may be undone.
+            guard try check.rows("SELECT count(*) FROM tandem_undo").first == [.integer(0)] else {
+                throw StoreError.snapshot("\(path): the database holds records to undo; a snapshot holds committed state only")
             }
         } catch {
             try? Durable.unlink(directory + "/" + name)
             throw storeError(error)
         }
-        try switchGeneration(directory: directory, to: name)
-        return try open(directory: directory, clusterID: clusterID, limits: limits)
+        return name
     }
 }

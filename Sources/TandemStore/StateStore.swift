@@ -117,8 +117,13 @@ public final class StateStore: @unchecked Sendable {
                   case let .integer(term) = row[2], case let .integer(version) = row[3]
             else { throw StoreError.io("\(databasePath): the tandem_meta row is missing or malformed") }
             guard cid == clusterID.description else { throw StoreError.clusterMismatch(expected: clusterID, found: cid) }
-            appliedLSN = LSN(UInt64(lsn))
-            appliedTerm = Term(UInt64(term))
+            // A database received in a snapshot is a peer's bytes: a negative value must
+            // fail the open, not trap a conversion.
+            guard let lsnValue = UInt64(exactly: lsn), let termValue = UInt64(exactly: term), version >= 0 else {
+                throw StoreError.io("\(databasePath): tandem_meta holds a negative LSN, term or schema version")
+            }
+            appliedLSN = LSN(lsnValue)
+            appliedTerm = Term(termValue)
             schemaVersion = Int(version)
             updateMeta = try db.prepare("UPDATE tandem_meta SET applied_lsn = ?, applied_term = ?, schema_version = ? WHERE id = 1")
             insertUndo = try db.prepare("INSERT INTO tandem_undo (lsn, kind, previous_term, inverse) VALUES (?, ?, ?, ?)")
@@ -126,6 +131,7 @@ public final class StateStore: @unchecked Sendable {
             capture = ChangesetCapture(db: db, byteLimit: limits.maxChangesetBytes)
             applier = ChangesetApplier(db: db)
             if let minUndo = try db.rows("SELECT min(lsn) FROM tandem_undo").first?.first, case let .integer(m) = minUndo {
+                guard m >= 1 else { throw StoreError.io("\(databasePath): tandem_undo holds LSN \(m)") }
                 committedLSN = LSN(UInt64(m - 1))
                 prunedThrough = committedLSN
             } else {

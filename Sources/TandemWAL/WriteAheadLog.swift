@@ -16,6 +16,9 @@ import TandemModel
 /// One batch at a time is written and reported (`writing`), so completions arrive in LSN
 /// order whichever thread wrote the batch.
 public final class WriteAheadLog: @unchecked Sendable {
+    /// Tests only: called after each file operation of `reset`; throwing stops the reset
+    /// there, as a crash would (the test then reopens the directory).
+    package var crashPointInReset: ((String) throws -> Void)?
     public let directory: String
     public let clusterID: ClusterID
     public let options: WALOptions
@@ -1033,22 +1036,35 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// segment is marked as a reset, and recovery drops every segment before it.
     public func reset(after lsn: LSN, term: Term) throws {
         try withWriterPaused {
-            let old = lock.withLock { segments }
+            var old = lock.withLock { segments }
             let fresh: Segment
             do {
                 let tmpDir = directory
+                // Segments that start after the reset's first LSN go first, newest first: a
+                // crash then leaves a shorter log that still reads (the install that called
+                // this resets it again), never a reset segment followed by a stale one,
+                // which recovery would have to call a gap.
+                for s in old.reversed() where s.firstLSN > lsn.next {
+                    try Durable.unlink(s.path)
+                    try Durable.syncDirectory(tmpDir)
+                    try crashPointInReset?("removed \(s.name)")
+                }
+                old.removeAll { $0.firstLSN > lsn.next }
                 if old.contains(where: { $0.firstLSN == lsn.next }) {
                     // Same file name: move the old one aside first (recovery ignores it).
                     for s in old where s.firstLSN == lsn.next { try Durable.rename(s.path, to: s.path + ".obsolete") }
                     try Durable.syncDirectory(tmpDir)
+                    try crashPointInReset?("moved the namesake aside")
                 }
                 fresh = try Self.createSegment(directory: directory, clusterID: clusterID, options: options,
                                                firstLSN: lsn.next, previousTerm: term, isReset: true)
+                try crashPointInReset?("created the reset segment")
             } catch let e as WALError { throw e } catch { throw WALError.failed("reset: \(error)") }
             for s in old {
                 // A namesake of the new segment was moved aside above; only that copy goes.
                 if s.firstLSN != lsn.next { try unlinkLogged(s.path) }
                 try unlinkLogged(s.path + ".obsolete")
+                try crashPointInReset?("removed \(s.name)")
             }
             try syncDirectory()
             lock.withLock {

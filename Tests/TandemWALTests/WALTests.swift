@@ -447,6 +447,53 @@ struct WALTests {
         #expect(again.segmentCount == 1)
     }
 
+    @Test("a crash at any step of a reset leaves a log that opens, and the reset done again completes")
+    func crashDuringReset() async throws {
+        struct Crash: Error {}
+        // A reset point inside the log, and one where a segment starts (its namesake).
+        for namesake in [false, true] {
+            var step = 0
+            while true {
+                let dir = TempDir(); defer { dir.cleanup() }
+                let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
+                for b in 0..<60 { try await log.append((1...10).map { record(UInt64(b * 10 + $0), size: 200) }) }
+                let starts = try WriteAheadLog.segmentNames(in: dir.path).compactMap { WALFormat.parseSegmentFileName($0) }.sorted()
+                #expect(starts.count >= 3, "the test needs segments after the reset point")
+                let at = namesake ? starts[1].previous : LSN(starts[1].rawValue + 5)
+                var calls = 0
+                log.crashPointInReset = { _ in
+                    calls += 1
+                    if calls == step + 1 { throw Crash() }
+                }
+                let crashed: Bool
+                do {
+                    try log.reset(after: at, term: Term(9))
+                    crashed = false
+                } catch {
+                    crashed = true
+                }
+                log.close()
+                // Reopened as after a crash at that step, then reset again, as an
+                // interrupted snapshot install does on open.
+                let again = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+                if crashed {
+                    let records = try readAll(again)
+                    #expect(zip(records, records.dropFirst()).allSatisfy { $0.lsn.next == $1.lsn }, "step \(step): a gap")
+                    try again.reset(after: at, term: Term(9))
+                }
+                #expect(again.firstLSN == at.next && again.lastLSN == at && again.term(at: at) == Term(9), "step \(step)")
+                try await again.append([record(at.next.rawValue, term: 9)])
+                again.close()
+                let last = try WriteAheadLog.open(directory: dir.path, clusterID: testCluster, options: smallOptions())
+                #expect(try readAll(last).map(\.lsn) == [at.next], "step \(step)")
+                last.close()
+                if !crashed { break }
+                step += 1
+            }
+            #expect(step >= 3, "the reset took \(step) steps: the crash points were not all reached")
+        }
+    }
+
     @Test("a reset onto the LSN where an existing segment starts replaces that segment")
     func resetOntoNamesake() async throws {
         let dir = TempDir(); defer { dir.cleanup() }
