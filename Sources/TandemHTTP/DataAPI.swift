@@ -90,6 +90,9 @@ public struct DataAPISettings: Sendable {
     public var maxCallsInFlight = 512
     /// Request bytes held at once by calls in progress, at most.
     public var maxBytesInFlight = 256 << 20
+    /// A data call whose body sends no bytes for this long is answered 408 and its
+    /// connection closed, giving back its call slot and reserved bytes.
+    public var bodyIdleMilliseconds: UInt32 = 30_000
 
     public init(site: SiteID) { self.site = site }
 }
@@ -120,11 +123,10 @@ public final class DataAPI: Sendable {
             self.metrics.forwardedIn()
             // The answer is sent from whichever thread has it (the site's loop, for a write).
             self.handle(call, scope: scope, forwardedFrom: peer, answerOn: { $0() }) { answer in
-                // The answer travels in one frame: one too large becomes a 413 rather than a
-                // frame the peer would refuse (closing the replication link).
+                // The answer travels in one frame: one too large is replaced rather than sent
+                // as a frame the peer would refuse (closing the replication link).
                 if answer.body.count > Self.maxForwardedAnswerBytes {
-                    return reply(APIError(status: 413, code: "too_large",
-                                          message: "the answer has \(answer.body.count) bytes, more than \(Self.maxForwardedAnswerBytes) can be forwarded between sites; ask the primary directly or narrow the query").answer)
+                    return reply(Self.tooLargeToForward(answer, writeRoute: (try? Route(call))?.isWrite ?? true))
                 }
                 reply(answer)
             }
@@ -133,6 +135,21 @@ public final class DataAPI: Sendable {
 
     /// Largest answer body forwarded between sites (under the 32 MiB frame limit).
     static let maxForwardedAnswerBytes = 30 << 20
+
+    /// What goes back in place of an answer too large for a frame. A write that was
+    /// carried out must not be reported as refused (its client would send it again): it
+    /// keeps its status and headers (`Tandem-LSN`), and its body says the write committed
+    /// and its rows were left out. Anything else was not carried out as far as the
+    /// client is concerned (a read): 413, ask the primary or narrow it.
+    static func tooLargeToForward(_ answer: ForwardedAnswer, writeRoute: Bool) -> ForwardedAnswer {
+        let why = "the answer has \(answer.body.count) bytes, more than \(maxForwardedAnswerBytes) can be forwarded between sites"
+        guard writeRoute, (200..<300).contains(answer.status) else {
+            return APIError(status: 413, code: "too_large", message: why + "; ask the primary directly or narrow the query").answer
+        }
+        let body = encodeJSON(["committed": true,
+                               "answer_omitted": why + ": the write committed (its LSN is in the Tandem-LSN header); read what it returned from the primary"])
+        return ForwardedAnswer(status: answer.status, headers: answer.headers.filter { $0.name.lowercased() != "content-length" }, body: body)
+    }
 
     /// Takes a slot for a call (503 when too many are in progress); `release` gives it back.
     public func admitCall() throws(APIError) {
@@ -346,7 +363,11 @@ public final class DataAPI: Sendable {
                 // (A primary silent for a lease is not sent the call: it would hang there
                 // and end as "outcome unknown"; waiting here for the next one is cleaner.)
                 metrics.forwardedOut()
-                switch forwardOutcome(await runtime.forward(forwardRequest(call, scope: scope, deadline: deadline), to: p), route: route, primary: p) {
+                // A switchover waits on the primary for up to its own limit: the forward
+                // must outlast it, or a switchover that happened is reported as unknown.
+                var forwardDeadline = deadline
+                if case .switchover = route { forwardDeadline = max(deadline, SiteRuntime.now + UInt64(settings.switchoverWaitMilliseconds) * 1_000_000) }
+                switch forwardOutcome(await runtime.forward(forwardRequest(call, scope: scope, deadline: forwardDeadline), to: p), route: route, primary: p) {
                 case let .success(answer?): return answer
                 case .success(nil): break  // not carried out: try again
                 case let .failure(error): throw error
@@ -644,7 +665,7 @@ enum Route: Sendable {
         case .query:
             // Only a body that mentions "local" can ask for a local read: skip parsing the
             // others twice (the handler parses it anyway).
-            guard call.body.count < 1 << 20, String(decoding: call.body, as: UTF8.self).contains("local") else { return true }
+            guard String(decoding: call.body, as: UTF8.self).contains("local") else { return true }
             let v = try JSONValue.parse(call.body)
             guard case let .object(o) = v else { return true }
             if case let .string(c)? = o["consistency"] { return c != "local" }

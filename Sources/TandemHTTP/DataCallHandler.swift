@@ -18,7 +18,8 @@ import TandemTransport
 /// HTTP/1.1 answers in request order: while a call is under way, later requests wait
 /// here (and reading stops); a data call that follows requests handed to the router
 /// waits until their answers have gone out. Bounded: one call per connection at a time,
-/// its body at most `maxBodyBytes` and within the site's budget (`DataAPI.reserve`).
+/// its body at most `maxBodyBytes` and within the site's budget (`DataAPI.reserve`), and
+/// a body that stalls (no byte for `bodyIdleMilliseconds`) is answered 408 and closed.
 final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -77,6 +78,10 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// shutdown, or a request of its own with Connection: close).
     private var routerCloses = false
     private var closed = false
+    /// Fires when a data call's body stalls: a client that sent a head and then nothing
+    /// (or whose network dropped the flow without a FIN) must not hold its call slot and
+    /// the bytes it reserved for good.
+    private var bodyTimer: Scheduled<Void>?
     /// Inside a read from the socket (its completion follows and goes to the router).
     private var inRead = false
     private var draining = false
@@ -119,6 +124,10 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         inRead = false
+        // A call whose body is still to come after this read: its stall timer starts (or
+        // starts again). Armed here, once per read, rather than per call: a call whose
+        // head and body came in one read, as most do, costs no timer at all.
+        if reading != nil && !closed { armBodyTimer(context: context) }
         context.fireChannelReadComplete()
     }
 
@@ -214,6 +223,8 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 break
             }
             passing = nil
+            bodyTimer?.cancel()
+            bodyTimer = nil
             guard let r = reading else { return false }
             reading = nil
             if let refusal = r.refusal {
@@ -280,6 +291,25 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         reading = r
     }
 
+    /// (Re)starts the stalled-body timer of the call being read.
+    private func armBodyTimer(context: ChannelHandlerContext) {
+        bodyTimer?.cancel()
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        bodyTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(api.settings.bodyIdleMilliseconds))) {
+            let (handler, context) = bound.value
+            handler.bodyStalled(context: context)
+        }
+    }
+
+    private func bodyStalled(context: ChannelHandlerContext) {
+        bodyTimer = nil
+        guard let r = reading, !closed else { return }
+        reading = nil
+        closeAfterAnswer = true
+        answer(APIError(status: 408, code: "request_timeout", message: "no bytes of the request body came for \(api.settings.bodyIdleMilliseconds) ms").answer,
+               releasing: r, context: context)
+    }
+
     /// Whether a request's Connection header holds the close option.
     static func asksToClose(_ head: HTTPRequest) -> Bool {
         head.headerFields[values: .connection].contains { value in
@@ -318,6 +348,10 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Writes an answer, gives the call's slot and bytes back, and takes what waits.
     private func answer(_ a: ForwardedAnswer, releasing r: Reading, context: ChannelHandlerContext) {
         if r.admitted { api.releaseCall(bytes: r.held) }
+        if reading == nil {
+            bodyTimer?.cancel()
+            bodyTimer = nil
+        }
         answering = false
         guard !closed else { return }
         var fields = HTTPFields()
@@ -396,6 +430,8 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
+        bodyTimer?.cancel()
+        bodyTimer = nil
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         waiting.removeAll()
@@ -426,6 +462,8 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func closeNow(context: ChannelHandlerContext) {
+        bodyTimer?.cancel()
+        bodyTimer = nil
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         closed = true

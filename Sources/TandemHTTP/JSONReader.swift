@@ -12,9 +12,15 @@ struct JSONSyntaxError: Error, Equatable {
 struct JSONReader {
     /// Deeper nesting is refused (a request is a few levels deep; this bounds recursion).
     static let maxDepth = 64
+    /// More values in one body are refused while reading, before they take memory: a
+    /// body of the largest allowed size made of "0," would otherwise become ten million
+    /// values (half a gigabyte) before the store's limits (256 statements of at most 999
+    /// parameters, which fit with room to spare) could refuse it.
+    static let maxValues = 1 << 18
 
     private let bytes: [UInt8]
     private var i = 0
+    private var values = 0
 
     init(_ bytes: [UInt8]) { self.bytes = bytes }
 
@@ -40,6 +46,8 @@ struct JSONReader {
 
     private mutating func value(depth: Int) throws(JSONSyntaxError) -> JSONValue {
         guard i < bytes.count else { throw fail("the body ends where a value was expected") }
+        values += 1
+        guard values <= Self.maxValues else { throw fail("more than \(Self.maxValues) values") }
         switch bytes[i] {
         case UInt8(ascii: "{"): return try object(depth: depth + 1)
         case UInt8(ascii: "["): return try array(depth: depth + 1)

@@ -90,15 +90,18 @@ public final class SiteMetrics: Sendable {
             gauge("tandem_peer_lag_seconds", Double(v.lagNanoseconds) / 1e9, [("peer", peer.name)])
             gauge("tandem_peer_last_contact_seconds", Double(v.sinceContactNanoseconds) / 1e9, [("peer", peer.name)])
         }
-        let bytes = transport.recordBytes
-        let failures = transport.handshakeFailures
-        let timeouts = transport.peerTimeouts
-        let (dRaw, dSent, dFail, dTimeouts) = seen.withLock { seen -> (Int, Int, [HandshakeFailure: Int], [SiteID: Int]) in
+        // The totals are read under the same lock as what was last seen: two scrapes at
+        // once must not each read, then store in the other order (what was seen would go
+        // back, and the next scrape count the difference twice).
+        let (dRaw, dSent, dFail, dTimeouts, timeouts) = seen.withLock { seen -> (Int, Int, [HandshakeFailure: Int], [SiteID: Int], [SiteID: Int]) in
+            let bytes = transport.recordBytes
+            let failures = transport.handshakeFailures
+            let timeouts = transport.peerTimeouts
             var d: [HandshakeFailure: Int] = [:]
             for (k, v) in failures where v > seen.failures[k, default: 0] { d[k] = v - seen.failures[k, default: 0] }
             var t: [SiteID: Int] = [:]
             for (k, v) in timeouts where v > seen.timeouts[k, default: 0] { t[k] = v - seen.timeouts[k, default: 0] }
-            let out = (max(0, bytes.recordBytesRaw - seen.raw), max(0, bytes.recordBytesSent - seen.sent), d, t)
+            let out = (max(0, bytes.recordBytesRaw - seen.raw), max(0, bytes.recordBytesSent - seen.sent), d, t, timeouts)
             seen = (bytes.recordBytesRaw, bytes.recordBytesSent, failures, timeouts)
             return out
         }

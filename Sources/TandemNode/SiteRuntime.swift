@@ -229,7 +229,10 @@ public final class SiteRuntime: @unchecked Sendable {
     // Forwarded calls this site waits on (any thread; guarded by `forwardLock`).
     private let forwardLock = NSLock()
     private var pendingForwards: [UInt64: (peer: SiteID, deadline: UInt64, resume: @Sendable (Result<ForwardedAnswer, ForwardError>) -> Void)] = [:]
-    private var nextForwardID: UInt64 = 0
+    /// Starts at a random point, not at zero: an answer the primary sends for a call of
+    /// this site's previous run (it restarted and reconnected meanwhile) must not match a
+    /// new call that reused its id, which would hand one client another's answer.
+    private var nextForwardID = UInt64.random(in: 0..<(UInt64.max / 2))
     private var forwardedInFlight = 0
     /// Set when the loop has ended: no new forward may wait for an answer that no one expires.
     private var forwardsClosed = false
@@ -479,7 +482,8 @@ public final class SiteRuntime: @unchecked Sendable {
             let transport = self.transport
             guard admitted, let handler else {
                 let body = Array(#"{"error":{"code":"overloaded","message":"too many forwarded calls in progress"}}"#.utf8)
-                transport.send(.response(id: id, answer: ForwardedAnswer(status: 503, headers: [], body: body)), to: peer)
+                let headers = [ForwardedHeader(name: "Content-Type", value: "application/json"), ForwardedHeader(name: "Retry-After", value: "1")]
+                transport.send(.response(id: id, answer: ForwardedAnswer(status: 503, headers: headers, body: body)), to: peer)
                 return
             }
             handler(peer, call) { [weak self] answer in

@@ -192,29 +192,42 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 if clientOpen { finish(tls, buffer: &up) }
                 return
             }
-            // Wait for whichever side can move.
-            var fds = [pollfd(fd: tls.fd, events: Int16(POLLIN) | (tlsWantsWrite || downLen > downOff ? Int16(POLLOUT) : 0), revents: 0),
+            // Wait for whichever side can move. The client's input is waited for only while
+            // there is room for it: with the buffer still full (a backend not reading, as
+            // behind a slow call), a client that keeps sending would make poll return at
+            // once, and this thread would spin. A TLS write that needs a read first
+            // (`tlsWantsWrite` false with bytes to send) waits for input too.
+            let wantsInput = (clientOpen && upLen == upOff) || (downLen > downOff && !tlsWantsWrite)
+            var fds = [pollfd(fd: tls.fd, events: (wantsInput ? Int16(POLLIN) : 0) | (tlsWantsWrite || downLen > downOff ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: backend, events: (backendOpen && downLen == downOff ? Int16(POLLIN) : 0) | (upLen > upOff ? Int16(POLLOUT) : 0),
                               revents: 0)]
-            if SSL_pending(tls.ssl) > 0 { continue }
+            if SSL_pending(tls.ssl) > 0 && clientOpen && upLen == upOff { continue }
             _ = poll(&fds, 2, 1_000)
             if !clientOpen && upLen == upOff && !backendOpen { return }
         }
-        // The client closed: let the backend's last answer out.
+        // The client closed: let the backend's last answer out, while it moves (a client
+        // that closed its side and never reads would otherwise hold this connection's
+        // slot for good).
+        lastActivity = monotonicNanoseconds()
         while downLen > downOff || backendOpen {
+            guard monotonicNanoseconds() - lastActivity <= idleTimeoutNanoseconds else { return }
             if downLen == downOff {
                 downLen = 0; downOff = 0
                 var p = pollfd(fd: backend, events: Int16(POLLIN), revents: 0)
                 _ = poll(&p, 1, 1_000)
                 let n = down.withUnsafeMutableBytes { Glibc.read(backend, $0.baseAddress!, size) }
-                if n > 0 { downLen = n } else if n == 0 || (errno != EAGAIN && errno != EINTR) { return }
+                if n > 0 { downLen = n; lastActivity = monotonicNanoseconds() } else if n == 0 || (errno != EAGAIN && errno != EINTR) { return }
                 continue
             }
             let r = down.withUnsafeBytes { tls.write(UnsafeRawBufferPointer(rebasing: $0[downOff..<downLen])) }
             switch r {
-            case let .done(n): downOff += n
+            case let .done(n):
+                downOff += n
+                lastActivity = monotonicNanoseconds()
             case .wouldBlock:
-                var p = pollfd(fd: tls.fd, events: Int16(POLLOUT) | Int16(POLLIN), revents: 0)
+                // Output only: the client's side is at its end, which poll reports as
+                // readable at once.
+                var p = pollfd(fd: tls.fd, events: Int16(POLLOUT), revents: 0)
                 _ = poll(&p, 1, 1_000)
             case .closed: return
             }

@@ -48,6 +48,7 @@ final class APICluster: @unchecked Sendable {
     static let writer = "tdm_writer-token", reader = "tdm_reader-token", admin = "tdm_admin-token"
     var waitForPrimaryMilliseconds: UInt32 = 6_000
     var maxCallsInFlight = 512
+    var bodyIdleMilliseconds: UInt32 = 30_000
 
     init() throws {
         c = try TestCluster()
@@ -74,6 +75,7 @@ final class APICluster: @unchecked Sendable {
         settings.maxBodyBytes = 4 << 20
         settings.maxDocumentBytes = 2 << 20
         settings.maxCallsInFlight = maxCallsInFlight
+        settings.bodyIdleMilliseconds = bodyIdleMilliseconds
         let api = DataAPI(runtime: runtime, settings: settings, tokens: try tokenStore())
         let port = try http[id] ?? Int(Transport.freeLoopbackPort())
         http[id] = port
@@ -145,6 +147,21 @@ struct DataAPITests {
             #expect(q.status == 200, "linearizable read on \(id): \(String(decoding: q.body, as: UTF8.self))")
             #expect((q.json["rows"] as? [[Any]])?.first?.first as? Int == 1, "linearizable read on \(id) sees the write")
         }
+
+        // A forwarded write whose answer cannot travel between sites (over 30 MiB once in
+        // JSON) committed: it must say so, never "refused", or its client sends it again.
+        let big = ["sql": "SELECT zeroblob(12000000), zeroblob(12000000)"]
+        let large = try await http("POST", a.url(replicas[0], "/v1/execute"), token: APICluster.writer, json: [
+            "statements": [["sql": "INSERT INTO patients (reference) VALUES (?)", "params": ["PAT-BIG"]], big],
+        ])
+        #expect(large.status == 200, "\(String(decoding: large.body.prefix(300), as: UTF8.self))")
+        #expect(large.json["committed"] as? Bool == true && large.header("Tandem-LSN") != nil)
+        let once = try await http("POST", a.url(primary, "/v1/query"), token: APICluster.reader,
+                                  json: ["sql": "SELECT count(*) FROM patients WHERE reference = 'PAT-BIG'"])
+        #expect((once.json["rows"] as? [[Any]])?.first?.first as? Int == 1)
+        // A read that large was not carried out as far as its client knows: 413.
+        let read = try await http("POST", a.url(replicas[0], "/v1/query"), token: APICluster.reader, json: big)
+        #expect(read.status == 413 && read.errorCode == "too_large", "\(String(decoding: read.body.prefix(300), as: UTF8.self))")
     }
 
     @Test("appointments: book (409 on an overlapping slot), list by practitioner and day or by patient, cancel, reschedule; documents up and down with their sha256")

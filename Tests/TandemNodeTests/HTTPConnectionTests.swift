@@ -152,6 +152,45 @@ struct HTTPConnectionTests {
         #expect(hw.status == 200 && hw.body.contains("\"lsn\""), "answered after the client's half-close: \(hw.body)")
     }
 
+    @Test("a call whose body stalls is answered 408 and closed, and gives its slot back")
+    func stalledBody() async throws {
+        let a = try APICluster()
+        a.maxCallsInFlight = 2
+        a.bodyIdleMilliseconds = 500
+        defer { a.stopAll() }
+        try await a.startAll()
+        let primary = try await a.ready()
+        let port = a.http[primary]!
+        // Every slot taken by a client that sent part of its body and then nothing.
+        let stalled = try (0..<2).map { _ in try RawHTTPConnection(port: port) }
+        for c in stalled {
+            c.send("POST /v1/execute HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \(APICluster.writer)\r\nContent-Length: 100\r\n\r\n{\"statements\"")
+        }
+        try await Task.sleep(for: .milliseconds(100))
+        let refused = try RawHTTPConnection(port: port)
+        refused.send(request("POST", "/v1/execute", body: Self.insert))
+        #expect((await off { refused.answer() })?.status == 503, "the two stalled calls hold both slots")
+        for c in stalled {
+            let s = try #require((await off { c.answer() }))
+            #expect(s.status == 408 && s.body.contains("request_timeout"), "\(s.body)")
+            #expect(await off { c.isClosedByServer() })
+        }
+        let c = try RawHTTPConnection(port: port)
+        c.send(request("POST", "/v1/execute", body: Self.insert))
+        let w = try #require((await off { c.answer() }))
+        #expect(w.status == 200, "the stalled calls gave their slots back: \(w.body)")
+        // A body that keeps coming, slowly, is not cut off: each byte restarts the wait.
+        let slow = try RawHTTPConnection(port: port)
+        let body = Array(Self.insert.replacingOccurrences(of: "PAT-PIPE", with: "PAT-SLOW").utf8)
+        slow.send("POST /v1/execute HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \(APICluster.writer)\r\nContent-Length: \(body.count)\r\n\r\n")
+        for piece in stride(from: 0, to: body.count, by: body.count / 4 + 1) {
+            try await Task.sleep(for: .milliseconds(300))
+            slow.send(Array(body[piece..<min(body.count, piece + body.count / 4 + 1)]))
+        }
+        let answer = await off { slow.answer() }
+        #expect(answer?.status == 200, "\(String(describing: answer))")
+    }
+
     @Test("a body over the limit is refused with 413 before it is read (stated or chunked), the connection closes, and the call's slot is given back")
     func refusedBodies() async throws {
         let a = try APICluster()

@@ -116,6 +116,23 @@ struct JSONTests {
         }
     }
 
+    @Test("a body of ten million values is refused while it is read, naming the limit")
+    func tooManyValues() {
+        let text = "{\"statements\":[{\"sql\":\"x\",\"params\":[" + String(repeating: "0,", count: 10_000_000) + "0]}]}"
+        #expect {
+            _ = try JSONValue.parse(Array(text.utf8))
+        } throws: { error in
+            (error as? APIError).map { $0.code == "malformed_json" && $0.message.contains("more than 262144 values") } ?? false
+        }
+    }
+
+    @Test("the largest batch the store takes (256 statements of 999 parameters) is within the reader's value limit")
+    func largestBatchFits() throws {
+        let statement = "{\"sql\":\"INSERT INTO kv VALUES (?)\",\"params\":[" + Array(repeating: "1", count: 999).joined(separator: ",") + "]}"
+        let body = "{\"statements\":[" + Array(repeating: statement, count: 256).joined(separator: ",") + "]}"
+        _ = try JSONValue.parse(Array(body.utf8))
+    }
+
     @Test("invalid UTF-8 inside a string is refused")
     func invalidUTF8() {
         #expect(throws: APIError.self) { _ = try JSONValue.parse([0x22, 0xC3, 0x28, 0x22]) }
