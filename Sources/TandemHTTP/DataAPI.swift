@@ -93,6 +93,9 @@ public struct DataAPISettings: Sendable {
     /// A data call whose body sends no bytes for this long is answered 408 and its
     /// connection closed, giving back its call slot and reserved bytes.
     public var bodyIdleMilliseconds: UInt32 = 30_000
+    /// Largest answer body a forwarded call may send back (at most 30 MiB, under the
+    /// 32 MiB frame); tests lower it.
+    public var maxForwardedAnswerBytes = 30 << 20
 
     public init(site: SiteID) { self.site = site }
 }
@@ -125,8 +128,9 @@ public final class DataAPI: Sendable {
             self.handle(call, scope: scope, forwardedFrom: peer, answerOn: { $0() }) { answer in
                 // The answer travels in one frame: one too large is replaced rather than sent
                 // as a frame the peer would refuse (closing the replication link).
-                if answer.body.count > Self.maxForwardedAnswerBytes {
-                    return reply(Self.tooLargeToForward(answer, writeRoute: (try? Route(call))?.isWrite ?? true))
+                let limit = min(self.settings.maxForwardedAnswerBytes, Self.maxForwardedAnswerBytes)
+                if answer.body.count > limit {
+                    return reply(Self.tooLargeToForward(answer, limit: limit, writeRoute: (try? Route(call))?.isWrite ?? true))
                 }
                 reply(answer)
             }
@@ -141,8 +145,8 @@ public final class DataAPI: Sendable {
     /// keeps its status and headers (`Tandem-LSN`), and its body says the write committed
     /// and its rows were left out. Anything else was not carried out as far as the
     /// client is concerned (a read): 413, ask the primary or narrow it.
-    static func tooLargeToForward(_ answer: ForwardedAnswer, writeRoute: Bool) -> ForwardedAnswer {
-        let why = "the answer has \(answer.body.count) bytes, more than \(maxForwardedAnswerBytes) can be forwarded between sites"
+    static func tooLargeToForward(_ answer: ForwardedAnswer, limit: Int, writeRoute: Bool) -> ForwardedAnswer {
+        let why = "the answer has \(answer.body.count) bytes, more than \(limit) can be forwarded between sites"
         guard writeRoute, (200..<300).contains(answer.status) else {
             return APIError(status: 413, code: "too_large", message: why + "; ask the primary directly or narrow the query").answer
         }

@@ -289,6 +289,9 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             r.held = 0
         }
         reading = r
+        // Begun outside a read (it waited behind an answer): no read completion follows
+        // to start its stall timer, so it starts here.
+        if !inRead { armBodyTimer(context: context) }
     }
 
     /// (Re)starts the stalled-body timer of the call being read.

@@ -206,6 +206,11 @@ public final class SiteRuntime: @unchecked Sendable {
     private var snapshotReceiveStarted: Instant = 0
     private var sendingSnapshot: Set<SiteID> = []
     private var snapshotInProgress = false
+    /// Set by `failStop` (loop thread): nothing more of the inputs at hand is carried out.
+    private var stoppedByFailure = false
+    /// Snapshots installed from peers so far: a local snapshot started before one of them
+    /// is discarded when it is done.
+    private var snapshotsInstalled = 0
     /// The no-op of a new primary whose log tail the database does not reflect yet.
     private var primaryCatchUp: [LogRecord]?
     /// Reads waiting until this site's visible state reaches their `minLSN`.
@@ -258,7 +263,7 @@ public final class SiteRuntime: @unchecked Sendable {
         case event(CoreEvent)
         case snapshotSent(SiteID)
         case retryAppend(UInt64, [LogRecord])
-        case snapshotTaken(Result<SiteStorage.PreparedSnapshot, SnapshotFailure>)
+        case snapshotTaken(installs: Int, Result<SiteStorage.PreparedSnapshot, SnapshotFailure>)
         case read(ReadRequest, @Sendable (Result<QueryResult, ReadError>) -> Void)
         case withStore(@Sendable (StateStore?) -> Void)
     }
@@ -561,6 +566,12 @@ public final class SiteRuntime: @unchecked Sendable {
             guard more else { break }
             var i = 0
             while i < batch.count {
+                if stoppedByFailure {
+                    // Stopped midway (a storage error): the rest is refused, not carried out
+                    // on storage no longer trusted.
+                    for input in batch[i...] { Self.refuse(input) }
+                    break
+                }
                 // Writes that arrived together are executed one after the other and proposed
                 // as one group: one log append and one message per peer for all of them.
                 var writes: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)] = []
@@ -655,7 +666,7 @@ public final class SiteRuntime: @unchecked Sendable {
             blockedAppends.insert((id, records), at: 0)
             retryBlockedAppends()
             drainStorageQueue()  // an append may have completed on this thread
-        case let .snapshotTaken(result): snapshotTaken(result)
+        case let .snapshotTaken(installs, result): snapshotTaken(result, installsWhenStarted: installs)
         case let .read(request, resume): read(request, resume)
         case let .withStore(body): body(storage.store)
         }
@@ -664,6 +675,7 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Stops the site after a storage error: no more input is trusted until a restart
     /// recovers from disk. Peers see the connection close.
     private func failStop() {
+        stoppedByFailure = true
         cond.withLock {
             running = false
             statusCache.failed = true
@@ -1147,6 +1159,7 @@ public final class SiteRuntime: @unchecked Sendable {
                                databaseBytes: storage.store.databaseFileBytes,
                                logFraction: settings.snapshotLogFraction) else { return }
         snapshotInProgress = true
+        let installs = snapshotsInstalled
         let source = storage.store.snapshotSource
         let path = storage.snapshotPath
         snapshotStarted = Self.clock()
@@ -1155,7 +1168,7 @@ public final class SiteRuntime: @unchecked Sendable {
             // Written beside its place; the loop puts it there (`snapshotTaken`), so that a
             // snapshot installed from a peer meanwhile is never replaced by this older one.
             let result = Result { try SiteStorage.prepareSnapshot(source, for: path) }
-            self?.enqueue(.snapshotTaken(result.mapError { SnapshotFailure(message: "\($0)") }))
+            self?.enqueue(.snapshotTaken(installs: installs, result.mapError { SnapshotFailure(message: "\($0)") }))
         }.start()
     }
 
@@ -1168,8 +1181,16 @@ public final class SiteRuntime: @unchecked Sendable {
         return Double(max(0, loggedBytes)) >= logFraction * Double(max(0, databaseBytes))
     }
 
-    private func snapshotTaken(_ result: Result<SiteStorage.PreparedSnapshot, SnapshotFailure>) {
+    private func snapshotTaken(_ result: Result<SiteStorage.PreparedSnapshot, SnapshotFailure>, installsWhenStarted: Int) {
         snapshotInProgress = false
+        guard installsWhenStarted == snapshotsInstalled else {
+            // A snapshot from a peer was installed while this one was taken: this one holds
+            // the history before it (another one, if this site had diverged), and must
+            // neither replace it nor decide what of the new log is removed.
+            if case let .success(prepared) = result, let scratch = prepared.scratch { try? FileManager.default.removeItem(atPath: scratch) }
+            settings.log("event=snapshot_discarded site=\(settings.site) reason=\"a snapshot was installed meanwhile\"")
+            return
+        }
         let placed = result.flatMap { prepared in
             Result { try SiteStorage.placeSnapshot(prepared, at: storage.snapshotPath) }.mapError { SnapshotFailure(message: "\($0)") }
         }
@@ -1282,6 +1303,7 @@ public final class SiteRuntime: @unchecked Sendable {
             let transferMs = Self.milliseconds(since: snapshotReceiveStarted)
             let installStarted = Self.clock()
             try storage.installSnapshot(from: rx.path) { _, _ in }
+            snapshotsInstalled += 1
             try? FileManager.default.removeItem(atPath: rx.path)
             // Appends that waited for room in the log's queue hold records the reset log no
             // longer takes (at or below the snapshot's LSN, or above it from the log the

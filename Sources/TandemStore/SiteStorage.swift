@@ -248,7 +248,7 @@ public final class SiteStorage: @unchecked Sendable {
     public struct PreparedSnapshot: Sendable {
         public let info: SnapshotInfo
         /// The file to rename into place; nil when the snapshot in place is already as new.
-        let scratch: String?
+        public let scratch: String?
     }
 
     /// Writes a snapshot of `source` (captured on the owner's thread) to a scratch file
@@ -297,7 +297,10 @@ public final class SiteStorage: @unchecked Sendable {
         try Durable.makeDirectory(snapshotDirectory)
         let generation = try StateStore.prepareGeneration(fromSnapshot: path, directory: stateDirectory, clusterID: clusterID, progress: progress)
         try crashPointInInstall?("verified")
-        try Durable.writeFile(Array("\(info.lsn)\n".utf8), to: installIntentPath)
+        // The snapshot's LSN and term: a local snapshot at the same LSN from another
+        // history (a diverged site) is not the one being installed.
+        installInterrupted = true
+        try Durable.writeFile(Array("\(info.lsn) \(info.term)\n".utf8), to: installIntentPath)
         try crashPointInInstall?("intent written")
         if path != snapshotPath {
             // Kept as the local snapshot: an interrupted install restarts from it.
@@ -317,23 +320,35 @@ public final class SiteStorage: @unchecked Sendable {
         try crashPointInInstall?("log reset")
         try Durable.unlink(installIntentPath)
         try Durable.syncDirectory(snapshotDirectory)
+        installInterrupted = false
     }
 
     /// Tests only: called after each step of `installSnapshot` (and of its log reset);
     /// throwing stops the install there, as a crash would.
     var crashPointInInstall: ((String) throws -> Void)?
 
-    /// Whether a snapshot install was started and not finished: only `open` may go on.
-    public var installInterrupted: Bool { FileManager.default.fileExists(atPath: installIntentPath) }
+    /// Whether an install got past its intent and then failed: the database and the log
+    /// may no longer agree with what the caller knows of them; only a restart (whose
+    /// `open` finishes the install) may go on.
+    public private(set) var installInterrupted = false
 
     /// Finishes an install that a crash interrupted, or abandons one that had not yet put
     /// its snapshot in place (the intent is written first): the database and the log were
     /// then still untouched.
     private func finishInstall() throws {
-        let intended = (try? String(contentsOfFile: installIntentPath, encoding: .utf8))
-            .flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-        let local = try? SnapshotFormat.readHeader(path: snapshotPath).info
-        guard let info = local, let intended, info.lsn == LSN(intended) else {
+        let text = try String(contentsOfFile: installIntentPath, encoding: .utf8)
+        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" }).map { UInt64($0) }
+        guard let first = fields.first, let lsnValue = first else {
+            throw StoreError.io("\(installIntentPath): unreadable install intent \"\(text)\"")
+        }
+        // An intent written before terms were recorded names the LSN alone.
+        let term: Term? = fields.count > 1 ? fields[1].map { Term($0) } : nil
+        // A local snapshot that is missing, or names another LSN or term, is not the one
+        // being installed: the crash came before it was put in place. Any other failure to
+        // read it is the disk's, and stops the open rather than guessing.
+        let present = FileManager.default.fileExists(atPath: snapshotPath)
+        let local = present ? try SnapshotFormat.readHeader(path: snapshotPath).info : nil
+        guard let info = local, info.lsn == LSN(lsnValue), term == nil || info.term == term else {
             openReport.append("abandoning a snapshot install that had not put its snapshot in place")
             try Durable.unlink(installIntentPath)
             try Durable.syncDirectory(snapshotDirectory)
@@ -342,7 +357,9 @@ public final class SiteStorage: @unchecked Sendable {
         }
         openReport.append("finishing an interrupted snapshot install")
         let undo = try store.undoDepth()
-        if store.appliedLSN != info.lsn || undo != 0 {
+        // The same LSN and term is the same committed history (log matching); the same
+        // LSN in another term is a diverged database, installed over.
+        if store.appliedLSN != info.lsn || store.appliedTerm != info.term || undo != 0 {
             store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID, limits: limits)
         }
         try log.reset(after: info.lsn, term: info.term)

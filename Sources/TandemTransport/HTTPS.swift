@@ -145,7 +145,9 @@ public final class HTTPSTerminator: @unchecked Sendable {
         var up = [UInt8](repeating: 0, count: size), upLen = 0, upOff = 0  // client → backend
         var down = [UInt8](repeating: 0, count: size), downLen = 0, downOff = 0  // backend → client
         var clientOpen = true, backendOpen = true
-        var tlsWantsWrite = false
+        // What the last TLS read or write waits for, when it could not go on: a read may
+        // need the socket writable, a write readable (TLS 1.3 post-handshake messages).
+        var readWantsOutput = false, writeWantsInput = false
         var lastActivity = monotonicNanoseconds()
         var moved = 0, seen = 0  // bytes moved either way, and at the last look
         while clientOpen || upLen > upOff {
@@ -161,8 +163,8 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 upLen = 0; upOff = 0
                 let r = up.withUnsafeMutableBytes { tls.read(into: $0) }
                 switch r {
-                case let .done(n): upLen = n; moved += n
-                case let .wouldBlock(readable): tlsWantsWrite = !readable
+                case let .done(n): upLen = n; moved += n; readWantsOutput = false
+                case let .wouldBlock(readable): readWantsOutput = !readable
                 case .closed: clientOpen = false
                 }
             }
@@ -183,8 +185,8 @@ public final class HTTPSTerminator: @unchecked Sendable {
             if downLen > downOff {
                 let r = down.withUnsafeBytes { tls.write(UnsafeRawBufferPointer(rebasing: $0[downOff..<downLen])) }
                 switch r {
-                case let .done(n): downOff += n
-                case let .wouldBlock(readable): tlsWantsWrite = !readable
+                case let .done(n): downOff += n; writeWantsInput = false
+                case let .wouldBlock(readable): writeWantsInput = readable
                 case .closed: return
                 }
             } else if !backendOpen {
@@ -192,13 +194,15 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 if clientOpen { finish(tls, buffer: &up) }
                 return
             }
-            // Wait for whichever side can move. The client's input is waited for only while
-            // there is room for it: with the buffer still full (a backend not reading, as
-            // behind a slow call), a client that keeps sending would make poll return at
-            // once, and this thread would spin. A TLS write that needs a read first
-            // (`tlsWantsWrite` false with bytes to send) waits for input too.
-            let wantsInput = (clientOpen && upLen == upOff) || (downLen > downOff && !tlsWantsWrite)
-            var fds = [pollfd(fd: tls.fd, events: (wantsInput ? Int16(POLLIN) : 0) | (tlsWantsWrite || downLen > downOff ? Int16(POLLOUT) : 0), revents: 0),
+            // Wait for whichever side can move. The client's side is waited on only for what
+            // a blocked TLS call needs: reading, only while there is room for what it reads
+            // (with the buffer full, as behind a backend that does not read, a client that
+            // keeps sending would make poll return at once and this thread spin); writing,
+            // only with bytes to write.
+            let reading = clientOpen && upLen == upOff, writing = downLen > downOff
+            let wantsInput = (reading && !readWantsOutput) || (writing && writeWantsInput)
+            let wantsOutput = (reading && readWantsOutput) || (writing && !writeWantsInput)
+            var fds = [pollfd(fd: tls.fd, events: (wantsInput ? Int16(POLLIN) : 0) | (wantsOutput ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: backend, events: (backendOpen && downLen == downOff ? Int16(POLLIN) : 0) | (upLen > upOff ? Int16(POLLOUT) : 0),
                               revents: 0)]
             if SSL_pending(tls.ssl) > 0 && clientOpen && upLen == upOff { continue }

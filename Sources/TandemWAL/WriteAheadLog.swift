@@ -1044,15 +1044,19 @@ public final class WriteAheadLog: @unchecked Sendable {
                 // crash then leaves a shorter log that still reads (the install that called
                 // this resets it again), never a reset segment followed by a stale one,
                 // which recovery would have to call a gap.
-                for s in old.reversed() where s.firstLSN > lsn.next {
+                // The first segment stays (moved aside below when it too starts after the
+                // point): a crash must never leave no segment at all.
+                for s in old.dropFirst().reversed() where s.firstLSN > lsn.next {
                     try Durable.unlink(s.path)
                     try Durable.syncDirectory(tmpDir)
                     try crashPointInReset?("removed \(s.name)")
                 }
-                old.removeAll { $0.firstLSN > lsn.next }
-                if old.contains(where: { $0.firstLSN == lsn.next }) {
-                    // Same file name: move the old one aside first (recovery ignores it).
-                    for s in old where s.firstLSN == lsn.next { try Durable.rename(s.path, to: s.path + ".obsolete") }
+                old = Array(old.prefix(1)) + old.dropFirst().filter { $0.firstLSN <= lsn.next }
+                if old.contains(where: { $0.firstLSN >= lsn.next }) {
+                    // The same file name as the reset segment, or (restoring an older
+                    // snapshot) a first segment that starts after it: moved aside first.
+                    // Without a reset segment after it, recovery puts it back.
+                    for s in old where s.firstLSN >= lsn.next { try Durable.rename(s.path, to: s.path + ".obsolete") }
                     try Durable.syncDirectory(tmpDir)
                     try crashPointInReset?("moved the namesake aside")
                 }

@@ -156,7 +156,7 @@ struct HTTPConnectionTests {
     func stalledBody() async throws {
         let a = try APICluster()
         a.maxCallsInFlight = 2
-        a.bodyIdleMilliseconds = 500
+        a.bodyIdleMilliseconds = 1_500
         defer { a.stopAll() }
         try await a.startAll()
         let primary = try await a.ready()
@@ -179,12 +179,20 @@ struct HTTPConnectionTests {
         c.send(request("POST", "/v1/execute", body: Self.insert))
         let w = try #require((await off { c.answer() }))
         #expect(w.status == 200, "the stalled calls gave their slots back: \(w.body)")
+        // A call that stalls behind one answered first (pipelined in the same packet): it
+        // begins when that answer is out, outside any read, and is still timed.
+        let behind = try RawHTTPConnection(port: port)
+        behind.send(request("POST", "/v1/query", token: APICluster.reader, body: #"{"sql":"SELECT 1"}"#)
+                    + "POST /v1/execute HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \(APICluster.writer)\r\nContent-Length: 100\r\n\r\n{")
+        #expect((await off { behind.answer() })?.status == 200)
+        let late = await off { behind.answer() }
+        #expect(late?.status == 408, "\(String(describing: late))")
         // A body that keeps coming, slowly, is not cut off: each byte restarts the wait.
         let slow = try RawHTTPConnection(port: port)
         let body = Array(Self.insert.replacingOccurrences(of: "PAT-PIPE", with: "PAT-SLOW").utf8)
         slow.send("POST /v1/execute HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \(APICluster.writer)\r\nContent-Length: \(body.count)\r\n\r\n")
         for piece in stride(from: 0, to: body.count, by: body.count / 4 + 1) {
-            try await Task.sleep(for: .milliseconds(300))
+            try await Task.sleep(for: .milliseconds(200))
             slow.send(Array(body[piece..<min(body.count, piece + body.count / 4 + 1)]))
         }
         let answer = await off { slow.answer() }

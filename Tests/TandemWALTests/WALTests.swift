@@ -450,16 +450,22 @@ struct WALTests {
     @Test("a crash at any step of a reset leaves a log that opens, and the reset done again completes")
     func crashDuringReset() async throws {
         struct Crash: Error {}
-        // A reset point inside the log, and one where a segment starts (its namesake).
-        for namesake in [false, true] {
+        // A reset point inside the log, one where a segment starts (its namesake), and one
+        // before the log's first record (a restored older snapshot).
+        for mode in ["inside", "namesake", "older"] {
             var step = 0
             while true {
                 let dir = TempDir(); defer { dir.cleanup() }
                 let log = try WriteAheadLog.create(directory: dir.path, clusterID: testCluster, options: smallOptions())
-                for b in 0..<60 { try await log.append((1...10).map { record(UInt64(b * 10 + $0), size: 200) }) }
+                for b in 0..<100 { try await log.append((1...10).map { record(UInt64(b * 10 + $0), size: 200) }) }
                 let starts = try WriteAheadLog.segmentNames(in: dir.path).compactMap { WALFormat.parseSegmentFileName($0) }.sorted()
-                #expect(starts.count >= 3, "the test needs segments after the reset point")
-                let at = namesake ? starts[1].previous : LSN(starts[1].rawValue + 5)
+                #expect(starts.count >= 4, "the test needs segments after the reset point")
+                var at = mode == "namesake" ? starts[1].previous : LSN(starts[1].rawValue + 5)
+                if mode == "older" {
+                    _ = try log.removePrefix(through: starts[2].previous, retention: .removeAllCovered)
+                    #expect(log.firstLSN == starts[2] && log.segmentCount >= 2)
+                    at = LSN(starts[1].rawValue + 3)
+                }
                 var calls = 0
                 log.crashPointInReset = { _ in
                     calls += 1
