@@ -223,8 +223,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 break
             }
             passing = nil
-            bodyTimer?.cancel()
-            bodyTimer = nil
+            cancelBodyTimer()
             guard let r = reading else { return false }
             reading = nil
             if let refusal = r.refusal {
@@ -304,6 +303,11 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    private func cancelBodyTimer() {
+        bodyTimer?.cancel()
+        bodyTimer = nil
+    }
+
     private func bodyStalled(context: ChannelHandlerContext) {
         bodyTimer = nil
         guard let r = reading, !closed else { return }
@@ -351,10 +355,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Writes an answer, gives the call's slot and bytes back, and takes what waits.
     private func answer(_ a: ForwardedAnswer, releasing r: Reading, context: ChannelHandlerContext) {
         if r.admitted { api.releaseCall(bytes: r.held) }
-        if reading == nil {
-            bodyTimer?.cancel()
-            bodyTimer = nil
-        }
+        if reading == nil { cancelBodyTimer() }
         answering = false
         guard !closed else { return }
         var fields = HTTPFields()
@@ -433,8 +434,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
-        bodyTimer?.cancel()
-        bodyTimer = nil
+        cancelBodyTimer()
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         waiting.removeAll()
@@ -465,8 +465,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func closeNow(context: ChannelHandlerContext) {
-        bodyTimer?.cancel()
-        bodyTimer = nil
+        cancelBodyTimer()
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         closed = true

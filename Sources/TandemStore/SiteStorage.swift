@@ -318,14 +318,18 @@ public final class SiteStorage: @unchecked Sendable {
         defer { log.crashPointInReset = nil }
         try log.reset(after: info.lsn, term: info.term)
         try crashPointInInstall?("log reset")
-        try Durable.unlink(installIntentPath)
-        try Durable.syncDirectory(snapshotDirectory)
+        try removeInstallIntent()
         installInterrupted = false
     }
 
     /// Tests only: called after each step of `installSnapshot` (and of its log reset);
     /// throwing stops the install there, as a crash would.
     var crashPointInInstall: ((String) throws -> Void)?
+
+    private func removeInstallIntent() throws {
+        try Durable.unlink(installIntentPath)
+        try Durable.syncDirectory(snapshotDirectory)
+    }
 
     /// Whether an install got past its intent and then failed: the database and the log
     /// may no longer agree with what the caller knows of them; only a restart (whose
@@ -350,8 +354,7 @@ public final class SiteStorage: @unchecked Sendable {
         let local = present ? try SnapshotFormat.readHeader(path: snapshotPath).info : nil
         guard let info = local, info.lsn == LSN(lsnValue), term == nil || info.term == term else {
             openReport.append("abandoning a snapshot install that had not put its snapshot in place")
-            try Durable.unlink(installIntentPath)
-            try Durable.syncDirectory(snapshotDirectory)
+            try removeInstallIntent()
             try reconcile()
             return
         }
@@ -363,8 +366,7 @@ public final class SiteStorage: @unchecked Sendable {
             store = try StateStore.installSnapshot(from: snapshotPath, directory: stateDirectory, clusterID: clusterID, limits: limits)
         }
         try log.reset(after: info.lsn, term: info.term)
-        try Durable.unlink(installIntentPath)
-        try Durable.syncDirectory(snapshotDirectory)
+        try removeInstallIntent()
     }
 }
 
