@@ -260,6 +260,9 @@ public final class PeerConnection: @unchecked Sendable {
     /// the caller can encode and compress the next one.
     static let directWriteLimit = 64 << 10
 
+    /// Frames the I/O thread starts writing before it reads again.
+    static let framesPerWriteRound = 16
+
     /// Queues a frame. False when the peer's queue is full (back-pressure: the message is
     /// dropped, the protocol sends what matters again) or the connection is closed.
     @discardableResult
@@ -354,10 +357,19 @@ public final class PeerConnection: @unchecked Sendable {
                     offset = 0
                 }
             }
-            // Write queued frames as long as the socket takes them.
+            // Write queued frames while the socket takes them, at most a few per round:
+            // a long backlog (a snapshot, a catch-up) must not keep the peer's
+            // acknowledgements unread while the receiver drains as fast as this side writes.
+            var framesStarted = 0
+            var writeCapped = false
             let writeFailure: String? = sslLock.withLock {
                 while !wantReadForWrite {
                     if offset >= current.count {
+                        if framesStarted >= Self.framesPerWriteRound {
+                            writeCapped = lock.withLock { !queue.isEmpty }
+                            return nil
+                        }
+                        framesStarted += 1
                         let next: [UInt8]? = lock.withLock {
                             guard !queue.isEmpty else { return nil }
                             let f = queue.removeFirst()
@@ -409,7 +421,8 @@ public final class PeerConnection: @unchecked Sendable {
                     return why
                 }
             }
-            if readProgress { continue }  // more to read: go round before sleeping
+            // More to read, or frames left behind by the write cap: go round before sleeping.
+            if readProgress || writeCapped { continue }
             // Checked after reading what was there: a process resumed after a pause must
             // not take its own silence for the peer's.
             var waitMilliseconds: Int32 = 1000

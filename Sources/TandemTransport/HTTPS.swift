@@ -26,6 +26,9 @@ public final class HTTPSTerminator: @unchecked Sendable {
     /// A connection with no bytes either way for this long is closed, so idle clients
     /// cannot hold every slot (health checks included).
     public var idleTimeoutNanoseconds: UInt64 = 60_000_000_000
+    /// The name of each connection's thread (at most 15 bytes on Linux), as `top -H` and
+    /// the tests that count a terminator's threads see it.
+    public var connectionThreadName = "https-client"
     private let lock = NSLock()
     // Guarded by `lock`.
     private var context: TLSContext
@@ -87,8 +90,9 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 Glibc.close(client)
                 continue
             }
+            let name = connectionThreadName
             let t = Thread { [self] in
-                nameCurrentThread("https-client")
+                nameCurrentThread(name)
                 defer { lock.withLock { active -= 1 } }
                 serve(client, ctx)
             }

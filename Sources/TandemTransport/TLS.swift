@@ -146,8 +146,9 @@ final class TLSStream: @unchecked Sendable {
                 // Without the host check any certificate of the cluster CA would pass as
                 // the dialed site: refuse to go on if it cannot be set.
                 guard SSL_set1_host(ssl, expectedPeer.name) == 1 else {
-                    SSL_free(ssl)
-                    Glibc.close(fd)
+                    // Every stored property is set, so deinit runs on this throw and
+                    // frees `ssl` and closes `fd`: freeing them here too would free twice.
+                    fatal = true
                     throw TransportError(.other, "cannot set the expected site name \(expectedPeer): \(openSSLErrors())")
                 }
                 _ = tandem_ssl_set_tlsext_host_name(ssl, expectedPeer.name)

@@ -30,7 +30,7 @@ struct HTTPSTerminatorTests {
 
     /// A terminator for site "a" in front of a backend whose accepted connections
     /// `backend` is given (on a thread of its own); and a connected, handshaken client.
-    static func setUp(idleTimeout: UInt64 = 60_000_000_000, backend: @escaping @Sendable (Int32) -> Void) throws -> (HTTPSTerminator, TLSStream) {
+    static func setUp(idleTimeout: UInt64 = 60_000_000_000, threadName: String, backend: @escaping @Sendable (Int32) -> Void) throws -> (HTTPSTerminator, TLSStream) {
         let backendPort = try Transport.freeLoopbackPort()
         let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: backendPort))
         Thread {
@@ -44,6 +44,8 @@ struct HTTPSTerminatorTests {
                                 context: try .httpsServer(files: TLSFiles(certificate: pki.path("a.pem"), privateKey: pki.path("a.key"),
                                                                           certificateAuthority: pki.path("ca.pem"))))
         t.idleTimeoutNanoseconds = idleTimeout
+        // A name of its own, so other suites' terminators in the same process are not counted.
+        t.connectionThreadName = threadName
         try t.start()
         let fd = try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: port), timeoutNanoseconds: 2_000_000_000)
         let client = try TLSStream(context: try .withoutCertificate(certificateAuthority: pki.path("ca.pem")), fd: fd, isServer: false,
@@ -54,7 +56,7 @@ struct HTTPSTerminatorTests {
 
     @Test("a client that keeps sending to a backend that reads nothing makes the terminator wait, not spin")
     func fullBufferDoesNotSpin() throws {
-        let (t, client) = try Self.setUp { fd in
+        let (t, client) = try Self.setUp(threadName: "tst-full-buf") { fd in
             // Holds the connection and reads nothing, as the API does behind a slow call.
             sleep(5)
             Glibc.close(fd)
@@ -82,17 +84,17 @@ struct HTTPSTerminatorTests {
             if let s = blockedSince, monotonicNanoseconds() - s > 500_000_000 { break }
         }
         #expect(sent > 64 << 10)
-        let before = Self.cpu(ofThreadsNamed: "https-client")
+        let before = Self.cpu(ofThreadsNamed: "tst-full-buf")
         #expect(before.threads == 1)
         usleep(1_000_000)
-        let after = Self.cpu(ofThreadsNamed: "https-client")
+        let after = Self.cpu(ofThreadsNamed: "tst-full-buf")
         // Spinning, the thread would take the whole second (100 ticks).
         #expect(after.ticks - before.ticks < 20, "the terminator used \(after.ticks - before.ticks) ticks in 1 s while nothing could move")
     }
 
     @Test("a client that closed its side and never reads is let go after the idle timeout, without spinning meanwhile")
     func closedClientIsLetGo() throws {
-        let (t, client) = try Self.setUp(idleTimeout: 1_000_000_000) { fd in
+        let (t, client) = try Self.setUp(idleTimeout: 1_000_000_000, threadName: "tst-closed") { fd in
             // An answer far larger than the buffers, then the connection held open.
             let chunk = [UInt8](repeating: 0x42, count: 64 << 10)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
@@ -105,14 +107,14 @@ struct HTTPSTerminatorTests {
         defer { t.stop(); client.close() }
         usleep(300_000)
         client.finishWriting()
-        let start = Self.cpu(ofThreadsNamed: "https-client")
+        let start = Self.cpu(ofThreadsNamed: "tst-closed")
         var gone = false
         for _ in 0..<40 where !gone {
             usleep(100_000)
-            gone = Self.cpu(ofThreadsNamed: "https-client").threads == 0
+            gone = Self.cpu(ofThreadsNamed: "tst-closed").threads == 0
         }
         #expect(gone, "the connection still holds its slot 4 s after it went idle with a 1 s timeout")
-        let end = Self.cpu(ofThreadsNamed: "https-client")
+        let end = Self.cpu(ofThreadsNamed: "tst-closed")
         #expect(gone || end.ticks - start.ticks < 100, "the terminator spun while the client read nothing")
     }
 }

@@ -541,6 +541,30 @@ struct ConnectionSetUpTests {
         }, ports)
     }
 
+    @Test("strangers holding every handshake slot open do not keep a site of the cluster out")
+    func strangersCannotHoldTheSlots() async throws {
+        let logs = Lines()
+        // Back-off 3 s: a's own redial cannot be what connects them within the test's second.
+        let (make, ports) = try pair(backoff: 3_000_000_000, logs: logs)
+        let a = try make("a"), b = try make("b")
+        try a.start()
+        defer { a.stop(); b.stop() }
+        // More idle TCP connections than a has handshake slots; each would hold its
+        // slot for the handshake timeout (5 s) sending nothing.
+        var strangers: [Int32] = []
+        defer { for fd in strangers { Glibc.close(fd) } }
+        for _ in 0..<(Transport.handshakeSlots + 8) {
+            strangers.append(try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: ports["a"]!), timeoutNanoseconds: 2_000_000_000))
+        }
+        try await Task.sleep(nanoseconds: 300_000_000)
+        let start = Date()
+        try b.start()
+        for _ in 0..<300 where a.connectedPeers.isEmpty || b.connectedPeers.isEmpty { try await Task.sleep(nanoseconds: 10_000_000) }
+        let connected = logs.times("b: event=peer_connected", after: start).min() ?? .distantFuture
+        #expect(connected.timeIntervalSince(start) < 1, "b reached a only after \(connected.timeIntervalSince(start)) s")
+        #expect(!logs.matching("event=handshake_cut").isEmpty, "no stranger's handshake was cut")
+    }
+
     @Test("a restarted site reaches a peer at once, whichever id sorts first, although the peer's reconnection back-off is 3 s")
     func restartedSiteDialsAtOnce() async throws {
         let logs = Lines()
