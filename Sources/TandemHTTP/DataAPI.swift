@@ -93,6 +93,9 @@ public struct DataAPISettings: Sendable {
     /// A data call whose body sends no bytes for this long is answered 408 and its
     /// connection closed, giving back its call slot and reserved bytes.
     public var bodyIdleMilliseconds: UInt32 = 30_000
+    /// A connection with no request under way and no byte from its client for this long
+    /// is closed (0: never), so clients that keep connections open and idle cannot pile up.
+    public var idleConnectionMilliseconds: UInt32 = 120_000
     /// Largest answer body a forwarded call may send back (at most 30 MiB, under the
     /// 32 MiB frame); tests lower it.
     public var maxForwardedAnswerBytes = 30 << 20

@@ -78,6 +78,11 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// shutdown, or a request of its own with Connection: close).
     private var routerCloses = false
     private var closed = false
+    /// Checks, every half idle time, whether the connection has been idle for the whole
+    /// idle time (no request under way, no byte read since): a client that keeps a
+    /// connection open and sends nothing more is let go.
+    private var idleCheck: RepeatedTask?
+    private var lastInput = NIODeadline.now()
     /// Fires when a data call's body stalls: a client that sent a head and then nothing
     /// (or whose network dropped the flow without a FIN) must not hold its call slot and
     /// the bytes it reserved for good.
@@ -102,7 +107,26 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     // MARK: Inbound
 
+    func handlerAdded(context: ChannelHandlerContext) {
+        let idle = TimeAmount.milliseconds(Int64(api.settings.idleConnectionMilliseconds))
+        guard idle > .zero else { return }
+        lastInput = .now()
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        idleCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: idle, delay: .nanoseconds(max(idle.nanoseconds / 2, 1))) { _ in
+            let (handler, context) = bound.value
+            handler.closeIfIdle(context: context, idle: idle)
+        }
+    }
+
+    private func closeIfIdle(context: ChannelHandlerContext, idle: TimeAmount) {
+        guard !closed, reading == nil, !answering, routerAnswersOwed == 0, waiting.isEmpty, passing == nil,
+              NIODeadline.now() - lastInput >= idle
+        else { return }
+        closeNow(context: context)
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        lastInput = .now()
         if lingering {
             if case let .body(chunk) = unwrapInboundIn(data) { lingeredBytes += chunk.readableBytes }
             if lingeredBytes > Self.lingerBytes { closeNow(context: context) }
@@ -308,6 +332,11 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         bodyTimer = nil
     }
 
+    private func cancelIdleCheck() {
+        idleCheck?.cancel()
+        idleCheck = nil
+    }
+
     private func bodyStalled(context: ChannelHandlerContext) {
         bodyTimer = nil
         guard let r = reading, !closed else { return }
@@ -435,6 +464,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
         cancelBodyTimer()
+        cancelIdleCheck()
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         waiting.removeAll()
@@ -460,12 +490,14 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        cancelIdleCheck()
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
     }
 
     private func closeNow(context: ChannelHandlerContext) {
         cancelBodyTimer()
+        cancelIdleCheck()
         if let r = reading, r.admitted { api.releaseCall(bytes: r.held) }
         reading = nil
         closed = true

@@ -49,6 +49,7 @@ final class APICluster: @unchecked Sendable {
     var waitForPrimaryMilliseconds: UInt32 = 6_000
     var maxCallsInFlight = 512
     var bodyIdleMilliseconds: UInt32 = 30_000
+    var idleConnectionMilliseconds: UInt32 = 120_000
     var maxForwardedAnswerBytes = 30 << 20
 
     init() throws {
@@ -77,6 +78,7 @@ final class APICluster: @unchecked Sendable {
         settings.maxDocumentBytes = 2 << 20
         settings.maxCallsInFlight = maxCallsInFlight
         settings.bodyIdleMilliseconds = bodyIdleMilliseconds
+        settings.idleConnectionMilliseconds = idleConnectionMilliseconds
         settings.maxForwardedAnswerBytes = maxForwardedAnswerBytes
         let api = DataAPI(runtime: runtime, settings: settings, tokens: try tokenStore())
         let port = try http[id] ?? Int(Transport.freeLoopbackPort())

@@ -152,6 +152,28 @@ struct HTTPConnectionTests {
         #expect(hw.status == 200 && hw.body.contains("\"lsn\""), "answered after the client's half-close: \(hw.body)")
     }
 
+    @Test("a connection left idle is closed after the idle time; one in use is not")
+    func idleConnections() async throws {
+        let a = try APICluster()
+        a.idleConnectionMilliseconds = 800
+        defer { a.stopAll() }
+        try await a.startAll()
+        let primary = try await a.ready()
+        let port = a.http[primary]!
+        let idle = try RawHTTPConnection(port: port)
+        idle.send(request("GET", "/health", token: nil))
+        #expect((await off { idle.answer() })?.status != nil)
+        let busy = try RawHTTPConnection(port: port)
+        let start = Date()
+        // Used every 300 ms for 2 s: never idle for the whole idle time.
+        while Date().timeIntervalSince(start) < 2 {
+            busy.send(request("POST", "/v1/query", token: APICluster.reader, body: #"{"sql":"SELECT 1","consistency":"local"}"#))
+            #expect((await off { busy.answer() })?.status == 200, "a connection in use was closed")
+            try await Task.sleep(for: .milliseconds(300))
+        }
+        #expect(await off { idle.isClosedByServer(cleanly: true) }, "the idle connection is closed")
+    }
+
     @Test("a call whose body stalls is answered 408 and closed, and gives its slot back")
     func stalledBody() async throws {
         let a = try APICluster()
