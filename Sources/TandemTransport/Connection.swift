@@ -113,6 +113,9 @@ public final class PeerConnection: @unchecked Sendable {
     /// When the last frame other than a ping arrived: what the site itself sent, not just
     /// its I/O thread (a primary whose loop is stuck still pings).
     private var lastFrame: UInt64 = 0
+    /// Times the I/O thread went to sleep in poll(2): what shows a thread that wakes far
+    /// more often than its traffic asks.
+    private var sleeps = 0
     /// When bytes last went out (guarded by `sslLock`): a ping is due after a sixth of the
     /// peer timeout without any.
     private var lastSent: UInt64 = 0
@@ -313,6 +316,8 @@ public final class PeerConnection: @unchecked Sendable {
     public var isOpen: Bool { lock.withLock { !isClosed } }
     /// When bytes last arrived from the peer (monotonic nanoseconds; 0: never).
     public var lastReceivedAt: UInt64 { lock.withLock { lastReceived } }
+    /// How many times the I/O thread has waited in poll(2).
+    var pollSleeps: Int { lock.withLock { sleeps } }
     /// When the peer last sent a frame of its own (a message, snapshot or forwarded call;
     /// the hello at first), pings not counted: "the site was heard", not just its socket.
     public var lastFrameAt: UInt64 { lock.withLock { lastFrame } }
@@ -330,7 +335,14 @@ public final class PeerConnection: @unchecked Sendable {
                     guard frame.body.isEmpty else { return "malformed frame from \(peer): a ping with a body" }
                     continue
                 }
-                lock.withLock { lastFrame = now }
+                // A connection closed here (replaced by a newer one, or its peer dropped)
+                // hands over nothing more: its frames would arrive interleaved with the
+                // newer connection's, out of the order the peer sent them in.
+                let closed: Bool = lock.withLock {
+                    if !isClosed { lastFrame = now }
+                    return isClosed
+                }
+                if closed { return "closed locally" }
                 metrics.received()
                 onFrame(frame.type, frame.body)
             }
@@ -437,9 +449,12 @@ public final class PeerConnection: @unchecked Sendable {
                     metrics.peerTimedOut(peer)
                     return "nothing heard from \(peer) for the peer timeout (\(peerTimeoutNanoseconds / 1_000_000) ms)"
                 }
-                // Sleep until the next ping or the timeout falls due, rounded up.
-                let sent = sslLock.withLock { lastSent }
-                let due = min(sent + pingAfterNanoseconds, heard + peerTimeoutNanoseconds)
+                // Sleep until the next ping or the timeout falls due, rounded up. No ping is
+                // due while a frame is half written (none can go out then): the ping time,
+                // long past behind a full socket, would make this a 1 ms loop.
+                let (sent, halfWritten) = sslLock.withLock { (lastSent, offset < current.count) }
+                let pingDue = halfWritten ? UInt64.max : sent + pingAfterNanoseconds
+                let due = min(pingDue, heard + peerTimeoutNanoseconds)
                 waitMilliseconds = Int32(clamping: min(1000, (due - min(due, now) + 999_999) / 1_000_000))
                 waitMilliseconds = max(1, waitMilliseconds)
             }
@@ -449,6 +464,7 @@ public final class PeerConnection: @unchecked Sendable {
             let wantOut = (pendingWrite && !waitsForRead) || wantWriteForRead
             var fds = [pollfd(fd: stream.fd, events: Int16(POLLIN) | (wantOut ? Int16(POLLOUT) : 0), revents: 0),
                        pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
+            lock.withLock { sleeps += 1 }
             _ = poll(&fds, 2, waitMilliseconds)
             if fds[1].revents != 0 {
                 var sink = [UInt8](repeating: 0, count: 256)

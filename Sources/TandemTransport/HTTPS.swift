@@ -66,13 +66,13 @@ public final class HTTPSTerminator: @unchecked Sendable {
             defer { listenFD = -1 }
             return listenFD
         }
-        if fd >= 0 {
-            shutdown(fd, Int32(SHUT_RDWR))
-            Glibc.close(fd)
-        }
+        // Shut down only: the acceptor wakes and closes it (a number closed here could be
+        // reused before its next accept(2); see Transport.stop()).
+        if fd >= 0 { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
     private func acceptLoop(_ fd: Int32) {
+        defer { Glibc.close(fd) }
         while true {
             let client = accept(fd, nil, nil)
             if client < 0 {

@@ -148,10 +148,10 @@ public final class Transport: @unchecked Sendable {
             listenFD = -1
             return (f, Array(connections.values))
         }
-        if fd >= 0 {
-            shutdown(fd, Int32(SHUT_RDWR))
-            Glibc.close(fd)
-        }
+        // Shut down, not closed: the acceptor wakes (EINVAL) and closes it itself. Closed
+        // here, its number could be reused (by another listener of this process) before
+        // the acceptor's next accept(2), which would then take that socket's clients.
+        if fd >= 0 { shutdown(fd, Int32(SHUT_RDWR)) }
         for c in conns { c.close() }
     }
 
@@ -219,6 +219,9 @@ public final class Transport: @unchecked Sendable {
     public func lastReceived(from peer: SiteID) -> UInt64? {
         openConnection(to: peer)?.lastFrameAt
     }
+
+    /// How many times the I/O thread of the open connection to `peer` has waited in poll(2).
+    func pollSleeps(to peer: SiteID) -> Int? { openConnection(to: peer)?.pollSleeps }
 
     /// Whether this site dialed its open connection to `peer` (nil when not connected).
     public func dialedHere(_ peer: SiteID) -> Bool? {
@@ -320,6 +323,7 @@ public final class Transport: @unchecked Sendable {
     }
 
     private func acceptLoop(_ fd: Int32) {
+        defer { Glibc.close(fd) }  // the listener is this thread's to close (see stop())
         while true {
             let client = accept(fd, nil, nil)
             if client < 0 {

@@ -86,6 +86,34 @@ struct HandshakeTests {
         #expect(s.compression == .lz4Block && c.compression == .lz4Block)
     }
 
+    @Test("a connection closed here hands over no frame it read after the close")
+    func closedConnectionDeliversNothingMore() async throws {
+        let r = try handshake(server: try context("b"), client: try context("a"), keepOpen: true)
+        guard case let .success(server) = r.server, case let .success(client) = r.client else {
+            Issue.record("handshake failed: \(r)")
+            return
+        }
+        defer { client.close(); server.close() }
+        client.start(onFrame: { _, _ in }, onClose: { _ in })
+        // 200 small frames wait in the server's socket before it starts reading, so one
+        // read takes them all.
+        for n in 0..<200 { client.send(WireEncoder.frame(.forward, [UInt8(n & 0xFF)])) }
+        try await Task.sleep(nanoseconds: 300_000_000)
+        final class Count: @unchecked Sendable {
+            let lock = NSLock()
+            var delivered = 0
+        }
+        let count = Count()
+        let closed = DispatchSemaphore(value: 0)
+        server.start(onFrame: { _, _ in
+            // The first frame makes this side drop the connection (as a newer one replacing it would).
+            let first = count.lock.withLock { count.delivered += 1; return count.delivered == 1 }
+            if first { server.close() }
+        }, onClose: { _ in closed.signal() })
+        await onThread { _ = closed.wait(timeout: .now() + 5) }
+        #expect(count.lock.withLock { count.delivered } == 1, "frames handed over after the close")
+    }
+
     @Test("frames sent from several threads arrive whole and in each sender's order, whether written on the sender's thread or by the connection's")
     func sendOrder() async throws {
         let r = try handshake(server: try context("b"), client: try context("a"), keepOpen: true)

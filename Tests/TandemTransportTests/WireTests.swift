@@ -674,6 +674,32 @@ struct KeepaliveTests {
         try #require(connected([a, b]))
     }
 
+    @Test("a frame the peer does not take leaves the I/O thread asleep, not waking every millisecond")
+    func stalledWriteSleeps() async throws {
+        let logs = ConnectionSetUpTests.Lines()
+        let (a, b, proxies) = try pairThroughProxies(peerTimeout: 3_000_000_000, logs: logs)
+        defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
+        try await startConnected(a, b)
+        // The link stops taking bytes (a paused peer, a full path), then a records'
+        // worth that no buffer holds: random bytes, so LZ4 cannot shrink them.
+        for p in proxies { p.hold() }
+        var rng = SeededRandom(seed: 7)
+        let payload = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let records = (1...8).map { LogRecord(term: Term(3), lsn: LSN(UInt64(100 + $0)), kind: .changeset, payload: payload) }
+        for round in 0..<4 {
+            a.send(Message(from: "a", to: "b", term: Term(3),
+                           body: .append(Append(prevLSN: LSN(100), prevTerm: Term(3), records: records, commitLSN: LSN(99), round: UInt64(round)))))
+        }
+        // Past the ping time (a sixth of the timeout, 0.5 s) with the frame half written.
+        try await Task.sleep(nanoseconds: 900_000_000)
+        let before = try #require(a.pollSleeps(to: "b"))
+        try await Task.sleep(nanoseconds: 1_000_000_000)
+        let after = try #require(a.pollSleeps(to: "b"), "the connection dropped before the peer timeout")
+        // Asleep until the socket drains or the peer timeout: a few wake-ups a second;
+        // a loop due "now" for a ping that cannot go out wakes a thousand times.
+        #expect(after - before < 50, "the I/O thread woke \(after - before) times in 1 s with nothing it could do")
+    }
+
     @Test("an idle connection is kept by pings; a peer cut off silently is dropped within the peer timeout and reached again soon after the network heals")
     func silentPartition() async throws {
         let logs = ConnectionSetUpTests.Lines()
