@@ -79,10 +79,15 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var routerCloses = false
     private var closed = false
     /// Checks, every half idle time, whether the connection has been idle for the whole
-    /// idle time (no request under way, no byte read since): a client that keeps a
-    /// connection open and sends nothing more is let go.
+    /// idle time (no request under way, nothing read from the client and no answer
+    /// draining to it since): a client that keeps a connection open and does nothing
+    /// more is let go.
     private var idleCheck: RepeatedTask?
-    private var lastInput = NIODeadline.now()
+    /// When a request part was last read, or an idle check last saw the answer going
+    /// out move (a large document still reaching a slow client is not idle).
+    private var lastActivity = NIODeadline.now()
+    /// Bytes of answers waiting in the channel at the last idle check.
+    private var bufferedAtLastCheck = 0
     /// Fires when a data call's body stalls: a client that sent a head and then nothing
     /// (or whose network dropped the flow without a FIN) must not hold its call slot and
     /// the bytes it reserved for good.
@@ -110,7 +115,7 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         let idle = TimeAmount.milliseconds(Int64(api.settings.idleConnectionMilliseconds))
         guard idle > .zero else { return }
-        lastInput = .now()
+        lastActivity = .now()
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         idleCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: idle, delay: .nanoseconds(max(idle.nanoseconds / 2, 1))) { _ in
             let (handler, context) = bound.value
@@ -119,14 +124,22 @@ final class DataCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func closeIfIdle(context: ChannelHandlerContext, idle: TimeAmount) {
+        // An answer still draining counts as activity: what waits in the channel changed
+        // since the last check. One that does not move for the whole idle time (a client
+        // that reads nothing) does not keep the connection.
+        let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        if buffered != bufferedAtLastCheck {
+            bufferedAtLastCheck = buffered
+            lastActivity = .now()
+        }
         guard !closed, reading == nil, !answering, routerAnswersOwed == 0, waiting.isEmpty, passing == nil,
-              NIODeadline.now() - lastInput >= idle
+              NIODeadline.now() - lastActivity >= idle
         else { return }
         closeNow(context: context)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        lastInput = .now()
+        lastActivity = .now()
         if lingering {
             if case let .body(chunk) = unwrapInboundIn(data) { lingeredBytes += chunk.readableBytes }
             if lingeredBytes > Self.lingerBytes { closeNow(context: context) }

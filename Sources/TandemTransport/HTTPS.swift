@@ -61,14 +61,13 @@ public final class HTTPSTerminator: @unchecked Sendable {
     public func reload(context: TLSContext) { lock.withLock { self.context = context } }
 
     public func stop() {
-        let fd: Int32 = lock.withLock {
+        lock.withLock {
             stopped = true
-            defer { listenFD = -1 }
-            return listenFD
+            // Shut down only, under the lock: the acceptor wakes and closes it (a number
+            // closed here could be reused before its next accept(2); see Transport.stop()).
+            if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
+            listenFD = -1
         }
-        // Shut down only: the acceptor wakes and closes it (a number closed here could be
-        // reused before its next accept(2); see Transport.stop()).
-        if fd >= 0 { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
     private func acceptLoop(_ fd: Int32) {

@@ -142,16 +142,17 @@ public final class Transport: @unchecked Sendable {
     }
 
     public func stop() {
-        let (fd, conns): (Int32, [PeerConnection]) = lock.withLock {
+        let conns: [PeerConnection] = lock.withLock {
             stopped = true
-            let f = listenFD
+            // Shut down, not closed: the acceptor wakes (EINVAL) and closes it itself.
+            // Closed here, its number could be reused (by another listener of this
+            // process) before the acceptor's next accept(2), which would then take that
+            // socket's clients. Under the lock: an acceptor that sees `stopped` and closes
+            // the listener does so after this, never before.
+            if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
             listenFD = -1
-            return (f, Array(connections.values))
+            return Array(connections.values)
         }
-        // Shut down, not closed: the acceptor wakes (EINVAL) and closes it itself. Closed
-        // here, its number could be reused (by another listener of this process) before
-        // the acceptor's next accept(2), which would then take that socket's clients.
-        if fd >= 0 { shutdown(fd, Int32(SHUT_RDWR)) }
         for c in conns { c.close() }
     }
 
@@ -404,15 +405,21 @@ public final class Transport: @unchecked Sendable {
     private func admitHandshake(_ client: Int32) -> UInt64? {
         // A duplicate keeps the socket's number from being reused while it may be cut.
         let socket = fcntl(client, F_DUPFD_CLOEXEC, 0)
+        if socket < 0 {
+            // Out of descriptors: this handshake goes on, but cannot be cut for a newer one.
+            log("event=handshake_not_cuttable reason=\"dup: \(String(cString: strerror(errno)))\"")
+        }
         return lock.withLock {
+            // Refused outright when even the threads are all taken: cutting a handshake
+            // for a connection that is then refused anyway would only lose that one too.
+            guard handshakesInProgress < Self.handshakeThreads else {
+                if socket >= 0 { Glibc.close(socket) }
+                return nil
+            }
             if unprovenHandshakes.count >= Self.handshakeSlots {
                 let oldest = unprovenHandshakes.removeFirst()
                 shutdown(oldest.socket, Int32(SHUT_RDWR))
                 cutHandshakes[oldest.serial] = oldest.socket
-            }
-            guard handshakesInProgress < Self.handshakeThreads else {
-                if socket >= 0 { Glibc.close(socket) }
-                return nil
             }
             handshakesInProgress += 1
             handshakeSerial += 1

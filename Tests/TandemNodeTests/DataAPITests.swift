@@ -50,6 +50,7 @@ final class APICluster: @unchecked Sendable {
     var maxCallsInFlight = 512
     var bodyIdleMilliseconds: UInt32 = 30_000
     var idleConnectionMilliseconds: UInt32 = 120_000
+    var maxDocumentBytes = 2 << 20
     var maxForwardedAnswerBytes = 30 << 20
 
     init() throws {
@@ -74,8 +75,8 @@ final class APICluster: @unchecked Sendable {
         let runtime = try #require(c.runtimes[id])
         var settings = DataAPISettings(site: id)
         settings.waitForPrimaryMilliseconds = waitForPrimaryMilliseconds
-        settings.maxBodyBytes = 4 << 20
-        settings.maxDocumentBytes = 2 << 20
+        settings.maxBodyBytes = max(4 << 20, maxDocumentBytes + (64 << 10))
+        settings.maxDocumentBytes = maxDocumentBytes
         settings.maxCallsInFlight = maxCallsInFlight
         settings.bodyIdleMilliseconds = bodyIdleMilliseconds
         settings.idleConnectionMilliseconds = idleConnectionMilliseconds

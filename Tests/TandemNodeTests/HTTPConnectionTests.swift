@@ -3,6 +3,7 @@ import Glibc
 import Testing
 import TandemHTTP
 import TandemModel
+import TandemStore
 @testable import TandemNode
 
 /// A blocking HTTP/1.1 connection that sends raw bytes: pipelined requests, bodies that
@@ -172,6 +173,54 @@ struct HTTPConnectionTests {
             try await Task.sleep(for: .milliseconds(300))
         }
         #expect(await off { idle.isClosedByServer(cleanly: true) }, "the idle connection is closed")
+    }
+
+    @Test("a large answer still draining to a slow client is not cut by the idle check")
+    func slowReaderKeepsItsAnswer() async throws {
+        let a = try APICluster()
+        a.idleConnectionMilliseconds = 800
+        // Larger than the kernel's socket buffers on both sides can hold (4 MiB each at
+        // most), so most of the answer waits in the server's own output buffer.
+        a.maxDocumentBytes = 12 << 20
+        defer { a.stopAll() }
+        try await a.startAll()
+        let primary = try await a.ready()
+        var document = [UInt8](repeating: 0, count: 12 << 20)
+        var g = SeededRandom(seed: 11)
+        for i in document.indices { document[i] = UInt8(truncatingIfNeeded: g.next()) }
+        let sha = SHA256Hasher.hex(SHA256Hasher.digest(document))
+        let up = try await http("POST", a.url(primary, "/v1/documents"), token: APICluster.writer, raw: Data(document), headers: [
+            "Content-Type": "application/pdf", "Tandem-Patient": "PAT-1", "Tandem-Document-Kind": "patient_upload", "Tandem-SHA256": sha,
+        ])
+        let id = try #require(up.json["id"] as? Int, "\(String(decoding: up.body, as: UTF8.self))")
+        // A client that takes 16 KiB every 4 ms (about 4 MB/s: 3 s for the document,
+        // nearly four idle times) and sends nothing while it reads.
+        let received: Int = await off {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(fd) }
+            var small: Int32 = 8192
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            var tv = timeval(tv_sec: 10, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_port = in_port_t(UInt16(a.http[primary]!).bigEndian)
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            guard r == 0 else { return -1 }
+            let get = Array(request("GET", "/v1/documents/\(id)", token: APICluster.reader).utf8)
+            _ = get.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            var total = 0
+            var chunk = [UInt8](repeating: 0, count: 16384)
+            while true {
+                let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                if n <= 0 { return total }
+                total += n
+                usleep(4_000)
+            }
+        }
+        // The head (a few hundred bytes) and the whole document.
+        #expect(received > document.count, "the client got \(received) bytes of a \(document.count)-byte document before the connection closed")
     }
 
     @Test("a call whose body stalls is answered 408 and closed, and gives its slot back")

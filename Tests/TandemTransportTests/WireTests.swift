@@ -677,7 +677,9 @@ struct KeepaliveTests {
     @Test("a frame the peer does not take leaves the I/O thread asleep, not waking every millisecond")
     func stalledWriteSleeps() async throws {
         let logs = ConnectionSetUpTests.Lines()
-        let (a, b, proxies) = try pairThroughProxies(peerTimeout: 3_000_000_000, logs: logs)
+        // A long peer timeout (pings after 2 s): a busy test runner's late sleeps must not
+        // reach it while the link is held.
+        let (a, b, proxies) = try pairThroughProxies(peerTimeout: 12_000_000_000, logs: logs)
         defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
         try await startConnected(a, b)
         // The link stops taking bytes (a paused peer, a full path), then a records'
@@ -690,8 +692,8 @@ struct KeepaliveTests {
             a.send(Message(from: "a", to: "b", term: Term(3),
                            body: .append(Append(prevLSN: LSN(100), prevTerm: Term(3), records: records, commitLSN: LSN(99), round: UInt64(round)))))
         }
-        // Past the ping time (a sixth of the timeout, 0.5 s) with the frame half written.
-        try await Task.sleep(nanoseconds: 900_000_000)
+        // Past the ping time (a sixth of the timeout, 2 s) with the frame half written.
+        try await Task.sleep(nanoseconds: 2_500_000_000)
         let before = try #require(a.pollSleeps(to: "b"))
         try await Task.sleep(nanoseconds: 1_000_000_000)
         let after = try #require(a.pollSleeps(to: "b"), "the connection dropped before the peer timeout")
