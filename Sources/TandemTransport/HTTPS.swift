@@ -26,6 +26,10 @@ public final class HTTPSTerminator: @unchecked Sendable {
     /// A connection with no bytes either way for this long is closed, so idle clients
     /// cannot hold every slot (health checks included).
     public var idleTimeoutNanoseconds: UInt64 = 60_000_000_000
+    /// Connections still in their TLS handshake at most; with all taken, a new one cuts
+    /// the oldest, so clients that connect and send nothing cannot hold every slot for
+    /// the handshake's 10 s each (`HandshakeSlots`). Set before `start`.
+    public var maxHandshakes = 64
     /// The name of each connection's thread (at most 15 bytes on Linux), as `top -H` and
     /// the tests that count a terminator's threads see it.
     public var connectionThreadName = "https-client"
@@ -36,6 +40,8 @@ public final class HTTPSTerminator: @unchecked Sendable {
     private var active = 0
     private var stopped = false
     private let log: @Sendable (String) -> Void
+    /// Made by `start` from `maxHandshakes`.
+    private var handshakes = HandshakeSlots(limit: 64)
 
     public init(listen: PeerEndpoint, backendPort: UInt16, context: TLSContext, maxConnections: Int = 512,
                 log: @escaping @Sendable (String) -> Void = { _ in }) {
@@ -48,6 +54,7 @@ public final class HTTPSTerminator: @unchecked Sendable {
 
     public func start() throws(TransportError) {
         signal(SIGPIPE, SIG_IGN)
+        handshakes = HandshakeSlots(limit: maxHandshakes)
         let fd = try Transport.listen(on: listen)
         lock.withLock { listenFD = fd }
         let t = Thread { [self] in
@@ -90,24 +97,34 @@ public final class HTTPSTerminator: @unchecked Sendable {
                 continue
             }
             let name = connectionThreadName
+            let (serial, _) = handshakes.enter(client)
             let t = Thread { [self] in
                 nameCurrentThread(name)
-                defer { lock.withLock { active -= 1 } }
-                serve(client, ctx)
+                defer {
+                    handshakes.leave(serial)
+                    lock.withLock { active -= 1 }
+                }
+                serve(client, ctx, handshake: serial)
             }
             t.start()
         }
     }
 
-    private func serve(_ client: Int32, _ ctx: TLSContext) {
+    private func serve(_ client: Int32, _ ctx: TLSContext, handshake: UInt64) {
         let tls: TLSStream
         do throws(TransportError) {
             tls = try TLSStream(context: ctx, fd: client, isServer: true, expectedPeer: nil)
             try tls.handshake(deadline: monotonicNanoseconds() + 10_000_000_000)
         } catch {
-            log("event=https_handshake_failed reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+            if handshakes.wasCut(handshake) {
+                log("event=https_handshake_cut reason=slots_full detail=\"the oldest of \(handshakes.limit) handshakes, cut for a newer connection\"")
+            } else {
+                log("event=https_handshake_failed reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
+            }
             return
         }
+        // A TLS client now: it can no longer be cut for a newer connection.
+        handshakes.leave(handshake)
         defer { tls.close() }
         let backend: Int32
         do throws(TransportError) {

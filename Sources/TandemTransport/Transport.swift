@@ -84,13 +84,8 @@ public final class Transport: @unchecked Sendable {
     private var stopped = false
     private var listenFD: Int32 = -1
     private var handshakesInProgress = 0
-    /// Accepted handshakes whose dialer has not yet proved to be a site of the cluster,
-    /// oldest first, each with a duplicate of its socket (so the number cannot be reused
-    /// while it is here) by which a newer one may cut it.
-    private var unprovenHandshakes: [(serial: UInt64, socket: Int32)] = []
-    /// Cut handshakes whose thread has not finished yet, and their sockets' duplicates.
-    private var cutHandshakes: [UInt64: Int32] = [:]
-    private var handshakeSerial: UInt64 = 0
+    /// Accepted handshakes whose dialer has not yet proved to be a site of the cluster.
+    private let unprovenHandshakes = HandshakeSlots(limit: Transport.handshakeSlots)
     private var crossedDials = 0
     /// Peers this site is dialing now, and peers whose dial to this site is being accepted
     /// (the settlement of crossing dials, see `admit`).
@@ -343,17 +338,26 @@ public final class Transport: @unchecked Sendable {
             var one: Int32 = 1
             setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             let ctx = lock.withLock { context }
-            let serial = admitHandshake(client)
-            guard let serial else {
+            // Refused outright when even the threads are all taken (cut handshakes still
+            // finishing included): cutting one for a connection refused anyway would only
+            // lose that one too.
+            let admitted: Bool = lock.withLock {
+                guard handshakesInProgress < Self.handshakeThreads else { return false }
+                handshakesInProgress += 1
+                return true
+            }
+            guard admitted else {
                 Glibc.close(client)
                 metrics.handshakeFailed(.other)
                 continue
             }
+            let (serial, cuttable) = unprovenHandshakes.enter(client)
+            if !cuttable { log("event=handshake_not_cuttable reason=\"dup: out of descriptors\"") }
             let t = Thread { [self] in
                 nameCurrentThread("peer-handshake")
                 defer {
                     lock.withLock { handshakesInProgress -= 1 }
-                    handshakeProven(serial)
+                    unprovenHandshakes.leave(serial)
                 }
                 var admittedPeer: SiteID?
                 do throws(TransportError) {
@@ -362,7 +366,7 @@ public final class Transport: @unchecked Sendable {
                                                          maxQueuedBytes: settings.maxQueuedBytesPerPeer,
                                                          admit: { peer in
                                                              // A site of the cluster: no longer one a stranger may cut.
-                                                             handshakeProven(serial)
+                                                             unprovenHandshakes.leave(serial)
                                                              let ok = admit(peer)
                                                              if ok { admittedPeer = peer }
                                                              return ok
@@ -371,8 +375,7 @@ public final class Transport: @unchecked Sendable {
                 } catch where error.reason == .crossedDial {
                     // Expected when both sides dial at once; the other connection stays.
                 } catch {
-                    let cut = lock.withLock { cutHandshakes[serial] != nil }
-                    if cut {
+                    if unprovenHandshakes.wasCut(serial) {
                         log("event=handshake_cut side=server reason=slots_full detail=\"the oldest of \(Self.handshakeSlots) unproven handshakes, cut for a newer connection\"")
                     } else {
                         log("event=handshake_refused side=server reason=\(error.reason.rawValue) detail=\"\(error.detail)\"")
@@ -391,53 +394,11 @@ public final class Transport: @unchecked Sendable {
     }
 
     /// Handshakes in which the dialer has not yet shown a certificate and hello of this
-    /// cluster, at most this many at once.
+    /// cluster, at most this many at once; with all taken, a new connection cuts the
+    /// oldest (`HandshakeSlots`).
     static let handshakeSlots = 32
     /// Handshake threads at most, cut ones still finishing included.
     static let handshakeThreads = 2 * handshakeSlots
-
-    /// Counts an accepted connection's handshake in. With every slot taken, the oldest
-    /// unproven handshake is cut (its socket shut down, which ends its thread's wait) so
-    /// that strangers holding connections open cannot keep the cluster's sites out: to
-    /// do so they must now open more than 32 connections within one site's handshake (a
-    /// few round trips), not one every handshake timeout. Nil when even the threads
-    /// are all taken.
-    private func admitHandshake(_ client: Int32) -> UInt64? {
-        // A duplicate keeps the socket's number from being reused while it may be cut.
-        let socket = fcntl(client, F_DUPFD_CLOEXEC, 0)
-        if socket < 0 {
-            // Out of descriptors: this handshake goes on, but cannot be cut for a newer one.
-            log("event=handshake_not_cuttable reason=\"dup: \(String(cString: strerror(errno)))\"")
-        }
-        return lock.withLock {
-            // Refused outright when even the threads are all taken: cutting a handshake
-            // for a connection that is then refused anyway would only lose that one too.
-            guard handshakesInProgress < Self.handshakeThreads else {
-                if socket >= 0 { Glibc.close(socket) }
-                return nil
-            }
-            if unprovenHandshakes.count >= Self.handshakeSlots {
-                let oldest = unprovenHandshakes.removeFirst()
-                shutdown(oldest.socket, Int32(SHUT_RDWR))
-                cutHandshakes[oldest.serial] = oldest.socket
-            }
-            handshakesInProgress += 1
-            handshakeSerial += 1
-            if socket >= 0 { unprovenHandshakes.append((handshakeSerial, socket)) }
-            return handshakeSerial
-        }
-    }
-
-    /// The handshake `serial` proved its site, or ended: it can no longer be cut.
-    private func handshakeProven(_ serial: UInt64) {
-        lock.withLock {
-            if let i = unprovenHandshakes.firstIndex(where: { $0.serial == serial }) {
-                Glibc.close(unprovenHandshakes.remove(at: i).socket)
-            } else if let socket = cutHandshakes.removeValue(forKey: serial) {
-                Glibc.close(socket)
-            }
-        }
-    }
 
     private func dialLoop(_ peer: SiteID, _ endpoint: PeerEndpoint) {
         var backoff = settings.reconnectMinNanoseconds

@@ -54,6 +54,43 @@ struct HTTPSTerminatorTests {
         return (t, client)
     }
 
+    @Test("clients that connect and send nothing cannot hold every connection slot")
+    func strangersCannotHoldTheSlots() throws {
+        let backendPort = try Transport.freeLoopbackPort()
+        let listener = try Transport.listen(on: PeerEndpoint(host: "127.0.0.1", port: backendPort))
+        Thread {
+            let fd = accept(listener, nil, nil)
+            Glibc.close(listener)
+            if fd >= 0 { sleep(3); Glibc.close(fd) }
+        }.start()
+        let pki = TestPKI.shared
+        let port = try Transport.freeLoopbackPort()
+        let t = HTTPSTerminator(listen: PeerEndpoint(host: "127.0.0.1", port: port), backendPort: backendPort,
+                                context: try .httpsServer(files: TLSFiles(certificate: pki.path("a.pem"), privateKey: pki.path("a.key"),
+                                                                          certificateAuthority: pki.path("ca.pem"))),
+                                maxConnections: 8)
+        t.maxHandshakes = 4
+        t.connectionThreadName = "tst-strangers"
+        try t.start()
+        defer { t.stop() }
+        // As many idle TCP connections as the terminator takes at all: without a bound on
+        // handshakes each would hold its slot for the handshake's 10 s.
+        var strangers: [Int32] = []
+        defer { for fd in strangers { Glibc.close(fd) } }
+        for _ in 0..<8 {
+            strangers.append(try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: port), timeoutNanoseconds: 2_000_000_000))
+        }
+        usleep(300_000)
+        let fd = try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: port), timeoutNanoseconds: 2_000_000_000)
+        let client = try TLSStream(context: try .withoutCertificate(certificateAuthority: pki.path("ca.pem")), fd: fd, isServer: false,
+                                   expectedPeer: SiteID("a"))
+        defer { client.close() }
+        let start = monotonicNanoseconds()
+        #expect(throws: Never.self, "a real client's handshake failed while strangers held the slots") {
+            try client.handshake(deadline: start + 2_000_000_000)
+        }
+    }
+
     @Test("a client that keeps sending to a backend that reads nothing makes the terminator wait, not spin")
     func fullBufferDoesNotSpin() throws {
         let (t, client) = try Self.setUp(threadName: "tst-full-buf") { fd in

@@ -549,11 +549,11 @@ struct ConnectionSetUpTests {
         let a = try make("a"), b = try make("b")
         try a.start()
         defer { a.stop(); b.stop() }
-        // More idle TCP connections than a has handshake slots; each would hold its
-        // slot for the handshake timeout (5 s) sending nothing.
+        // More idle TCP connections than a has handshake threads at all; each would hold
+        // its thread for the handshake timeout (5 s) sending nothing.
         var strangers: [Int32] = []
         defer { for fd in strangers { Glibc.close(fd) } }
-        for _ in 0..<(Transport.handshakeSlots + 8) {
+        for _ in 0..<(Transport.handshakeThreads + 8) {
             strangers.append(try Transport.connect(to: PeerEndpoint(host: "127.0.0.1", port: ports["a"]!), timeoutNanoseconds: 2_000_000_000))
         }
         try await Task.sleep(nanoseconds: 300_000_000)
