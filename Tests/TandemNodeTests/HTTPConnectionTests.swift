@@ -14,8 +14,11 @@ final class RawHTTPConnection: @unchecked Sendable {
     let fd: Int32
     var buffer: [UInt8] = []
 
-    init(port: Int) throws {
+    /// `receiveBuffer`: the socket's receive buffer in bytes (set before connecting, so
+    /// a test can keep the kernel from taking a large answer off the server's hands).
+    init(port: Int, receiveBuffer: Int32? = nil) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_port = in_port_t(UInt16(port).bigEndian)
@@ -210,25 +213,13 @@ struct HTTPConnectionTests {
         let primary = try await a.ready()
         // A client that takes 16 KiB every 4 ms (about 4 MB/s: 3 s for the document,
         // nearly four idle times) and sends nothing while it reads.
+        let client = try RawHTTPConnection(port: a.http[primary]!, receiveBuffer: 8192)
         let received: Int = await off {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            defer { close(fd) }
-            var small: Int32 = 8192
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
-            var tv = timeval(tv_sec: 10, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-            var addr = sockaddr_in()
-            addr.sin_family = sa_family_t(AF_INET)
-            addr.sin_port = in_port_t(UInt16(a.http[primary]!).bigEndian)
-            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            guard r == 0 else { return -1 }
-            let get = Array(request("GET", "/v1/documents/\(documentID)", token: APICluster.reader).utf8)
-            _ = get.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            client.send(request("GET", "/v1/documents/\(documentID)", token: APICluster.reader))
             var total = 0
             var chunk = [UInt8](repeating: 0, count: 16384)
             while true {
-                let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                let n = chunk.withUnsafeMutableBytes { recv(client.fd, $0.baseAddress, $0.count, 0) }
                 if n <= 0 { return total }
                 total += n
                 usleep(4_000)
