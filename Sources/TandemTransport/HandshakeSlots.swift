@@ -53,7 +53,4 @@ final class HandshakeSlots: @unchecked Sendable {
 
     /// Whether the handshake was cut for a newer connection (until it leaves).
     func wasCut(_ serial: UInt64) -> Bool { lock.withLock { cut[serial] != nil } }
-
-    /// Handshakes now registered and not cut.
-    var waiting: Int { lock.withLock { unproven.count } }
 }
