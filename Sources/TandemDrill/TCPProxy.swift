@@ -15,6 +15,8 @@ public final class TCPProxy: @unchecked Sendable {
     private var isHeld = false
     private var stopped = false
     private var delayMicroseconds: UInt32 = 0
+    /// Bytes per second each direction carries at most (0: as fast as it can).
+    private var bytesPerSecond = 0
     private var open: [Int32] = []
     private let listenFD: Int32
 
@@ -54,8 +56,13 @@ public final class TCPProxy: @unchecked Sendable {
             isCut = false
             isHeld = false
             delayMicroseconds = 0
+            bytesPerSecond = 0
         }
     }
+
+    /// Carries at most `bytesPerSecond` in each direction, in pieces of a fiftieth of a
+    /// second (a link degraded to a trickle, not cut); 0 lifts the limit.
+    public func throttle(bytesPerSecond: Int) { lock.withLock { self.bytesPerSecond = max(0, bytesPerSecond) } }
 
     /// Holds every chunk for `milliseconds` before passing it on (a slow, distant link).
     public func delay(milliseconds: Int) { lock.withLock { delayMicroseconds = UInt32(max(0, milliseconds) * 1000) } }
@@ -100,7 +107,9 @@ public final class TCPProxy: @unchecked Sendable {
                 let t = Thread { [self] in
                     var buffer = [UInt8](repeating: 0, count: 64 << 10)
                     copy: while true {
-                        let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, $0.count) }
+                        let rate = lock.withLock { bytesPerSecond }
+                        let piece = rate > 0 ? min(buffer.count, max(1, rate / 50)) : buffer.count
+                        let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, piece) }
                         // Held: this chunk, or the end of the stream, waits (and nothing
                         // more is read) until healed or cut.
                         while lock.withLock({ isHeld && !isCut && !stopped }) { usleep(10_000) }
@@ -115,6 +124,7 @@ public final class TCPProxy: @unchecked Sendable {
                             if w <= 0 { break copy }
                             off += w
                         }
+                        if rate > 0 { usleep(UInt32(min(1_000_000, n * 1_000_000 / rate))) }
                     }
                     shutdown(to, Int32(SHUT_RDWR))
                     shutdown(from, Int32(SHUT_RDWR))

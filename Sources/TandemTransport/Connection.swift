@@ -471,6 +471,13 @@ public final class PeerConnection: @unchecked Sendable {
                 while Glibc.read(wakeRead, &sink, sink.count) > 0 {}
             }
             if fds[0].revents & Int16(POLLOUT) != 0 { wantWriteForRead = false }
+            // Bytes arrived: the peer is heard, even if they end no TLS record yet (a
+            // 16 KiB record over a link of a few KB/s takes longer than the peer timeout;
+            // only whole records would reach the read above).
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                let now = monotonicNanoseconds()
+                lock.withLock { lastReceived = now }
+            }
         }
     }
 }

@@ -674,6 +674,25 @@ struct KeepaliveTests {
         try #require(connected([a, b]))
     }
 
+    @Test("a link slowed to a trickle keeps its connection while bytes still arrive, even with no whole TLS record within the peer timeout")
+    func trickleIsHeard() async throws {
+        let logs = ConnectionSetUpTests.Lines()
+        let (a, b, proxies) = try pairThroughProxies(peerTimeout: 1_000_000_000, logs: logs)
+        defer { a.stop(); b.stop(); for p in proxies { p.stop() } }
+        try await startConnected(a, b)
+        // 4 KB/s each way: a 16 KiB TLS record takes 4 s, four peer timeouts.
+        for p in proxies { p.throttle(bytesPerSecond: 4_000) }
+        var rng = SeededRandom(seed: 9)
+        let payload = (0..<(64 << 10)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        a.send(Message(from: "a", to: "b", term: Term(3),
+                       body: .append(Append(prevLSN: LSN(100), prevTerm: Term(3),
+                                            records: [LogRecord(term: Term(3), lsn: LSN(101), kind: .changeset, payload: payload)],
+                                            commitLSN: LSN(99), round: 1))))
+        try await Task.sleep(nanoseconds: 3_000_000_000)
+        #expect(logs.matching("peer_disconnected").isEmpty,
+                "a connection still carrying bytes was taken for silent: \(logs.matching("peer_disconnected").prefix(2))")
+    }
+
     @Test("a frame the peer does not take leaves the I/O thread asleep, not waking every millisecond")
     func stalledWriteSleeps() async throws {
         let logs = ConnectionSetUpTests.Lines()
