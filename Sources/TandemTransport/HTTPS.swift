@@ -26,10 +26,6 @@ public final class HTTPSTerminator: @unchecked Sendable {
     /// A connection with no bytes either way for this long is closed, so idle clients
     /// cannot hold every slot (health checks included).
     public var idleTimeoutNanoseconds: UInt64 = 60_000_000_000
-    /// Connections still in their TLS handshake at most; with all taken, a new one cuts
-    /// the oldest, so clients that connect and send nothing cannot hold every slot for
-    /// the handshake's 10 s each (`HandshakeSlots`). Set before `start`.
-    public var maxHandshakes = 64
     /// The name of each connection's thread (at most 15 bytes on Linux), as `top -H` and
     /// the tests that count a terminator's threads see it.
     public var connectionThreadName = "https-client"
@@ -40,11 +36,14 @@ public final class HTTPSTerminator: @unchecked Sendable {
     private var active = 0
     private var stopped = false
     private let log: @Sendable (String) -> Void
-    /// Made by `start` from `maxHandshakes`.
-    private var handshakes = HandshakeSlots(limit: 64)
+    /// Connections still in their TLS handshake, at most `maxHandshakes`; with all taken,
+    /// a new one cuts the oldest, so clients that connect and send nothing cannot hold
+    /// every slot for the handshake's 10 s each.
+    private let handshakes: HandshakeSlots
 
     public init(listen: PeerEndpoint, backendPort: UInt16, context: TLSContext, maxConnections: Int = 512,
-                log: @escaping @Sendable (String) -> Void = { _ in }) {
+                maxHandshakes: Int = 64, log: @escaping @Sendable (String) -> Void = { _ in }) {
+        handshakes = HandshakeSlots(limit: maxHandshakes)
         self.listen = listen
         self.backendPort = backendPort
         self.context = context
@@ -54,7 +53,6 @@ public final class HTTPSTerminator: @unchecked Sendable {
 
     public func start() throws(TransportError) {
         signal(SIGPIPE, SIG_IGN)
-        handshakes = HandshakeSlots(limit: maxHandshakes)
         let fd = try Transport.listen(on: listen)
         lock.withLock { listenFD = fd }
         let t = Thread { [self] in

@@ -68,8 +68,7 @@ struct HTTPSTerminatorTests {
         let t = HTTPSTerminator(listen: PeerEndpoint(host: "127.0.0.1", port: port), backendPort: backendPort,
                                 context: try .httpsServer(files: TLSFiles(certificate: pki.path("a.pem"), privateKey: pki.path("a.key"),
                                                                           certificateAuthority: pki.path("ca.pem"))),
-                                maxConnections: 8)
-        t.maxHandshakes = 4
+                                maxConnections: 8, maxHandshakes: 4)
         t.connectionThreadName = "tst-strangers"
         try t.start()
         defer { t.stop() }

@@ -666,6 +666,16 @@ struct KeepaliveTests {
 
     func connected(_ ts: [Transport]) -> Bool { ts.allSatisfy { !$0.connectedPeers.isEmpty } }
 
+    /// An append from a to b of `records` records of `bytes` random bytes each, which LZ4
+    /// cannot shrink.
+    static func incompressibleAppend(records: Int, bytes: Int, seed: UInt64) -> Message {
+        var rng = SeededRandom(seed: seed)
+        let payload = (0..<bytes).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let log = (1...records).map { LogRecord(term: Term(3), lsn: LSN(UInt64(100 + $0)), kind: .changeset, payload: payload) }
+        return Message(from: "a", to: "b", term: Term(3),
+                       body: .append(Append(prevLSN: LSN(100), prevTerm: Term(3), records: log, commitLSN: LSN(99), round: 1)))
+    }
+
     /// Starts both and waits (up to 2 s) until each counts the other as connected.
     func startConnected(_ a: Transport, _ b: Transport) async throws {
         try a.start()
@@ -682,12 +692,7 @@ struct KeepaliveTests {
         try await startConnected(a, b)
         // 4 KB/s each way: a 16 KiB TLS record takes 4 s, four peer timeouts.
         for p in proxies { p.throttle(bytesPerSecond: 4_000) }
-        var rng = SeededRandom(seed: 9)
-        let payload = (0..<(64 << 10)).map { _ in UInt8.random(in: 0...255, using: &rng) }
-        a.send(Message(from: "a", to: "b", term: Term(3),
-                       body: .append(Append(prevLSN: LSN(100), prevTerm: Term(3),
-                                            records: [LogRecord(term: Term(3), lsn: LSN(101), kind: .changeset, payload: payload)],
-                                            commitLSN: LSN(99), round: 1))))
+        a.send(Self.incompressibleAppend(records: 1, bytes: 64 << 10, seed: 9))
         try await Task.sleep(nanoseconds: 3_000_000_000)
         #expect(logs.matching("peer_disconnected").isEmpty,
                 "a connection still carrying bytes was taken for silent: \(logs.matching("peer_disconnected").prefix(2))")
@@ -704,13 +709,8 @@ struct KeepaliveTests {
         // The link stops taking bytes (a paused peer, a full path), then a records'
         // worth that no buffer holds: random bytes, so LZ4 cannot shrink them.
         for p in proxies { p.hold() }
-        var rng = SeededRandom(seed: 7)
-        let payload = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &rng) }
-        let records = (1...8).map { LogRecord(term: Term(3), lsn: LSN(UInt64(100 + $0)), kind: .changeset, payload: payload) }
-        for round in 0..<4 {
-            a.send(Message(from: "a", to: "b", term: Term(3),
-                           body: .append(Append(prevLSN: LSN(100), prevTerm: Term(3), records: records, commitLSN: LSN(99), round: UInt64(round)))))
-        }
+        let append = Self.incompressibleAppend(records: 8, bytes: 1 << 20, seed: 7)
+        for _ in 0..<4 { a.send(append) }
         // Past the ping time (a sixth of the timeout, 2 s) with the frame half written.
         try await Task.sleep(nanoseconds: 2_500_000_000)
         let before = try #require(a.pollSleeps(to: "b"))
