@@ -124,6 +124,8 @@ let package = Package(
         .testTarget(name: "TandemNodeTests", dependencies: ["TandemNode", "TandemHTTP", "TandemStore", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
         .testTarget(name: "TandemDrillTests", dependencies: ["TandemDrill", "TandemConfig"], swiftSettings: strict),
         .testTarget(name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: strict),
+        // The benchmark's own load generator: its HTTP parser decides what counts as a write.
+        .testTarget(name: "TandemBenchTests", dependencies: ["tandem-bench"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )
