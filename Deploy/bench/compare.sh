@@ -22,7 +22,7 @@ for a in "$@"; do
     *) echo "usage: $0 [--install] [--quick]" >&2; exit 2 ;;
   esac
 done
-seconds=5; samples=1000; failovers=10
+seconds=5; samples=1000; failovers=20  # issue 7: failover over 20 rounds
 if [ $quick -eq 1 ]; then seconds=1; samples=100; failovers=2; fi
 
 if [ $install -eq 1 ]; then
