@@ -288,10 +288,24 @@ public final class SiteRuntime: @unchecked Sendable {
                               to: rejoiningPath(dataDirectory))
     }
 
+    /// Client writes and queries run on the loop that also takes the acknowledgements
+    /// renewing a primary's lease. A round of client calls lasts at most a group's time G
+    /// plus one call's limit W (plus the rerun of a group a write rolled back, up to G
+    /// more), and acknowledgements wait at most about two rounds: with W a sixth of the
+    /// lease and G a thirtieth, two rounds and a heartbeat interval (at most a third) stay
+    /// within the lease (tandemd's defaults: W 250 ms, G 50 ms, lease 1.5 s).
+    static func loopBounded(_ limits: StoreLimits, _ timing: Timing) -> StoreLimits {
+        var bounded = limits
+        func capped(_ value: UInt64, _ cap: UInt64) -> UInt64 { value == 0 ? cap : min(value, cap) }
+        bounded.maxWriteNanoseconds = capped(limits.maxWriteNanoseconds, max(1, timing.leaseDuration / 6))
+        bounded.maxGroupNanoseconds = capped(limits.maxGroupNanoseconds, max(1, timing.leaseDuration / 30))
+        return bounded
+    }
+
     public init(settings: NodeSettings, tls: TLSContext) throws {
         self.settings = settings
         storage = try SiteStorage.open(dataDirectory: settings.dataDirectory, clusterID: settings.clusterID,
-                                       walOptions: settings.walOptions, limits: settings.storeLimits)
+                                       walOptions: settings.walOptions, limits: Self.loopBounded(settings.storeLimits, settings.config.timing))
         let hard = try Self.loadHardState(settings.dataDirectory + "/hardstate")
         let log = storage.log
         let view = LogView(firstLSN: log.firstLSN, previousTerm: log.term(at: log.firstLSN.previous) ?? .zero,
@@ -546,17 +560,68 @@ public final class SiteRuntime: @unchecked Sendable {
 
     /// Inputs of the loop's current batch not handled yet (loop thread only).
     private var inputsWaiting = 0
+    /// Client calls (writes, reads, work on the store) taken from the inbox and not carried
+    /// out yet, oldest first (loop thread only). A round carries them out after its other
+    /// inputs, for at most the store's group time (at least one call or group of writes):
+    /// a burst of slow calls then cannot hold back the acknowledgements that renew a
+    /// primary's lease, which otherwise waited behind all of them.
+    private var clientCalls: [Input] = []
     /// Largest inbox buffer kept from one round to the next.
     static let keptInboxCapacity = 4096
 
     private func loop() {
         var nextTick = Self.clock()
+        func tickIfDue() {
+            guard Self.clock() >= nextTick else { return }
+            step(.tick)
+            if !blockedAppends.isEmpty {
+                retryBlockedAppends()
+                drainStorageQueue()
+            }
+            maybeSnapshot()
+            maybeMigrateSchema()
+            expireReads(Self.clock())
+            nextTick = Self.clock() + settings.tickNanoseconds
+        }
+        /// Carries out client calls, oldest first, until the round's time for them is up.
+        func runClientCalls() {
+            let budget = storage.store.limits.maxGroupNanoseconds
+            let started = Self.clock()
+            var k = 0
+            while k < clientCalls.count && !stoppedByFailure {
+                if k > 0 && budget != 0 && Self.clock() - started >= budget { break }
+                if case .write = clientCalls[k] {
+                    // Writes that wait together are executed one after the other and proposed
+                    // as one group: one log append and one message per peer for all of them.
+                    var writes: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)] = []
+                    var j = k
+                    while j < clientCalls.count, writes.count < Self.maxWritesPerProposal, case let .write(w, resume) = clientCalls[j] {
+                        writes.append((w, resume))
+                        j += 1
+                    }
+                    inputsWaiting = clientCalls.count - j
+                    // The group may stop short at its time: the rest stay for the next round.
+                    k += write(writes)
+                } else {
+                    inputsWaiting = clientCalls.count - k - 1
+                    handle(clientCalls[k])
+                    k += 1
+                }
+                tickIfDue()
+            }
+            clientCalls.removeFirst(k)
+            inputsWaiting = 0
+            if stoppedByFailure {
+                for call in clientCalls { Self.refuse(call) }
+                clientCalls = []
+            }
+        }
         // The inbox and this batch trade buffers under the lock, each keeping its
         // capacity: copying the inbox out and emptying it allocated a buffer per round.
         var batch: [Input] = []
         while true {
             let more: Bool = cond.withLock {
-                while inbox.isEmpty && running && Self.clock() < nextTick {
+                while inbox.isEmpty && clientCalls.isEmpty && running && Self.clock() < nextTick {
                     _ = cond.wait(until: Date(timeIntervalSinceNow: Double(nextTick - min(nextTick, Self.clock())) / 1e9))
                 }
                 if !running { return false }
@@ -572,39 +637,26 @@ public final class SiteRuntime: @unchecked Sendable {
                     for input in batch[i...] { Self.refuse(input) }
                     break
                 }
-                // Writes that arrived together are executed one after the other and proposed
-                // as one group: one log append and one message per peer for all of them.
-                var writes: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)] = []
-                while i < batch.count, case let .write(w, resume) = batch[i], writes.count < Self.maxWritesPerProposal {
-                    writes.append((w, resume))
-                    i += 1
-                }
-                if !writes.isEmpty {
-                    inputsWaiting = batch.count - i
-                    write(writes)
-                    continue
-                }
-                inputsWaiting = batch.count - 1 - i
-                handle(batch[i])
+                let input = batch[i]
                 i += 1
+                switch input {
+                case .write, .read, .withStore:
+                    clientCalls.append(input)
+                default:
+                    inputsWaiting = batch.count - i + clientCalls.count
+                    handle(input)
+                }
             }
             inputsWaiting = 0
             // Handled: their payloads and closures go now. A buffer grown by a burst is let
             // go rather than kept (it and the inbox trade places, so each would stay that size).
             if batch.capacity > Self.keptInboxCapacity { batch = [] } else { batch.removeAll(keepingCapacity: true) }
-            if Self.clock() >= nextTick {
-                step(.tick)
-                if !blockedAppends.isEmpty {
-                    retryBlockedAppends()
-                    drainStorageQueue()
-                }
-                maybeSnapshot()
-                maybeMigrateSchema()
-                expireReads(Self.clock())
-                nextTick = Self.clock() + settings.tickNanoseconds
-            }
+            tickIfDue()
+            runClientCalls()
             publishStatus()
         }
+        for call in clientCalls { Self.refuse(call) }
+        clientCalls = []
         // Their records may already be on other sites (appends go out before the local
         // fsync) and commit under the next primary: the outcome is unknown, not "stopped".
         for (_, w) in waiters { w.resume(.failure(.outcomeUnknown("the site stopped before the write committed"))) }
@@ -1067,34 +1119,47 @@ public final class SiteRuntime: @unchecked Sendable {
     /// Executes `writes` in order at consecutive LSNs and proposes the records of those that
     /// succeeded as one group. A write whose statements fail is answered at once and takes
     /// no LSN; a refused proposal undoes the whole group in the store.
-    private func write(_ group: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)]) {
+    /// Executes and proposes `group`, a run of writes that arrived together. Returns how
+    /// many of them it dealt with (answered, or proposed and waiting): all, or a prefix
+    /// when the store cut the group short at its time limit.
+    @discardableResult
+    private func write(_ group: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)]) -> Int {
         guard core.isAcceptingProposals, core.role == .primary, primaryCatchUp == nil else {
             let error = WriteError.notPrimary(core.primaryID == settings.site ? nil : core.primaryID)
             for (_, resume) in group { resume(.failure(error)) }
-            return
+            return group.count
         }
         // What the core would refuse is refused before anything is executed; a group larger
         // than the room left under the uncommitted limit is cut to that room.
         let room = core.uncommittedRoom
         if let refusal = core.proposalRefusal(count: min(group.count, max(1, room)), at: Self.clock()) {
             for (_, resume) in group { resume(.failure(.refused(refusal))) }
-            return
+            return group.count
         }
         let writes = Array(group.prefix(room))
-        for (_, resume) in group.dropFirst(room) {
-            resume(.failure(.refused(.tooManyUncommitted(limit: settings.config.limits.maxUncommittedRecords))))
-        }
         let first = core.nextLSN
         let term = core.hardState.term
         // One SQLite transaction for the group; a write that fails takes no LSN.
         var executed: [(Execution, @Sendable (Result<Execution, WriteError>) -> Void)] = []
-        for ((_, resume), result) in zip(writes, storage.store.execute(group: writes.map(\.0), from: first, term: term)) {
+        let results = storage.store.execute(group: writes.map(\.0), from: first, term: term)
+        // Writes past the store's cut (it ran out of time) go back to the loop, in front of
+        // what followed them; when there is no cut, those beyond the room are refused.
+        let dealtWith: Int
+        if results.count < writes.count {
+            dealtWith = results.count
+        } else {
+            dealtWith = group.count
+            for (_, resume) in group.dropFirst(room) {
+                resume(.failure(.refused(.tooManyUncommitted(limit: settings.config.limits.maxUncommittedRecords))))
+            }
+        }
+        for ((_, resume), result) in zip(writes, results) {
             switch result {
             case let .success(execution): executed.append((execution, resume))
             case let .failure(error): resume(.failure(.store(error)))
             }
         }
-        guard !executed.isEmpty else { return }
+        guard !executed.isEmpty else { return dealtWith }
         do {
             let (proposed, ready) = try core.propose(executed.map { ($0.0.record.kind, $0.0.record.payload) }, at: Self.clock())
             precondition(proposed == first, "the core numbered the records differently from the store")
@@ -1105,6 +1170,7 @@ public final class SiteRuntime: @unchecked Sendable {
                 notePosition(lsn)
             }
             perform(ready)
+            return dealtWith
         } catch {
             // Rare: the lease ran out while the group executed. The store must not stay
             // ahead of the log; a schema record cannot be undone in place, and then this
@@ -1113,9 +1179,10 @@ public final class SiteRuntime: @unchecked Sendable {
                 settings.log("event=store_ahead_of_log site=\(settings.site) lsn=\(first) error=\"\(undo)\"")
                 for (_, resume) in executed { resume(.failure(.refused(error))) }
                 failStop()
-                return
+                return dealtWith
             }
             for (_, resume) in executed { resume(.failure(.refused(error))) }
+            return dealtWith
         }
     }
 

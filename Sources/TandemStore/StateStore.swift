@@ -257,6 +257,10 @@ public final class StateStore: @unchecked Sendable {
     /// changes nothing, and the others keep theirs; its changeset, inverse and undo row are
     /// its own, as if it had run alone. If the transaction cannot commit, every batch fails
     /// with that error and nothing changes.
+    ///
+    /// Returns one result per batch carried out, in order: all of `batches`, or a prefix
+    /// (never empty) when the group ran past `maxGroupNanoseconds`. The rest were not
+    /// started; the caller offers them again, after whatever else its loop must do.
     public func execute(group batches: [WriteBatch], from first: LSN, term: Term) -> [Result<Execution, StoreError>] {
         guard !batches.isEmpty else { return [] }
         guard first == appliedLSN.next else {
@@ -268,8 +272,9 @@ public final class StateStore: @unchecked Sendable {
         // its error and the group runs again without it: one client's write must not fail
         // the others. Each round sets one write aside, so this ends.
         var setAside: [Int: StoreError] = [:]
+        let groupDeadline = limits.maxGroupNanoseconds == 0 ? 0 : monotonicNanoseconds() + limits.maxGroupNanoseconds
         while true {
-            switch attempt(batches, setAside: setAside, from: first, term: term) {
+            switch attempt(batches, setAside: setAside, from: first, term: term, groupDeadline: groupDeadline) {
             case let .done(results): return results
             case let .again(index, error): setAside[index] = error
             }
@@ -282,7 +287,10 @@ public final class StateStore: @unchecked Sendable {
         case again(index: Int, error: StoreError)
     }
 
-    private func attempt(_ batches: [WriteBatch], setAside: [Int: StoreError], from first: LSN, term: Term) -> GroupAttempt {
+    /// `groupDeadline`: no write after the first starts past it (0: none), except those a
+    /// previous attempt already ran (the ones before a write set aside), which must run again.
+    private func attempt(_ batches: [WriteBatch], setAside: [Int: StoreError], from first: LSN, term: Term,
+                         groupDeadline: UInt64) -> GroupAttempt {
         authorizer.mode = .internal
         do {
             try setActions(true)
@@ -302,11 +310,13 @@ public final class StateStore: @unchecked Sendable {
             rollbackTransaction()
             return .done(batches.map { _ in .failure(error) })
         }
+        let mustRun = setAside.keys.max() ?? 0
         for (index, batch) in batches.enumerated() {
             if let error = setAside[index] {
                 results.append(.failure(error))
                 continue
             }
+            if index > mustRun && groupDeadline != 0 && monotonicNanoseconds() > groupDeadline { break }
             do throws(StoreError) {
                 if grouped { try withInternal { try db.execKept("SAVEPOINT tandem_write") } }
                 let e = try executeInTransaction(batch, lsn: lsn, term: term, previousTerm: previousTerm)
@@ -384,8 +394,10 @@ public final class StateStore: @unchecked Sendable {
         var results: [StatementResult] = []
         var isSchema: Bool?
         var resultBytes = 0
+        // One deadline for all the write's statements.
+        let deadline = clientDeadline()
         for (i, s) in batch.statements.enumerated() {
-            let (result, ddl) = try run(s, index: i, mode: .write, resultBytes: &resultBytes)
+            let (result, ddl) = try run(s, index: i, mode: .write, deadline: deadline, resultBytes: &resultBytes)
             if ddl { transactionChangedSchema = true }
             if s.requireChanges && result.rowsAffected == 0 {
                 throw StoreError.preconditionFailed(statement: i)
@@ -442,9 +454,15 @@ public final class StateStore: @unchecked Sendable {
 
     /// Prepares, binds and runs one user statement. Returns its result and whether it
     /// was schema (DDL).
-    private func run(_ s: SQLStatement, index: Int, mode: Authorizer.Mode, resultBytes: inout Int) throws(StoreError) -> (StatementResult, Bool) {
+    /// `deadline`: when the write or query it belongs to must stop (monotonic
+    /// nanoseconds; 0: never, for committed records replayed from the log).
+    private func run(_ s: SQLStatement, index: Int, mode: Authorizer.Mode, deadline: UInt64,
+                     resultBytes: inout Int) throws(StoreError) -> (StatementResult, Bool) {
+        // SQLite's progress handler interrupts a statement that runs past the deadline,
+        // but a short statement never reaches it: check before each one too.
+        if deadline != 0 && monotonicNanoseconds() > deadline { throw timedOut(statement: index) }
         authorizer.begin(mode)
-        statementClock.deadline = limits.maxStatementNanoseconds == 0 ? 0 : monotonicNanoseconds() + limits.maxStatementNanoseconds
+        statementClock.deadline = deadline
         defer {
             authorizer.mode = .internal
             statementClock.deadline = 0
@@ -504,9 +522,7 @@ public final class StateStore: @unchecked Sendable {
             throw e
         } catch let e as SQLiteError {
             if let denial = authorizer.denial { throw .refused(denial, statement: index) }
-            if e.code & 0xFF == SQLITE_INTERRUPT {
-                throw .statementTimedOut(statement: index, limitMilliseconds: Int(limits.maxStatementNanoseconds / 1_000_000))
-            }
+            if e.code & 0xFF == SQLITE_INTERRUPT { throw timedOut(statement: index) }
             throw .sqlite(e, statement: index)
         } catch {
             throw .io("\(error)")
@@ -725,7 +741,8 @@ public final class StateStore: @unchecked Sendable {
                     }
                     var ignored = 0
                     for (i, s) in batch.statements.enumerated() {
-                        do { _ = try run(s, index: i, mode: .replay, resultBytes: &ignored) } catch {
+                        // Committed: it must apply here whatever it costs (0: no deadline).
+                        do { _ = try run(s, index: i, mode: .replay, deadline: 0, resultBytes: &ignored) } catch {
                             throw StoreError.badRecord(lsn: r.lsn, reason: "schema statement \(i + 1) failed on replay: \(error)")
                         }
                     }
@@ -781,13 +798,22 @@ public final class StateStore: @unchecked Sendable {
         }
     }
 
+    private func timedOut(statement: Int) -> StoreError {
+        .statementTimedOut(statement: statement, limitMilliseconds: Int(limits.maxWriteNanoseconds / 1_000_000))
+    }
+
+    /// When a client write or query starting now must stop (0: no limit).
+    private func clientDeadline() -> UInt64 {
+        limits.maxWriteNanoseconds == 0 ? 0 : monotonicNanoseconds() + limits.maxWriteNanoseconds
+    }
+
     // MARK: Reading
 
     /// Runs a read-only query against this site's state.
     public func query(_ statement: SQLStatement) throws(StoreError) -> QueryResult {
         try check(WriteBatch([statement]))
         var bytes = 0
-        let (result, _) = try run(statement, index: 0, mode: .read, resultBytes: &bytes)
+        let (result, _) = try run(statement, index: 0, mode: .read, deadline: clientDeadline(), resultBytes: &bytes)
         if db.inTransaction { rollbackTransaction() }
         return QueryResult(columns: result.columns, rows: result.rows, appliedLSN: appliedLSN)
     }

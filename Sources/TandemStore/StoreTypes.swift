@@ -17,9 +17,15 @@ public struct StoreLimits: Sendable {
     public var maxRows = 100_000
     /// Bytes of rows one statement or query may return.
     public var maxResultBytes = 64 << 20
-    /// Running time of one client statement (0: unlimited). Statements run on the site's
-    /// loop, which also sends heartbeats: a long one would stall replication.
-    public var maxStatementNanoseconds: UInt64 = 500_000_000
+    /// Running time of one client write, all its statements together, or of one query
+    /// (0: unlimited). They run on the site's loop, which also sends heartbeats: a long one
+    /// would stall replication, and on a primary could cost it its lease. (A limit per
+    /// statement let a write of 256 statements hold the loop for 256 times as long.)
+    /// Committed records replayed from the log are never interrupted.
+    public var maxWriteNanoseconds: UInt64 = 500_000_000
+    /// Running time after which a group of writes executed together starts no further
+    /// write (0: unlimited); the rest wait for the loop's next turn, after its heartbeats.
+    public var maxGroupNanoseconds: UInt64 = 100_000_000
 
     public init() {}
 }
@@ -115,7 +121,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case let .io(why): return "I/O error: \(why)"
         case let .snapshot(why): return "snapshot: \(why)"
         case let .preconditionFailed(i): return "statement \(i + 1) changed no row, so the batch was not applied"
-        case let .statementTimedOut(i, ms): return "statement \(i + 1) ran longer than \(ms) ms and was interrupted; nothing was applied"
+        case let .statementTimedOut(i, ms): return "ran longer than \(ms) ms (the limit for all the statements of one write or query together) and was interrupted at statement \(i + 1); nothing was applied"
         }
     }
 }

@@ -77,6 +77,59 @@ struct GroupedWriteTests {
         #expect(Set(hashes.values.map(\.1)).count == 1)
     }
 
+    @Test("bursts of runaway writes and queries are interrupted one at a time between heartbeats: the primary keeps its lease and no election starts")
+    func runawayCallsKeepTheLease() async throws {
+        let c = try TestCluster()  // lease 600 ms: a call may hold the loop 100 ms
+        defer { c.cleanup() }
+        for id in c.ids { try c.start(id) }
+        let p = try #require(c.primary())
+        _ = try await p.write(WriteBatch([SQLStatement("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")]))
+        let term = p.status.term
+        // Watches the primary's lease while the bursts run.
+        let watch = Task { () -> Int in
+            var lapses = 0
+            while !Task.isCancelled {
+                if !p.status.holdsLease { lapses += 1 }
+                try? await Task.sleep(nanoseconds: 10_000_000)
+            }
+            return lapses
+        }
+        // Each runs until it is interrupted. Arriving together, 16 of them carried out back
+        // to back would hold the loop 16 times a call's limit: 2.7 times the lease.
+        let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
+        let runawayWrite = WriteBatch([SQLStatement("INSERT INTO kv (k, v) \(endless) SELECT x, 'v' FROM c")])
+        let runawayQuery = SQLStatement("\(endless) SELECT count(*) FROM c")
+        let outcomes = await withTaskGroup(of: String.self) { group in
+            for k in 0..<16 {
+                group.addTask {
+                    if k % 2 == 0 {
+                        do throws(WriteError) { _ = try await p.write(runawayWrite); return "write passed" } catch {
+                            if case .store(.statementTimedOut) = error { return "timed out" }
+                            return "write: \(error)"
+                        }
+                    }
+                    do {
+                        _ = try await p.read(ReadRequest(statement: runawayQuery, consistency: .local, deadline: SiteRuntime.now + 10_000_000_000))
+                        return "query passed"
+                    } catch {
+                        if case .store(.statementTimedOut) = error as? ReadError { return "timed out" }
+                        return "query: \(error)"
+                    }
+                }
+            }
+            var all: [String] = []
+            for await o in group { all.append(o) }
+            return all
+        }
+        watch.cancel()
+        let lapses = await watch.value
+        #expect(outcomes == Array(repeating: "timed out", count: 16), "\(outcomes)")
+        #expect(lapses == 0, "the primary's lease lapsed in \(lapses) looks, 10 ms apart")
+        for (id, r) in c.runtimes { #expect(r.status.term == term, "\(id) moved to term \(r.status.term): an election started") }
+        // And the site still writes.
+        _ = try await p.write(WriteBatch([SQLStatement("INSERT INTO kv (k, v) VALUES (1, 'after')")]))
+    }
+
     @Test("a log append queue too small for the load makes appends wait for room, in order; no write fails and no site stops")
     func fullLogQueueWaits() async throws {
         let c = try TestCluster()
