@@ -289,11 +289,13 @@ public final class SiteRuntime: @unchecked Sendable {
     }
 
     /// Client writes and queries run on the loop that also takes the acknowledgements
-    /// renewing a primary's lease. A round of client calls lasts at most a group's time G
-    /// plus one call's limit W (plus the rerun of a group a write rolled back, up to G
-    /// more), and acknowledgements wait at most about two rounds: with W a sixth of the
-    /// lease and G a thirtieth, two rounds and a heartbeat interval (at most a third) stay
-    /// within the lease (tandemd's defaults: W 250 ms, G 50 ms, lease 1.5 s).
+    /// renewing a primary's lease. The loop starts no client call after G (a group's time)
+    /// in a round, but a group started just before may run its own G, one write past it up
+    /// to W (a call's limit) and a rerun of up to G when a write rolled the transaction
+    /// back: a round's client phase lasts at most 3G + W, and an acknowledgement waits
+    /// about two rounds at most. With W a sixth of the lease and G a thirtieth, two such
+    /// rounds and a heartbeat interval (at most a third) stay within the lease
+    /// (tandemd's defaults: W 250 ms, G 50 ms, rounds of at most 400 ms, lease 1.5 s).
     static func loopBounded(_ limits: StoreLimits, _ timing: Timing) -> StoreLimits {
         var bounded = limits
         func capped(_ value: UInt64, _ cap: UInt64) -> UInt64 { value == 0 ? cap : min(value, cap) }
@@ -652,7 +654,11 @@ public final class SiteRuntime: @unchecked Sendable {
             // go rather than kept (it and the inbox trade places, so each would stay that size).
             if batch.capacity > Self.keptInboxCapacity { batch = [] } else { batch.removeAll(keepingCapacity: true) }
             tickIfDue()
-            runClientCalls()
+            if !clientCalls.isEmpty {
+                // The lease the acknowledgements just renewed shows before the client calls.
+                publishStatus()
+                runClientCalls()
+            }
             publishStatus()
         }
         for call in clientCalls { Self.refuse(call) }

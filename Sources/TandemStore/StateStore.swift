@@ -394,8 +394,9 @@ public final class StateStore: @unchecked Sendable {
         var results: [StatementResult] = []
         var isSchema: Bool?
         var resultBytes = 0
-        // One deadline for all the write's statements.
-        let deadline = clientDeadline()
+        // One deadline for all the write's statements; none for a configured migration,
+        // which must complete for the schema version to advance.
+        let deadline = batch.schemaVersion > 0 ? 0 : clientDeadline()
         for (i, s) in batch.statements.enumerated() {
             let (result, ddl) = try run(s, index: i, mode: .write, deadline: deadline, resultBytes: &resultBytes)
             if ddl { transactionChangedSchema = true }

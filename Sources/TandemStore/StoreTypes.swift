@@ -21,11 +21,14 @@ public struct StoreLimits: Sendable {
     /// (0: unlimited). They run on the site's loop, which also sends heartbeats: a long one
     /// would stall replication, and on a primary could cost it its lease. (A limit per
     /// statement let a write of 256 statements hold the loop for 256 times as long.)
-    /// Committed records replayed from the log are never interrupted.
+    /// Committed records replayed from the log, and the configured schema migrations
+    /// (`schemaVersion` > 0, the operator's, never a client's), are never interrupted.
+    /// A running site caps it at a sixth of its lease (`SiteRuntime.loopBounded`).
     public var maxWriteNanoseconds: UInt64 = 500_000_000
     /// Running time after which a group of writes executed together starts no further
-    /// write (0: unlimited); the rest wait for the loop's next turn, after its heartbeats.
-    public var maxGroupNanoseconds: UInt64 = 100_000_000
+    /// write (0: unlimited); the caller offers the rest again. A running site sets it to a
+    /// thirtieth of its lease, so its loop gets back to the acknowledgements in time.
+    public var maxGroupNanoseconds: UInt64 = 0
 
     public init() {}
 }

@@ -79,7 +79,14 @@ struct GroupedWriteTests {
 
     @Test("bursts of runaway writes and queries are interrupted one at a time between heartbeats: the primary keeps its lease and no election starts")
     func runawayCallsKeepTheLease() async throws {
-        let c = try TestCluster()  // lease 600 ms: a call may hold the loop 100 ms
+        let c = try TestCluster()
+        // A long lease, so that the test does not hang on this machine's load, and short
+        // call limits: 40 calls of 100 ms carried out back to back hold the loop 4 s.
+        c.leaseMilliseconds = 3_000
+        c.configure = {
+            $0.storeLimits.maxWriteNanoseconds = 100_000_000
+            $0.storeLimits.maxGroupNanoseconds = 20_000_000
+        }
         defer { c.cleanup() }
         for id in c.ids { try c.start(id) }
         let p = try #require(c.primary())
@@ -94,13 +101,12 @@ struct GroupedWriteTests {
             }
             return lapses
         }
-        // Each runs until it is interrupted. Arriving together, 16 of them carried out back
-        // to back would hold the loop 16 times a call's limit: 2.7 times the lease.
+        // Each runs until it is interrupted.
         let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
         let runawayWrite = WriteBatch([SQLStatement("INSERT INTO kv (k, v) \(endless) SELECT x, 'v' FROM c")])
         let runawayQuery = SQLStatement("\(endless) SELECT count(*) FROM c")
         let outcomes = await withTaskGroup(of: String.self) { group in
-            for k in 0..<16 {
+            for k in 0..<40 {
                 group.addTask {
                     if k % 2 == 0 {
                         do throws(WriteError) { _ = try await p.write(runawayWrite); return "write passed" } catch {
@@ -123,7 +129,7 @@ struct GroupedWriteTests {
         }
         watch.cancel()
         let lapses = await watch.value
-        #expect(outcomes == Array(repeating: "timed out", count: 16), "\(outcomes)")
+        #expect(outcomes == Array(repeating: "timed out", count: 40), "\(outcomes)")
         #expect(lapses == 0, "the primary's lease lapsed in \(lapses) looks, 10 ms apart")
         for (id, r) in c.runtimes { #expect(r.status.term == term, "\(id) moved to term \(r.status.term): an election started") }
         // And the site still writes.

@@ -82,6 +82,7 @@ struct TimeLimitTests {
         // again; past the time, the rerun still reaches it, so its answer is not lost.
         var roomy = StoreLimits()
         roomy.maxGroupNanoseconds = 200_000_000
+        roomy.maxWriteNanoseconds = 0  // the 250 ms write must reach its conflict, however slow the machine
         let other = try storeWithTable(dir.sub("o"), roomy)
         _ = try other.execute(WriteBatch([SQLStatement("CREATE TABLE codes (id INTEGER PRIMARY KEY, code TEXT UNIQUE)")]), lsn: other.appliedLSN.next, term: Term(1))
         _ = try other.execute(WriteBatch([SQLStatement("INSERT INTO codes VALUES (1, 'A')")]), lsn: other.appliedLSN.next, term: Term(1))
@@ -98,7 +99,7 @@ struct TimeLimitTests {
         #expect(try rows(other) == [[.integer(10)]])
     }
 
-    @Test("committed schema records replay in full on a site whatever its limit: only client writes and queries are interrupted")
+    @Test("committed schema records replay in full on a site whatever its limit, and so do configured migrations: only client writes and queries are interrupted")
     func replayIsNeverInterrupted() throws {
         let dir = TempDir(); defer { dir.cleanup() }
         let primary = try StateStore.create(directory: dir.sub("p"), clusterID: cluster)
@@ -117,5 +118,11 @@ struct TimeLimitTests {
         #expect(replica.appliedLSN == primary.appliedLSN)
         #expect(try replica.stateHash() == primary.stateHash())
         #expect(try replica.db.rows("SELECT count(*) FROM sqlite_master WHERE name = 'readings_v'") == [[.integer(1)]])
+        // A configured migration (schema version > 0) runs in full too; the same statement
+        // sent by a client is interrupted.
+        let index = SQLStatement("CREATE INDEX readings_id_v ON readings (id, v)")
+        #expect(throws: StoreError.self) { _ = try replica.execute(WriteBatch([index]), lsn: replica.appliedLSN.next, term: Term(2)) }
+        _ = try replica.execute(WriteBatch([index], schemaVersion: 2), lsn: replica.appliedLSN.next, term: Term(2))
+        #expect(replica.schemaVersion == 2)
     }
 }
