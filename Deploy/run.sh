@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash Deploy/setup.sh
-swift build -c release
+# The flags Deploy/test.sh builds with (it adds the test targets): with other flags, a
+# user who runs both would compile the whole package twice.
+swift build -c release -Xswiftc -enable-testing
 
 bin=.build/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-run.XXXXXX")
