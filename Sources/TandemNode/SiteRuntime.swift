@@ -1122,12 +1122,11 @@ public final class SiteRuntime: @unchecked Sendable {
     /// the core splits what goes to a peer by `max_message_bytes` anyway).
     static let maxWritesPerProposal = 256
 
-    /// Executes `writes` in order at consecutive LSNs and proposes the records of those that
+    /// Executes `group` in order at consecutive LSNs and proposes the records of those that
     /// succeeded as one group. A write whose statements fail is answered at once and takes
-    /// no LSN; a refused proposal undoes the whole group in the store.
-    /// Executes and proposes `group`, a run of writes that arrived together. Returns how
-    /// many of them it dealt with (answered, or proposed and waiting): all, or a prefix
-    /// when the store cut the group short at its time limit.
+    /// no LSN; a refused proposal undoes the whole group in the store. Returns how many
+    /// writes it dealt with (answered, or proposed and waiting): all, or a prefix when the
+    /// store cut the group short at its time limit.
     @discardableResult
     private func write(_ group: [(WriteBatch, @Sendable (Result<Execution, WriteError>) -> Void)]) -> Int {
         guard core.isAcceptingProposals, core.role == .primary, primaryCatchUp == nil else {
