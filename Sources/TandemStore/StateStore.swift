@@ -272,7 +272,7 @@ public final class StateStore: @unchecked Sendable {
         // its error and the group runs again without it: one client's write must not fail
         // the others. Each round sets one write aside, so this ends.
         var setAside: [Int: StoreError] = [:]
-        let groupDeadline = limits.maxGroupNanoseconds == 0 ? 0 : monotonicNanoseconds() + limits.maxGroupNanoseconds
+        let groupDeadline = deadline(after: limits.maxGroupNanoseconds)
         while true {
             switch attempt(batches, setAside: setAside, from: first, term: term, groupDeadline: groupDeadline) {
             case let .done(results): return results
@@ -804,9 +804,10 @@ public final class StateStore: @unchecked Sendable {
     }
 
     /// When a client write or query starting now must stop (0: no limit).
-    private func clientDeadline() -> UInt64 {
-        limits.maxWriteNanoseconds == 0 ? 0 : monotonicNanoseconds() + limits.maxWriteNanoseconds
-    }
+    private func clientDeadline() -> UInt64 { deadline(after: limits.maxWriteNanoseconds) }
+
+    /// `limit` from now, in monotonic nanoseconds (0, no limit, stays 0).
+    private func deadline(after limit: UInt64) -> UInt64 { limit == 0 ? 0 : monotonicNanoseconds() + limit }
 
     // MARK: Reading
 

@@ -100,37 +100,37 @@ final class KeepAliveClient {
         private var start = 0
         /// The buffer `recv` reads into, allocated once (a fresh zeroed 64 KiB array per
         /// read was the client's largest single cost).
-        private let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
+        private let chunk: UnsafeMutableRawBufferPointer
         private var parser = ResponseParser(maxHeaderBytes: KeepAliveClient.maxHeaderBytes, maxBodyBytes: KeepAliveClient.maxBodyBytes)
 
         init(host: String, port: UInt16, timeoutSeconds: Int) throws {
-            fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard fd >= 0 else {
-                chunk.deallocate()
+            let sock = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard sock >= 0 else {
                 throw Failure("socket: \(String(cString: strerror(errno)))")
             }
             var one: Int32 = 1
-            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            setsockopt(sock, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             var addr = sockaddr_in()
             addr.sin_family = sa_family_t(AF_INET)
             addr.sin_port = port.bigEndian
             guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &addr.sin_addr) == 1 else {
-                Glibc.close(fd)
-                chunk.deallocate()
+                Glibc.close(sock)
                 throw Failure("not an IPv4 address: \(host)")
             }
             let rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(sock, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
             }
             guard rc == 0 else {
                 let why = String(cString: strerror(errno))
-                Glibc.close(fd)
-                chunk.deallocate()
+                Glibc.close(sock)
                 throw Failure("connect to \(host):\(port): \(why)")
             }
+            fd = sock
+            // Only now: a failed dial above has nothing to free.
+            chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
         }
 
         deinit {
@@ -261,16 +261,17 @@ struct ResponseParser {
             switch state {
             case .done:
                 return Step(next: i, answer: Parsed(status: status, body: body, close: close))
-            case .lengthBody(let remaining):
+            case .lengthBody(let remaining), .chunkData(let remaining):
                 let n = min(remaining, buf.count - i)
                 body.append(contentsOf: UnsafeBufferPointer(rebasing: buf[i..<(i + n)]))
                 i += n
-                if n == remaining { state = .done } else { state = .lengthBody(remaining - n); return Step(next: i, answer: nil) }
-            case .chunkData(let remaining):
-                let n = min(remaining, buf.count - i)
-                body.append(contentsOf: UnsafeBufferPointer(rebasing: buf[i..<(i + n)]))
-                i += n
-                if n == remaining { state = .chunkEnd } else { state = .chunkData(remaining - n); return Step(next: i, answer: nil) }
+                let chunk: Bool
+                if case .chunkData = state { chunk = true } else { chunk = false }
+                if n < remaining {
+                    state = chunk ? .chunkData(remaining - n) : .lengthBody(remaining - n)
+                    return Step(next: i, answer: nil)
+                }
+                state = chunk ? .chunkEnd : .done
             case .statusLine, .headers, .chunkSize, .chunkEnd, .trailers:
                 guard let end = Self.lineEnd(buf, from: i) else {
                     var limit = maxHeaderBytes
